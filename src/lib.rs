@@ -1,0 +1,12 @@
+//! filesync: a FUSE overlay filesystem that mirrors writes to other machines.
+//!
+//! The layers, from the kernel inwards:
+//! - [`fuse`]: a thin `fuser` adapter; the only module that knows about FUSE.
+//! - [`fs`]: the overlay core, every operation done on the backing folder by file descriptor.
+//! - [`config`]: mount options, settings file and environment, merged with a fixed precedence.
+
+pub mod config;
+pub mod fs;
+pub mod fuse;
+pub mod install;
+pub mod mount;
