@@ -1,1 +1,663 @@
-//! placeholder, filled in this session
+//! The thin `fuser` adapter over the overlay core ([`crate::fs`]).
+//!
+//! It translates FUSE requests into core calls and core results into replies, and owns the
+//! two things that only make sense to FUSE: the kernel's init options and the passthrough
+//! backing ids. Errors are mapped to errnos in one place, [`errno`].
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackingId, CopyFileRangeFlags, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use crate::fs::{Attr, AttrChange, Caller, Errno, Opened, OverlayFs, TimeChange, XattrReply};
+
+/// How long the kernel may cache names and attributes. Short, because the backing folder
+/// may also change behind the mount's back.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The largest write the kernel sends in one request (its limit with `max_pages` = 256).
+const MAX_WRITE: u32 = 1 << 20;
+
+/// The kernel passthrough backing file of an inode, shared by all its passthrough opens:
+/// the kernel refuses two different backing files for one inode.
+struct SharedBacking {
+    id: BackingId,
+    users: usize,
+}
+
+/// The `fuser::Filesystem` for one mount.
+pub struct FuseAdapter {
+    fs: Arc<OverlayFs>,
+    /// Passthrough is wanted and, after `init`, granted by the kernel.
+    passthrough: AtomicBool,
+    backing: Mutex<HashMap<u64, SharedBacking>>,
+    /// Which open handles use passthrough, and for which inode.
+    passthrough_handles: Mutex<HashMap<u64, u64>>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<OverlayFs>, passthrough: bool) -> Self {
+        FuseAdapter {
+            fs,
+            passthrough: AtomicBool::new(passthrough),
+            backing: Mutex::new(HashMap::new()),
+            passthrough_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn drop_backing(&self, fh: u64) {
+        let Some(ino) = self.passthrough_handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut backing = self.backing.lock();
+        if let Some(shared) = backing.get_mut(&ino) {
+            shared.users -= 1;
+            if shared.users == 0 {
+                backing.remove(&ino);
+            }
+        }
+    }
+
+    /// The first failure turns passthrough off for the rest of the mount, with one log line.
+    fn passthrough_failed(&self, err: Errno) {
+        if self.passthrough.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "kernel passthrough refused ({err}); serving reads through the daemon from now on"
+            );
+        }
+    }
+
+    /// Replies to an open: read-only opens go to kernel passthrough when it is on, sharing
+    /// the inode's backing id; everything else is served by the daemon.
+    fn reply_open(&self, ino: u64, opened: Opened, reply: ReplyOpen) {
+        let fh = FileHandle(opened.fh);
+        if opened.passthrough_candidate && self.passthrough.load(Ordering::Relaxed) {
+            let mut backing = self.backing.lock();
+            let shared = match backing.entry(ino) {
+                Entry::Occupied(entry) => Ok(entry.into_mut()),
+                Entry::Vacant(entry) => self
+                    .fs
+                    .with_backing_fd(opened.fh, |fd| reply.open_backing(fd))
+                    .and_then(|id| id.map_err(io_errno))
+                    .map(|id| entry.insert(SharedBacking { id, users: 0 })),
+            };
+            match shared {
+                Ok(shared) => {
+                    shared.users += 1;
+                    self.passthrough_handles.lock().insert(opened.fh, ino);
+                    reply.opened_passthrough(fh, FopenFlags::empty(), &shared.id);
+                    return;
+                }
+                Err(err) => {
+                    drop(backing);
+                    self.passthrough_failed(err);
+                }
+            }
+        }
+        reply.opened(fh, open_flags(opened));
+    }
+}
+
+/// One place that turns a core error into the errno the caller sees.
+fn errno(err: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(err.raw_os_error())
+}
+
+fn io_errno(err: std::io::Error) -> Errno {
+    Errno::from_io_error(&err).unwrap_or(Errno::IO)
+}
+
+fn open_flags(opened: Opened) -> FopenFlags {
+    if opened.direct_io {
+        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn system_time(secs: i64, nanos: i64) -> SystemTime {
+    let nanos = nanos.clamp(0, 999_999_999) as u32;
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::new(secs.unsigned_abs(), 0) + Duration::new(0, nanos)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    let st = &attr.stat;
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime, st.st_atime_nsec as i64),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec as i64),
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn time_change(time: Option<TimeOrNow>) -> Option<TimeChange> {
+    time.map(|t| match t {
+        TimeOrNow::Now => TimeChange::Now,
+        TimeOrNow::SpecificTime(at) => TimeChange::At(at),
+    })
+}
+
+fn reply_entry(result: Result<Attr, Errno>, reply: ReplyEntry) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Err(err) => reply.error(errno(err)),
+    }
+}
+
+fn reply_empty(result: Result<(), Errno>, reply: ReplyEmpty) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(errno(err)),
+    }
+}
+
+fn reply_xattr(result: Result<XattrReply, Errno>, reply: ReplyXattr) {
+    match result {
+        Ok(XattrReply::Size(size)) => reply.size(size),
+        Ok(XattrReply::Data(data)) => reply.data(&data),
+        Err(err) => reply.error(errno(err)),
+    }
+}
+
+/// Asks the kernel for a capability, logging rather than failing when it is missing.
+fn request_capability(config: &mut KernelConfig, flag: InitFlags, name: &str) -> bool {
+    match config.add_capabilities(flag) {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::info!("kernel does not offer {name}; continuing without it");
+            false
+        }
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for (flag, name) in [
+            (InitFlags::FUSE_DO_READDIRPLUS, "readdirplus"),
+            (InitFlags::FUSE_READDIRPLUS_AUTO, "adaptive readdirplus"),
+            (InitFlags::FUSE_ATOMIC_O_TRUNC, "atomic O_TRUNC"),
+            (
+                InitFlags::FUSE_PARALLEL_DIROPS,
+                "parallel directory operations",
+            ),
+            (
+                InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+                "shared mmap of direct-io files",
+            ),
+        ] {
+            request_capability(config, flag, name);
+        }
+        if let Err(limit) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(limit);
+        }
+        if self.passthrough.load(Ordering::Relaxed) {
+            let granted = request_capability(config, InitFlags::FUSE_PASSTHROUGH, "passthrough")
+                && config.set_max_stack_depth(2).is_ok();
+            self.passthrough.store(granted, Ordering::Relaxed);
+        }
+        tracing::info!(
+            passthrough = self.passthrough.load(Ordering::Relaxed),
+            "FUSE session initialised"
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(self.fs.lookup(parent.0, name), reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_change(atime),
+            mtime: time_change(mtime),
+        };
+        match self.fs.setattr(ino.0, fh.map(|f| f.0), change) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .fs
+            .mknod(parent.0, name, mode, u64::from(rdev), caller(req));
+        reply_entry(result, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(self.fs.mkdir(parent.0, name, mode, caller(req)), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.unlink(parent.0, name), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.rmdir(parent.0, name), reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            self.fs.symlink(parent.0, link_name, target, caller(req)),
+            reply,
+        );
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .fs
+            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        reply_empty(result, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(self.fs.link(ino.0, newparent.0, newname), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0) {
+            Ok(opened) => self.reply_open(ino.0, opened, reply),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(written) => reply.written(written),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.flush(fh.0), reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.drop_backing(fh.0);
+        reply_empty(self.fs.release(fh.0), reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.fsync(fh.0, datasync), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let result = self.fs.readdir(fh.0, offset, |entry, next| {
+            reply.add(
+                INodeNo(entry.ino),
+                next,
+                file_type(entry.file_type),
+                &entry.name,
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir_attr = match self.fs.getattr(ino.0) {
+            Ok(attr) => file_attr(&attr),
+            Err(err) => return reply.error(errno(err)),
+        };
+        let result = self
+            .fs
+            .readdirplus(ino.0, fh.0, offset, |entry, next, attr| {
+                // `.` and `..` carry no attributes; the kernel reads only their names.
+                let attr = attr.map(file_attr).unwrap_or(dir_attr);
+                reply.add(
+                    INodeNo(entry.ino),
+                    next,
+                    &entry.name,
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                )
+            });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.releasedir(fh.0), reply);
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.fsyncdir(fh.0, datasync), reply);
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs(ino.0) {
+            Ok(st) => reply.statfs(
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_bsize as u32,
+                st.f_namemax as u32,
+                st.f_frsize as u32,
+            ),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.setxattr(ino.0, name, value, flags), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.fs.getxattr(ino.0, name, size), reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.fs.listxattr(ino.0, size), reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.removexattr(ino.0, name), reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        reply_empty(self.fs.access(ino.0, mask.bits()), reply);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (attr, opened) = match self.fs.create(parent.0, name, mode, flags, caller(req)) {
+            Ok(created) => created,
+            Err(err) => return reply.error(errno(err)),
+        };
+        let attr = file_attr(&attr);
+        // A read-only create is rare; it is served through the daemon like writes.
+        reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(opened.fh),
+            open_flags(opened),
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.fs.fallocate(fh.0, offset, length, mode), reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.fs.lseek(fh.0, offset, whence) {
+            Ok(position) => reply.offset(position),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let flags = u32::try_from(flags.bits()).unwrap_or(u32::MAX);
+        match self
+            .fs
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags)
+        {
+            Ok(copied) => reply.written(copied),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+}

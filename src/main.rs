@@ -1,1 +1,278 @@
-fn main() {}
+//! `filesync`: the command line. Parses arguments, sets up logging and hands over to the
+//! library; every error a user sees is one line and a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use filesync::config::{self, MountOptions};
+use filesync::install::{self, InstallPlan};
+use filesync::mount::{self, Detached, MountPlan};
+
+#[derive(Parser)]
+#[command(
+    name = "filesync",
+    version,
+    about = "A FUSE overlay filesystem that mirrors writes to other machines in real time"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount SOURCE at MOUNTPOINT: everything written to MOUNTPOINT lands in SOURCE.
+    ///
+    /// Examples:
+    ///   filesync mount /srv/data /mnt/data
+    ///   filesync mount /srv/data /mnt/data -o node_name=laptop,allow_other --foreground
+    #[command(verbatim_doc_comment)]
+    Mount {
+        /// The backing folder: the truth, where every change lands.
+        source: PathBuf,
+        /// An existing empty folder where SOURCE is shown.
+        mountpoint: PathBuf,
+        /// Mount options, comma-separated (node_id, node_name, sync_interval, allow_other,
+        /// ro, rw, passthrough=on|off, threads=N, log=FILTER, log_file=PATH, config=PATH,
+        /// plus the standard options mount(8) and fstab pass). May be repeated.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Settings file (default /etc/filesync/filesync.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Stay in the foreground, logging to standard error, until unmounted or signalled.
+        #[arg(short, long)]
+        foreground: bool,
+    },
+    /// Install the binary, the mount.fuse.filesync helper and the systemd unit, so that
+    /// `mount -t fuse.filesync` and /etc/fstab lines work.
+    Install {
+        /// Install below this folder instead of / (for packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Remove what `install` put in place (the settings folder is kept).
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Show filesync working: mount a temporary folder, write through it, show the write
+    /// land in the backing folder, unmount and clean up.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount {
+            source,
+            mountpoint,
+            options,
+            config,
+            foreground,
+        } => run_mount(
+            &source,
+            &mountpoint,
+            &options,
+            config.as_deref(),
+            foreground,
+        ),
+        Command::Install { root } => run_install(root, false),
+        Command::Uninstall { root } => run_install(root, true),
+        Command::Demo => run_demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("filesync: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_mount(
+    source: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    config_file: Option<&Path>,
+    foreground: bool,
+) -> anyhow::Result<()> {
+    let mut merged = MountOptions::default();
+    for option in options {
+        merged = merged.merge(MountOptions::parse(option)?);
+    }
+    let settings = config::resolve(&merged, config_file, &|name| std::env::var(name).ok())?;
+    // An explicit `-o log=` wins over RUST_LOG, which wins over the settings file and default.
+    let log_filter = match (&merged.log, std::env::var("RUST_LOG")) {
+        (None, Ok(filter)) if !filter.is_empty() => filter,
+        _ => settings.log.clone(),
+    };
+    let plan = mount::plan(source, mountpoint, settings)?;
+    if foreground {
+        init_logging(&log_filter, plan.settings.log_file.as_deref())?;
+        return Ok(mount::serve(&plan, || {})?);
+    }
+    let log_file = plan
+        .settings
+        .log_file
+        .clone()
+        .unwrap_or_else(|| mount::default_log_file(&plan.mountpoint));
+    match mount::detach(&log_file)? {
+        Detached::Parent(report) => Ok(report?),
+        Detached::Daemon(link) => {
+            init_logging(&log_filter, None)?;
+            serve_detached(&plan, link);
+            Ok(())
+        }
+    }
+}
+
+fn serve_detached(plan: &MountPlan, link: mount::DaemonLink) {
+    let mut link = Some(link);
+    let result = mount::serve(plan, || {
+        if let Some(link) = link.take() {
+            link.ready();
+        }
+    });
+    if let Err(err) = result {
+        tracing::error!("{err}");
+        if let Some(link) = link.take() {
+            link.failed(&err);
+        }
+    }
+}
+
+/// Logs to standard error (the log file of a detached daemon, the journal under systemd)
+/// or to `log_file` when one is set.
+fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter).with_context(|| {
+        format!("invalid log filter '{filter}': use e.g. info or filesync=debug")
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match log_file {
+        Some(path) => {
+            if let Some(folder) = path.parent() {
+                std::fs::create_dir_all(folder)
+                    .with_context(|| format!("cannot create log folder {}", folder.display()))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).with_writer(std::io::stderr).init();
+        }
+    }
+    Ok(())
+}
+
+fn run_install(root: PathBuf, remove: bool) -> anyhow::Result<()> {
+    let plan = InstallPlan {
+        root,
+        ..InstallPlan::default()
+    };
+    if remove {
+        install::uninstall(&plan)?;
+    } else {
+        install::install(&plan)?;
+    }
+    Ok(())
+}
+
+/// Temporary folders of the demo, removed (after unmounting) however the demo ends.
+struct DemoFolders {
+    top: PathBuf,
+    daemon: Option<std::process::Child>,
+}
+
+impl Drop for DemoFolders {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            // SIGTERM makes the daemon unmount itself.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&daemon),
+                rustix::process::Signal::TERM,
+            );
+            let _ = daemon.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.top);
+    }
+}
+
+fn run_demo() -> anyhow::Result<()> {
+    let top = std::env::temp_dir().join(format!("filesync-demo-{}", std::process::id()));
+    let backing = top.join("backing");
+    let mounted = top.join("mnt");
+    std::fs::create_dir_all(&backing)
+        .and_then(|()| std::fs::create_dir_all(&mounted))
+        .with_context(|| format!("cannot create demo folders under {}", top.display()))?;
+    let mut folders = DemoFolders { top, daemon: None };
+    println!("backing folder: {}", backing.display());
+    println!("mount point:    {}", mounted.display());
+
+    let exe = std::env::current_exe().context("cannot find the filesync binary")?;
+    let daemon = std::process::Command::new(exe)
+        .arg("mount")
+        .arg(&backing)
+        .arg(&mounted)
+        .args(["--foreground", "-o", "log=warn"])
+        .spawn()
+        .context("cannot start the mount daemon")?;
+    folders.daemon = Some(daemon);
+    wait_until_mounted(&mounted, Duration::from_secs(10))?;
+    println!("mounted {} at {}", backing.display(), mounted.display());
+
+    let text = "hello from filesync\n";
+    let started = Instant::now();
+    std::fs::write(mounted.join("hello.txt"), text).context("write through the mount failed")?;
+    let landed = std::fs::read_to_string(backing.join("hello.txt"))
+        .context("the write did not land in the backing folder")?;
+    let elapsed = started.elapsed();
+    if landed != text {
+        bail!("the backing folder holds {landed:?}, expected {text:?}");
+    }
+    println!(
+        "wrote {}/hello.txt; {}/hello.txt holds {:?} ({} µs after the write started)",
+        mounted.display(),
+        backing.display(),
+        landed.trim_end(),
+        elapsed.as_micros()
+    );
+    drop(folders);
+    println!("unmounted and cleaned up");
+    Ok(())
+}
+
+fn wait_until_mounted(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let needle = format!(" {} fuse.{} ", mountpoint.display(), mount::SUBTYPE);
+    while Instant::now() < deadline {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|line| format!("{line} ").contains(&needle))
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "{} was not mounted within {} s",
+        mountpoint.display(),
+        timeout.as_secs()
+    )
+}

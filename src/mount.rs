@@ -1,1 +1,399 @@
-//! placeholder, filled in this session
+//! Mounting a backing folder: the checks made before anything is touched, the FUSE
+//! session, clean unmounting on signals, and detaching into the background.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::config::Settings;
+use crate::fs::{LogSink, OverlayFs, OverlayOptions};
+use crate::fuse::FuseAdapter;
+
+/// The filesystem type the mount shows in `/proc/mounts` is `fuse.` followed by this.
+pub const SUBTYPE: &str = "filesync";
+
+/// Why a mount could not be made. Each message is one line and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("source folder {0} does not exist: create it or fix the path")]
+    SourceMissing(PathBuf),
+    #[error("source {0} is not a directory: give the folder to mirror")]
+    SourceNotDirectory(PathBuf),
+    #[error("mount point {0} does not exist: create it with mkdir first")]
+    MountpointMissing(PathBuf),
+    #[error("mount point {0} is not a directory: give an empty folder")]
+    MountpointNotDirectory(PathBuf),
+    #[error("mount point {0} is not empty: use an empty folder so nothing is hidden by the mount")]
+    MountpointNotEmpty(PathBuf),
+    #[error("mount point {mountpoint} is inside the source folder {backing}: choose a mount point outside it")]
+    MountpointInsideSource {
+        mountpoint: PathBuf,
+        backing: PathBuf,
+    },
+    #[error("source folder {backing} is inside the mount point {mountpoint}: choose folders that do not contain each other")]
+    SourceInsideMountpoint {
+        backing: PathBuf,
+        mountpoint: PathBuf,
+    },
+    #[error("{0} is already a mount point: unmount it first (umount {0})")]
+    AlreadyMounted(PathBuf),
+    #[error("/dev/fuse is missing: load the module (modprobe fuse) or install fuse3")]
+    NoFuseDevice,
+    #[error("not permitted to mount {0}: run as root, or install fuse3 so fusermount3 can mount for you")]
+    NotPermitted(PathBuf),
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the mount daemon stopped before the mount was ready: {0}")]
+    DaemonFailed(String),
+}
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> MountError + 'a {
+    move |source| MountError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A mount that passed every check: canonical paths of the backing folder and mount point.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    pub source: PathBuf,
+    pub mountpoint: PathBuf,
+    pub settings: Settings,
+}
+
+/// Checks everything that can be checked before mounting; changes nothing.
+pub fn plan(source: &Path, mountpoint: &Path, settings: Settings) -> Result<MountPlan, MountError> {
+    let source = existing_dir(
+        source,
+        MountError::SourceMissing,
+        MountError::SourceNotDirectory,
+    )?;
+    let mountpoint = existing_dir(
+        mountpoint,
+        MountError::MountpointMissing,
+        MountError::MountpointNotDirectory,
+    )?;
+    if mountpoint.starts_with(&source) {
+        return Err(MountError::MountpointInsideSource {
+            mountpoint,
+            backing: source,
+        });
+    }
+    if source.starts_with(&mountpoint) {
+        return Err(MountError::SourceInsideMountpoint {
+            backing: source,
+            mountpoint,
+        });
+    }
+    if is_mount_point(&mountpoint)? {
+        return Err(MountError::AlreadyMounted(mountpoint));
+    }
+    let mut entries = std::fs::read_dir(&mountpoint).map_err(io_error("read", &mountpoint))?;
+    if entries.next().is_some() {
+        return Err(MountError::MountpointNotEmpty(mountpoint));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuseDevice);
+    }
+    Ok(MountPlan {
+        source,
+        mountpoint,
+        settings,
+    })
+}
+
+fn existing_dir(
+    path: &Path,
+    missing: fn(PathBuf) -> MountError,
+    not_dir: fn(PathBuf) -> MountError,
+) -> Result<PathBuf, MountError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::canonicalize(path).map_err(io_error("resolve", path)),
+        Ok(_) => Err(not_dir(path.to_path_buf())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Err(missing(path.to_path_buf())),
+        Err(err) => Err(io_error("inspect", path)(err)),
+    }
+}
+
+/// Whether `path` (canonical) is the mount point of some mount, per `/proc/self/mountinfo`.
+fn is_mount_point(path: &Path) -> Result<bool, MountError> {
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let table = std::fs::read_to_string(mountinfo).map_err(io_error("read", mountinfo))?;
+    Ok(table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| Path::new(&unescape_mountinfo(field)) == path))
+}
+
+/// mountinfo writes space, tab, newline and backslash as three-digit octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes.get(i + 1..i + 4).filter(|_| bytes[i] == b'\\');
+        match escape.and_then(|e| u8::from_str_radix(std::str::from_utf8(e).ok()?, 8).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn fuse_config(plan: &MountPlan) -> Config {
+    let settings = &plan.settings;
+    let mut options = vec![
+        MountOption::FSName(plan.source.to_string_lossy().into_owned()),
+        // fuser drops `Subtype` on its direct mount path; as a custom option it reaches the kernel.
+        MountOption::CUSTOM(format!("subtype={SUBTYPE}")),
+        // The kernel checks permissions against the attributes we report, so a mount shared
+        // with `allow_other` never lets one user past another's file modes.
+        MountOption::DefaultPermissions,
+    ];
+    options.push(if settings.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if settings.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(settings.threads);
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts and serves until the mount is unmounted or a termination signal arrives (then it
+/// unmounts itself). `ready` runs once the mount is live.
+pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
+    // Modes from the kernel already have the caller's umask applied; ours must not apply twice.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let running_as_root = rustix::process::geteuid().is_root();
+    let options = OverlayOptions {
+        create_as_caller: running_as_root && plan.settings.allow_other,
+    };
+    let overlay = OverlayFs::new(&plan.source, Arc::new(LogSink), options)
+        .map_err(io_error("open", &plan.source))?;
+    let adapter = FuseAdapter::new(Arc::new(overlay), plan.settings.passthrough);
+    let mut session =
+        Session::new(adapter, &plan.mountpoint, &fuse_config(plan)).map_err(|err| {
+            match err.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    MountError::NotPermitted(plan.mountpoint.clone())
+                }
+                _ => io_error("mount", &plan.mountpoint)(err),
+            }
+        })?;
+    unmount_on_signal(session.unmount_callable(), plan.mountpoint.clone())?;
+    tracing::info!(
+        source = %plan.source.display(),
+        mountpoint = %plan.mountpoint.display(),
+        threads = plan.settings.threads,
+        "mounted"
+    );
+    ready();
+    session.run().map_err(io_error("serve", &plan.mountpoint))?;
+    tracing::info!(mountpoint = %plan.mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGHUP unmount the folder, which ends the session loop.
+fn unmount_on_signal(
+    mut unmounter: fuser::SessionUnmounter,
+    mountpoint: PathBuf,
+) -> Result<(), MountError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(io_error("handle signals for", &mountpoint))?;
+    let error_path = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "unmounting on signal");
+                if let Err(err) = unmounter.unmount() {
+                    tracing::error!("unmount of {} failed: {err}", mountpoint.display());
+                }
+            }
+        })
+        .map_err(io_error("start the signal thread for", &error_path))?;
+    Ok(())
+}
+
+/// Where a detached daemon logs when no `log_file` is set: `/var/log/filesync/` for root,
+/// the XDG state folder otherwise, one file per mount point (named like systemd escapes it).
+pub fn default_log_file(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    let name = if name.is_empty() {
+        "-".to_string()
+    } else {
+        name
+    };
+    let folder = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/log/filesync")
+    } else {
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("filesync")
+    };
+    folder.join(format!("{name}.log"))
+}
+
+/// The parent's end of a detached daemon: learns whether the mount came up.
+pub enum Detached {
+    /// We are the daemon; report through [`DaemonLink::ready`] or [`DaemonLink::failed`].
+    Daemon(DaemonLink),
+    /// We are the original process; the daemon reported this.
+    Parent(Result<(), MountError>),
+}
+
+/// The daemon's end of the pipe back to the process that started it.
+pub struct DaemonLink {
+    pipe: std::fs::File,
+}
+
+impl DaemonLink {
+    pub fn ready(mut self) {
+        // The parent may have been killed meanwhile; the daemon keeps serving regardless.
+        let _ = self.pipe.write_all(b"ok\n");
+    }
+
+    pub fn failed(mut self, err: &MountError) {
+        let _ = writeln!(self.pipe, "{err}");
+    }
+}
+
+/// Forks a daemon that logs to `log_file` and runs in its own session. Must be called
+/// before any thread is started. The parent waits for the daemon's first report.
+pub fn detach(log_file: &Path) -> Result<Detached, MountError> {
+    if let Some(folder) = log_file.parent() {
+        std::fs::create_dir_all(folder).map_err(io_error("create the log folder", folder))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .map_err(io_error("open the log file", log_file))?;
+    let (read_end, write_end) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| MountError::Io {
+            action: "create a pipe for",
+            path: log_file.to_path_buf(),
+            source: e.into(),
+        })?;
+    // SAFETY: no other thread exists yet (the caller's contract), so the child may run Rust code.
+    match unsafe { libc::fork() } {
+        -1 => Err(io_error("start the daemon logging to", log_file)(
+            std::io::Error::last_os_error(),
+        )),
+        0 => {
+            drop(read_end);
+            become_daemon(&log).map_err(io_error("detach, logging to", log_file))?;
+            Ok(Detached::Daemon(DaemonLink {
+                pipe: std::fs::File::from(write_end),
+            }))
+        }
+        _ => {
+            drop(write_end);
+            Ok(Detached::Parent(wait_for_daemon(read_end, log_file)))
+        }
+    }
+}
+
+fn become_daemon(log: &std::fs::File) -> std::io::Result<()> {
+    rustix::process::setsid()?;
+    std::env::set_current_dir("/")?;
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 onto the standard descriptors of this single-threaded process.
+    unsafe {
+        if libc::dup2(null.as_raw_fd(), 0) < 0
+            || libc::dup2(log.as_raw_fd(), 1) < 0
+            || libc::dup2(log.as_raw_fd(), 2) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How long the parent waits for the daemon to mount before giving up on it.
+const DAEMON_START_TIMEOUT_MS: i32 = 30_000;
+
+fn wait_for_daemon(read_end: OwnedFd, log_file: &Path) -> Result<(), MountError> {
+    let mut poll = libc::pollfd {
+        fd: read_end.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut poll, 1, DAEMON_START_TIMEOUT_MS) };
+    if ready == 0 {
+        return Err(MountError::DaemonFailed(format!(
+            "no answer within {} s; see {}",
+            DAEMON_START_TIMEOUT_MS / 1000,
+            log_file.display()
+        )));
+    }
+    let mut report = String::new();
+    // The daemon writes one line and closes its end, or exits; both end this read.
+    let read = std::fs::File::from(read_end).read_to_string(&mut report);
+    match (read, report.trim()) {
+        (Ok(_), "ok") => Ok(()),
+        (Ok(_), "") => Err(MountError::DaemonFailed(format!(
+            "see {}",
+            log_file.display()
+        ))),
+        (Ok(_), message) => Err(MountError::DaemonFailed(message.to_string())),
+        (Err(err), _) => Err(MountError::DaemonFailed(err.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(
+            unescape_mountinfo(r"/mnt/back\134slash"),
+            r"/mnt/back\slash"
+        );
+        assert_eq!(unescape_mountinfo(r"/mnt/trailing\04"), r"/mnt/trailing\04");
+    }
+
+    #[test]
+    fn default_log_file_is_named_after_the_mount_point() {
+        let file = default_log_file(Path::new("/mnt/data"));
+        assert_eq!(
+            file.file_name().and_then(|n| n.to_str()),
+            Some("mnt-data.log")
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! Open files: open/create, read/write and the other operations on an open handle.
+
+use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::{FallocateFlags, Mode, OFlags, SeekFrom};
+
+use super::handle::FileHandle;
+use super::{check_name, stat_fd, Attr, Caller, ChangeKind, Errno, OverlayFs, Result};
+
+/// How a file was opened, for the adapter to tell the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// Read-only opens of regular files may be served by the kernel straight from the
+    /// backing file (FUSE passthrough): the daemon needs to see writes, not reads.
+    pub passthrough_candidate: bool,
+    /// Writable opens bypass the kernel page cache so the daemon sees every write with its
+    /// exact range as it happens (and so they can coexist with passthrough readers).
+    pub direct_io: bool,
+}
+
+/// Flags that only matter to the open call the kernel already made for the caller, or
+/// that would make reopening through procfs fail.
+fn backing_open_flags(flags: i32) -> OFlags {
+    let requested = OFlags::from_bits_retain(flags as u32);
+    (requested - (OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW))
+        | OFlags::CLOEXEC
+}
+
+fn is_writable(flags: OFlags) -> bool {
+    flags.contains(OFlags::WRONLY) || flags.contains(OFlags::RDWR)
+}
+
+impl OverlayFs {
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+        let inode = self.inode(ino)?;
+        if inode.is_dir() {
+            return Err(Errno::ISDIR);
+        }
+        let flags = backing_open_flags(flags);
+        let fd = rustix::fs::open(inode.proc_path(), flags, Mode::empty())?;
+        let writable = is_writable(flags);
+        if writable && flags.contains(OFlags::TRUNC) {
+            self.emit(&inode, None, ChangeKind::Truncate { size: 0 });
+        }
+        let regular = inode.file_type == libc::S_IFREG;
+        Ok(self.add_handle(fd, ino, flags, regular))
+    }
+
+    fn add_handle(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        ino: u64,
+        flags: OFlags,
+        regular: bool,
+    ) -> Opened {
+        let writable = is_writable(flags);
+        let handle = FileHandle::new(fd, ino, writable, flags.contains(OFlags::APPEND));
+        Opened {
+            fh: self.handles.insert_file(handle),
+            passthrough_candidate: regular && !writable,
+            direct_io: writable,
+        }
+    }
+
+    /// Creates and opens `name` in `parent` (`open` with `O_CREAT`), counting one kernel
+    /// reference to the new inode.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, Opened)> {
+        let parent = self.inode(parent)?;
+        check_name(name)?;
+        let parent_stat = stat_fd(parent.fd())?;
+        let flags = backing_open_flags(flags);
+        let mode = Mode::from_raw_mode(mode & 0o7777);
+        // Try an exclusive create first so we know whether the file is new: only a new
+        // file changes owner and counts as a creation.
+        let exclusive = flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+        let (fd, created) = match rustix::fs::openat(parent.fd(), name, exclusive, mode) {
+            Ok(fd) => (fd, true),
+            Err(Errno::EXIST) if !flags.contains(OFlags::EXCL) => {
+                let fd = rustix::fs::openat(parent.fd(), name, flags | OFlags::NOFOLLOW, mode)?;
+                (fd, false)
+            }
+            Err(err) => return Err(err),
+        };
+        if created {
+            self.give_to_caller(&parent, name, caller, &parent_stat)?;
+        }
+        let path_fd = rustix::fs::openat(
+            parent.fd(),
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let (inode, attr) = self.remember(path_fd)?;
+        if created {
+            self.emit(&parent, Some(name), ChangeKind::Create);
+        } else if is_writable(flags) && flags.contains(OFlags::TRUNC) {
+            self.emit(&parent, Some(name), ChangeKind::Truncate { size: 0 });
+        }
+        let regular = inode.file_type == libc::S_IFREG;
+        Ok((attr, self.add_handle(fd, inode.ino, flags, regular)))
+    }
+
+    /// Runs `f` with the backing descriptor of open file `fh` (to register it for
+    /// kernel passthrough).
+    pub fn with_backing_fd<R>(&self, fh: u64, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Result<R> {
+        let handle = self.handles.file(fh)?;
+        Ok(f(handle.fd()))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let handle = self.handles.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        // Short reads before EOF would be filled with zeroes by the kernel, so loop.
+        while filled < buf.len() {
+            let n = rustix::io::pread(handle.fd(), &mut buf[filled..], offset + filled as u64)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let handle = self.handles.file(fh)?;
+        let written = rustix::io::pwrite(handle.fd(), data, offset)?;
+        handle.wrote.store(true, Ordering::Relaxed);
+        let offset = if handle.append {
+            // pwrite on an O_APPEND descriptor appends; the data ends at the new size.
+            stat_fd(handle.fd())?.st_size as u64 - written as u64
+        } else {
+            offset
+        };
+        let inode = self.inode(handle.ino)?;
+        self.emit(
+            &inode,
+            None,
+            ChangeKind::Write {
+                offset,
+                len: written as u64,
+            },
+        );
+        // The kernel never asks for more than max_write (far below 4 GiB) at once.
+        Ok(u32::try_from(written).unwrap_or(u32::MAX))
+    }
+
+    /// Called on every `close()` of a descriptor of the handle: closing a duplicate of the
+    /// backing descriptor gives the backing filesystem the same chance to report errors.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let handle = self.handles.file(fh)?;
+        drop(rustix::io::dup(handle.fd())?);
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let handle = self.handles.remove_file(fh)?;
+        if handle.writable && handle.wrote.load(Ordering::Relaxed) {
+            if let Ok(inode) = self.inode(handle.ino) {
+                self.emit(&inode, None, ChangeKind::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let handle = self.handles.file(fh)?;
+        if datasync {
+            rustix::fs::fdatasync(handle.fd())?;
+        } else {
+            rustix::fs::fsync(handle.fd())?;
+        }
+        let inode = self.inode(handle.ino)?;
+        self.emit(&inode, None, ChangeKind::Fsync { datasync });
+        Ok(())
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let handle = self.handles.file(fh)?;
+        let flags = FallocateFlags::from_bits_retain(mode as u32);
+        rustix::fs::fallocate(handle.fd(), flags, offset, len)?;
+        let inode = self.inode(handle.ino)?;
+        self.emit(&inode, None, ChangeKind::Fallocate { offset, len, mode });
+        Ok(())
+    }
+
+    /// `lseek`; the kernel asks only for `SEEK_DATA`/`SEEK_HOLE` and `SEEK_END`, which
+    /// need the backing file.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let handle = self.handles.file(fh)?;
+        let unsigned = || u64::try_from(offset).map_err(|_| Errno::NXIO);
+        let position = match whence {
+            libc::SEEK_SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
+            libc::SEEK_CUR => SeekFrom::Current(offset),
+            libc::SEEK_END => SeekFrom::End(offset),
+            libc::SEEK_DATA => SeekFrom::Data(unsigned()?),
+            libc::SEEK_HOLE => SeekFrom::Hole(unsigned()?),
+            _ => return Err(Errno::INVAL),
+        };
+        let new = rustix::fs::seek(handle.fd(), position)?;
+        i64::try_from(new).map_err(|_| Errno::OVERFLOW)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        offset_in: u64,
+        fh_out: u64,
+        offset_out: u64,
+        len: u64,
+        flags: u32,
+    ) -> Result<u32> {
+        if flags != 0 {
+            return Err(Errno::INVAL);
+        }
+        let input = self.handles.file(fh_in)?;
+        let output = self.handles.file(fh_out)?;
+        let mut from = offset_in;
+        let mut to = offset_out;
+        // The reply carries a 32-bit count; the kernel loops for the rest.
+        let len = usize::try_from(len.min(u32::MAX as u64)).unwrap_or(u32::MAX as usize);
+        let copied = rustix::fs::copy_file_range(
+            input.fd(),
+            Some(&mut from),
+            output.fd(),
+            Some(&mut to),
+            len,
+        )?;
+        output.wrote.store(true, Ordering::Relaxed);
+        let inode = self.inode(output.ino)?;
+        self.emit(
+            &inode,
+            None,
+            ChangeKind::Write {
+                offset: offset_out,
+                len: copied as u64,
+            },
+        );
+        Ok(u32::try_from(copied).unwrap_or(u32::MAX))
+    }
+}
