@@ -4,7 +4,6 @@
 //! two things that only make sense to FUSE: the kernel's init options and the passthrough
 //! backing ids. Errors are mapped to errnos in one place, [`errno`].
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
@@ -29,11 +28,38 @@ const TTL: Duration = Duration::from_secs(1);
 /// The largest write the kernel sends in one request (its limit with `max_pages` = 256).
 const MAX_WRITE: u32 = 1 << 20;
 
-/// The kernel passthrough backing file of an inode, shared by all its passthrough opens:
-/// the kernel refuses two different backing files for one inode.
-struct SharedBacking {
-    id: BackingId,
-    users: usize,
+/// How the kernel serves one inode's open handles. The kernel allows an inode either
+/// passthrough handles (all sharing one backing file) or daemon-served ones that may
+/// cache, never both: a mismatch fails the caller's `open` with EIO.
+#[derive(Default)]
+struct InodeIo {
+    backing: Option<BackingId>,
+    passthrough: usize,
+    daemon: usize,
+}
+
+/// How one open handle is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoMode {
+    Passthrough,
+    Daemon,
+}
+
+/// What the two kinds of open reply can do with a backing file.
+trait BackingReply {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>;
+}
+
+impl BackingReply for ReplyOpen {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        ReplyOpen::open_backing(self, fd)
+    }
+}
+
+impl BackingReply for ReplyCreate {
+    fn open_backing(&self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId> {
+        ReplyCreate::open_backing(self, fd)
+    }
 }
 
 /// The `fuser::Filesystem` for one mount.
@@ -41,9 +67,9 @@ pub struct FuseAdapter {
     fs: Arc<OverlayFs>,
     /// Passthrough is wanted and, after `init`, granted by the kernel.
     passthrough: AtomicBool,
-    backing: Mutex<HashMap<u64, SharedBacking>>,
-    /// Which open handles use passthrough, and for which inode.
-    passthrough_handles: Mutex<HashMap<u64, u64>>,
+    inode_io: Mutex<HashMap<u64, InodeIo>>,
+    /// The inode and mode of every open file handle.
+    handle_io: Mutex<HashMap<u64, (u64, IoMode)>>,
 }
 
 impl FuseAdapter {
@@ -51,21 +77,86 @@ impl FuseAdapter {
         FuseAdapter {
             fs,
             passthrough: AtomicBool::new(passthrough),
-            backing: Mutex::new(HashMap::new()),
-            passthrough_handles: Mutex::new(HashMap::new()),
+            inode_io: Mutex::new(HashMap::new()),
+            handle_io: Mutex::new(HashMap::new()),
         }
     }
 
-    fn drop_backing(&self, fh: u64) {
-        let Some(ino) = self.passthrough_handles.lock().remove(&fh) else {
-            return;
-        };
-        let mut backing = self.backing.lock();
-        if let Some(shared) = backing.get_mut(&ino) {
-            shared.users -= 1;
-            if shared.users == 0 {
-                backing.remove(&ino);
+    /// Decides how the kernel serves a new handle, and registers the inode's backing file
+    /// when it is the first passthrough one. Readers go passthrough (near-native reads)
+    /// unless the daemon serves another handle of the inode; writers stay with the daemon,
+    /// which sees every written range, unless passthrough handles are already open, in
+    /// which case the kernel insists on passthrough and the write is reported at release.
+    /// `respond` gets the reply and the backing file to reply with, or `None` for a
+    /// daemon-served handle.
+    fn serve_open<R: BackingReply>(
+        &self,
+        ino: u64,
+        opened: Opened,
+        reply: R,
+        respond: impl FnOnce(R, Option<&BackingId>),
+    ) {
+        let mut inode_io = self.inode_io.lock();
+        let state = inode_io.entry(ino).or_default();
+        let wanted = self.passthrough.load(Ordering::Relaxed)
+            && opened.regular
+            && if opened.writable {
+                state.passthrough > 0
+            } else {
+                state.daemon == 0
+            };
+        if wanted && state.backing.is_none() {
+            let backing = self
+                .fs
+                .with_backing_fd(opened.fh, |fd| reply.open_backing(fd))
+                .and_then(|id| id.map_err(io_errno));
+            match backing {
+                Ok(id) => state.backing = Some(id),
+                Err(err) => self.passthrough_failed(err),
             }
+        }
+        let backing = state.backing.as_ref().filter(|_| wanted);
+        let mode = if backing.is_some() {
+            state.passthrough += 1;
+            IoMode::Passthrough
+        } else {
+            state.daemon += 1;
+            IoMode::Daemon
+        };
+        self.handle_io.lock().insert(opened.fh, (ino, mode));
+        respond(reply, backing);
+    }
+
+    /// Forgets handle `fh`; returns whether the kernel served it by passthrough.
+    fn end_io(&self, fh: u64) -> bool {
+        let Some((ino, mode)) = self.handle_io.lock().remove(&fh) else {
+            return false;
+        };
+        let mut inode_io = self.inode_io.lock();
+        if let Some(state) = inode_io.get_mut(&ino) {
+            match mode {
+                IoMode::Passthrough => state.passthrough = state.passthrough.saturating_sub(1),
+                IoMode::Daemon => state.daemon = state.daemon.saturating_sub(1),
+            }
+            if state.passthrough == 0 {
+                // The kernel drops its backing file with its last passthrough handle.
+                state.backing = None;
+            }
+            if state.passthrough == 0 && state.daemon == 0 {
+                inode_io.remove(&ino);
+            }
+        }
+        mode == IoMode::Passthrough
+    }
+
+    /// Open flags for a daemon-served handle. With passthrough on, readers bypass the page
+    /// cache too, so the inode never enters the kernel's caching mode, which would block
+    /// the next passthrough open; writers always do, so each write reaches the daemon.
+    fn daemon_flags(&self, opened: Opened) -> FopenFlags {
+        if opened.writable || self.passthrough.load(Ordering::Relaxed) {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            FopenFlags::empty()
         }
     }
 
@@ -77,36 +168,6 @@ impl FuseAdapter {
             );
         }
     }
-
-    /// Replies to an open: read-only opens go to kernel passthrough when it is on, sharing
-    /// the inode's backing id; everything else is served by the daemon.
-    fn reply_open(&self, ino: u64, opened: Opened, reply: ReplyOpen) {
-        let fh = FileHandle(opened.fh);
-        if opened.passthrough_candidate && self.passthrough.load(Ordering::Relaxed) {
-            let mut backing = self.backing.lock();
-            let shared = match backing.entry(ino) {
-                Entry::Occupied(entry) => Ok(entry.into_mut()),
-                Entry::Vacant(entry) => self
-                    .fs
-                    .with_backing_fd(opened.fh, |fd| reply.open_backing(fd))
-                    .and_then(|id| id.map_err(io_errno))
-                    .map(|id| entry.insert(SharedBacking { id, users: 0 })),
-            };
-            match shared {
-                Ok(shared) => {
-                    shared.users += 1;
-                    self.passthrough_handles.lock().insert(opened.fh, ino);
-                    reply.opened_passthrough(fh, FopenFlags::empty(), &shared.id);
-                    return;
-                }
-                Err(err) => {
-                    drop(backing);
-                    self.passthrough_failed(err);
-                }
-            }
-        }
-        reply.opened(fh, open_flags(opened));
-    }
 }
 
 /// One place that turns a core error into the errno the caller sees.
@@ -116,14 +177,6 @@ fn errno(err: Errno) -> fuser::Errno {
 
 fn io_errno(err: std::io::Error) -> Errno {
     Errno::from_io_error(&err).unwrap_or(Errno::IO)
-}
-
-fn open_flags(opened: Opened) -> FopenFlags {
-    if opened.direct_io {
-        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
-    } else {
-        FopenFlags::empty()
-    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -381,7 +434,13 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            Ok(opened) => self.reply_open(ino.0, opened, reply),
+            Ok(opened) => self.serve_open(ino.0, opened, reply, |reply, backing| {
+                let fh = FileHandle(opened.fh);
+                match backing {
+                    Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
+                    None => reply.opened(fh, self.daemon_flags(opened)),
+                }
+            }),
             Err(err) => reply.error(errno(err)),
         }
     }
@@ -442,8 +501,8 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.drop_backing(fh.0);
-        reply_empty(self.fs.release(fh.0), reply);
+        let written_by_kernel = self.end_io(fh.0);
+        reply_empty(self.fs.release(fh.0, written_by_kernel), reply);
     }
 
     fn fsync(
@@ -600,14 +659,28 @@ impl Filesystem for FuseAdapter {
             Err(err) => return reply.error(errno(err)),
         };
         let attr = file_attr(&attr);
-        // A read-only create is rare; it is served through the daemon like writes.
-        reply.created(
-            &TTL,
-            &attr,
-            Generation(0),
-            FileHandle(opened.fh),
-            open_flags(opened),
-        );
+        let fh = FileHandle(opened.fh);
+        self.serve_open(attr.ino.0, opened, reply, |reply, backing| match backing {
+            Some(id) => {
+                reply.created_passthrough(&TTL, &attr, Generation(0), fh, FopenFlags::empty(), id)
+            }
+            None => reply.created(&TTL, &attr, Generation(0), fh, self.daemon_flags(opened)),
+        });
+    }
+
+    /// Regular files answer no ioctls (isatty() asks on every open by some runtimes).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(fuser::Errno::ENOTTY);
     }
 
     fn fallocate(

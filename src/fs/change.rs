@@ -87,6 +87,9 @@ pub enum ChangeKind {
     },
     /// The last reference to a handle that was opened for writing was closed.
     Closed,
+    /// A handle that the kernel wrote through directly (FUSE passthrough) was closed: the
+    /// file may have changed anywhere, so a consumer must compare it with what it knows.
+    UntrackedWrite,
 }
 
 /// One change to the backing folder.

@@ -9,16 +9,14 @@ use rustix::fs::{FallocateFlags, Mode, OFlags, SeekFrom};
 use super::handle::FileHandle;
 use super::{check_name, stat_fd, Attr, Caller, ChangeKind, Errno, OverlayFs, Result};
 
-/// How a file was opened, for the adapter to tell the kernel.
+/// An open file, for the adapter to decide how the kernel serves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opened {
     pub fh: u64,
-    /// Read-only opens of regular files may be served by the kernel straight from the
-    /// backing file (FUSE passthrough): the daemon needs to see writes, not reads.
-    pub passthrough_candidate: bool,
-    /// Writable opens bypass the kernel page cache so the daemon sees every write with its
-    /// exact range as it happens (and so they can coexist with passthrough readers).
-    pub direct_io: bool,
+    /// A regular file: only these can be served by the kernel straight from the backing
+    /// file (FUSE passthrough).
+    pub regular: bool,
+    pub writable: bool,
 }
 
 /// Flags that only matter to the open call the kernel already made for the caller, or
@@ -60,8 +58,8 @@ impl OverlayFs {
         let handle = FileHandle::new(fd, ino, writable, flags.contains(OFlags::APPEND));
         Opened {
             fh: self.handles.insert_file(handle),
-            passthrough_candidate: regular && !writable,
-            direct_io: writable,
+            regular,
+            writable,
         }
     }
 
@@ -164,12 +162,19 @@ impl OverlayFs {
         Ok(())
     }
 
-    pub fn release(&self, fh: u64) -> Result<()> {
+    /// Closes handle `fh`. `written_by_kernel` says the kernel served it by passthrough,
+    /// so writes through it (if it was writable) never reached the daemon.
+    pub fn release(&self, fh: u64, written_by_kernel: bool) -> Result<()> {
         let handle = self.handles.remove_file(fh)?;
-        if handle.writable && handle.wrote.load(Ordering::Relaxed) {
-            if let Ok(inode) = self.inode(handle.ino) {
-                self.emit(&inode, None, ChangeKind::Closed);
-            }
+        let kind = if handle.writable && written_by_kernel {
+            ChangeKind::UntrackedWrite
+        } else if handle.writable && handle.wrote.load(Ordering::Relaxed) {
+            ChangeKind::Closed
+        } else {
+            return Ok(());
+        };
+        if let Ok(inode) = self.inode(handle.ino) {
+            self.emit(&inode, None, kind);
         }
         Ok(())
     }
