@@ -417,7 +417,9 @@ impl fmt::Display for Origin<'_> {
 /// TOML value from the settings file. Keeping both lets every checker serve every source.
 #[derive(Debug, Clone, Copy)]
 enum Raw<'a> {
+    /// Text from a mount option or an environment variable.
     Text(&'a str),
+    /// A value from the settings file, in whatever TOML type it was written.
     Toml(&'a toml::Value),
 }
 
