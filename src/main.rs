@@ -13,6 +13,9 @@ use filesync::config::{self, MountOptions};
 use filesync::install::{self, InstallPlan};
 use filesync::mount::{self, Detached, MountPlan};
 
+/// mount(8)'s exit status for a failed mount, which `mount -t fuse.filesync` passes on.
+const MOUNT_FAILED: u8 = 32;
+
 #[derive(Parser)]
 #[command(
     name = "filesync",
@@ -68,6 +71,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mounting = matches!(cli.command, Command::Mount { .. });
     let result = match cli.command {
         Command::Mount {
             source,
@@ -90,7 +94,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("filesync: {err:#}");
-            ExitCode::FAILURE
+            if mounting {
+                ExitCode::from(MOUNT_FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -42,8 +42,11 @@ pub enum MountError {
     AlreadyMounted(PathBuf),
     #[error("/dev/fuse is missing: load the module (modprobe fuse) or install fuse3")]
     NoFuseDevice,
-    #[error("not permitted to mount {0}: run as root, or install fuse3 so fusermount3 can mount for you")]
-    NotPermitted(PathBuf),
+    #[error("not permitted to mount {mountpoint} ({reason}): run as root, or let users mount FUSE (/dev/fuse readable and writable by them, fuse3's setuid fusermount3 installed)")]
+    NotPermitted {
+        mountpoint: PathBuf,
+        reason: std::io::Error,
+    },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -200,9 +203,10 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     let mut session =
         Session::new(adapter, &plan.mountpoint, &fuse_config(plan)).map_err(|err| {
             match err.kind() {
-                std::io::ErrorKind::PermissionDenied => {
-                    MountError::NotPermitted(plan.mountpoint.clone())
-                }
+                std::io::ErrorKind::PermissionDenied => MountError::NotPermitted {
+                    mountpoint: plan.mountpoint.clone(),
+                    reason: err,
+                },
                 _ => io_error("mount", &plan.mountpoint)(err),
             }
         })?;
