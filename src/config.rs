@@ -68,13 +68,15 @@
 //! A flag given a value (`allow_other=3`) or an option missing its value (`node_name`,
 //! `node_name=`) is an error.
 //!
-//! The standard options that mount(8), mount.fuse and fstab pass are accepted and ignored (only
-//! `rw` and `ro` have an effect): `defaults`, `auto`, `noauto`, `user`, `users`, `nouser`,
-//! `owner`, `group`, `nofail`, `_netdev`, `dev`, `nodev`, `suid`, `nosuid`, `exec`, `noexec`,
-//! `atime`, `noatime`, `relatime`, `norelatime`, `strictatime`, `nodiratime`, `diratime`,
-//! `lazytime`, `sync`, `async`, `dirsync`, `default_permissions` (always enforced anyway),
-//! `user=NAME`, `comment=…`, `fsname=…`, `subtype=…` and anything starting with `x-` or `X-`
-//! (such as `x-systemd.automount`). Every other option is an error.
+//! The standard kernel flags are passed on to the mount: `ro`, `rw`, `dev`, `nodev`, `suid`,
+//! `nosuid`, `exec`, `noexec`, `atime`, `noatime`, `sync`, `async`, `dirsync` (FUSE mounts
+//! default to `nodev,nosuid`). `relatime` is the kernel's default and accepted; `norelatime`,
+//! `strictatime`, `nodiratime`, `diratime` and `lazytime` cannot be expressed by the FUSE mount
+//! call and are refused. The other standard options that mount(8), mount.fuse and fstab pass
+//! are accepted and ignored: `defaults`, `auto`, `noauto`, `user`, `users`, `nouser`, `owner`,
+//! `group`, `nofail`, `_netdev`, `default_permissions` (always enforced anyway), `user=NAME`,
+//! `comment=…`, `fsname=…`, `subtype=…` and anything starting with `x-` or `X-` (such as
+//! `x-systemd.automount`). Every other option is an error.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -110,24 +112,18 @@ const IGNORED_FLAGS: &[&str] = &[
     "group",
     "nofail",
     "_netdev",
-    "dev",
-    "nodev",
-    "suid",
-    "nosuid",
-    "exec",
-    "noexec",
-    "atime",
-    "noatime",
     "relatime",
+    "default_permissions",
+];
+
+/// Access-time variants the FUSE mount call cannot express; refused rather than ignored so
+/// an fstab line never gets a mount that differs from what it asks for.
+const UNSUPPORTED_FLAGS: &[&str] = &[
     "norelatime",
     "strictatime",
     "nodiratime",
     "diratime",
     "lazytime",
-    "sync",
-    "async",
-    "dirsync",
-    "default_permissions",
 ];
 
 /// Standard options that carry a value we ignore (`user=NAME` is what mount(8) passes for a
@@ -165,6 +161,15 @@ pub enum ConfigError {
     )]
     UnknownOption {
         /// The option as written, value included.
+        option: String,
+    },
+    /// A standard option the FUSE mount call cannot honour.
+    #[error(
+        "mount option '{option}' is not supported by filesync mounts: remove it (atime, \
+         noatime and the default relatime are)"
+    )]
+    UnsupportedOption {
+        /// The option as written.
         option: String,
     },
     /// A flag option written with a value, whose meaning would be unclear.
@@ -235,6 +240,53 @@ pub enum ConfigError {
     },
 }
 
+/// Standard mount flags that reach the kernel's mount call. `None` keeps the default, which
+/// for FUSE mounts is `nodev`, `nosuid`, `exec`, `relatime` and asynchronous writes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelFlags {
+    /// `dev` (true) or `nodev` (false): whether device nodes work.
+    pub dev: Option<bool>,
+    /// `suid` (true) or `nosuid` (false): whether set-user-ID bits take effect.
+    pub suid: Option<bool>,
+    /// `exec` (true) or `noexec` (false): whether programs may run from the mount.
+    pub exec: Option<bool>,
+    /// `atime` (true) or `noatime` (false).
+    pub atime: Option<bool>,
+    /// `sync` (true) or `async` (false): synchronous writes.
+    pub sync: Option<bool>,
+    /// `dirsync`: synchronous directory changes.
+    pub dirsync: Option<bool>,
+}
+
+impl KernelFlags {
+    /// Records one standard flag; returns false when `name` is not one.
+    fn set(&mut self, name: &str) -> bool {
+        let (field, on) = match name {
+            "dev" | "nodev" => (&mut self.dev, name == "dev"),
+            "suid" | "nosuid" => (&mut self.suid, name == "suid"),
+            "exec" | "noexec" => (&mut self.exec, name == "exec"),
+            "atime" | "noatime" => (&mut self.atime, name == "atime"),
+            "sync" | "async" => (&mut self.sync, name == "sync"),
+            "dirsync" => (&mut self.dirsync, true),
+            _ => return false,
+        };
+        *field = Some(on);
+        true
+    }
+
+    /// Later flags win.
+    fn merge(self, later: KernelFlags) -> KernelFlags {
+        KernelFlags {
+            dev: later.dev.or(self.dev),
+            suid: later.suid.or(self.suid),
+            exec: later.exec.or(self.exec),
+            atime: later.atime.or(self.atime),
+            sync: later.sync.or(self.sync),
+            dirsync: later.dirsync.or(self.dirsync),
+        }
+    }
+}
+
 /// Options given with `-o`, parsed but not yet merged. Each field is `None` when not given, so
 /// that lower-precedence sources can fill it in.
 ///
@@ -262,6 +314,8 @@ pub struct MountOptions {
     pub log_file: Option<PathBuf>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
+    /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
+    pub kernel: KernelFlags,
 }
 
 impl MountOptions {
@@ -290,6 +344,7 @@ impl MountOptions {
             log: later.log.or(self.log),
             log_file: later.log_file.or(self.log_file),
             config: later.config.or(self.config),
+            kernel: self.kernel.merge(later.kernel),
         }
     }
 
@@ -319,6 +374,12 @@ impl MountOptions {
             "ro" | "rw" => {
                 takes_no_value(item, name, value)?;
                 self.read_only = Some(name == "ro");
+            }
+            _ if self.kernel.set(name) => takes_no_value(item, name, value)?,
+            _ if UNSUPPORTED_FLAGS.contains(&name) => {
+                return Err(ConfigError::UnsupportedOption {
+                    option: one_line(item),
+                })
             }
             _ if is_ignored_standard_option(item, name, value)? => {}
             _ => {
@@ -354,6 +415,8 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     /// The settings file actually read, if any, so it can be reported in the log.
     pub config_file: Option<PathBuf>,
+    /// Standard mount flags for the kernel (mount options only).
+    pub kernel: KernelFlags,
 }
 
 /// Merge mount options, settings file, environment and defaults, in that order of precedence.
@@ -891,6 +954,7 @@ impl Host {
             log: merged.log.unwrap_or_else(|| "info".to_owned()),
             log_file: merged.log_file,
             config_file,
+            kernel: merged.kernel,
         }
     }
 
@@ -1040,6 +1104,7 @@ mod tests {
                 log: "info".to_owned(),
                 log_file: None,
                 config_file: None,
+                kernel: KernelFlags::default(),
             }
         );
     }
@@ -1192,19 +1257,39 @@ mod tests {
     }
 
     #[test]
-    fn standard_options_are_ignored() {
+    fn standard_options_are_ignored_or_passed_to_the_kernel() {
         let parsed = MountOptions::parse("rw,nosuid,nodev,_netdev,x-systemd.automount,defaults")
             .expect("standard options");
         assert_eq!(
             parsed,
             MountOptions {
                 read_only: Some(false),
+                kernel: KernelFlags {
+                    suid: Some(false),
+                    dev: Some(false),
+                    ..KernelFlags::default()
+                },
                 ..MountOptions::default()
             }
         );
+        let parsed = MountOptions::parse("noexec,noatime,sync,dirsync,exec").expect("flags");
+        assert_eq!(
+            parsed.kernel,
+            KernelFlags {
+                exec: Some(true),
+                atime: Some(false),
+                sync: Some(true),
+                dirsync: Some(true),
+                ..KernelFlags::default()
+            }
+        );
+        assert_mentions(
+            &parse_error("rw,lazytime"),
+            &["'lazytime'", "not supported"],
+        );
         let parsed = MountOptions::parse(
             "user=alice,comment=x,fsname=filesync,subtype=filesync,X-mount.mkdir,\
-             x-systemd.requires=network.target,default_permissions,noatime,lazytime",
+             x-systemd.requires=network.target,default_permissions,relatime",
         )
         .expect("standard options with values");
         assert_eq!(parsed, MountOptions::default());
@@ -1230,6 +1315,7 @@ mod tests {
                 log: Some("filesync=debug,fuser=warn".to_owned()),
                 log_file: Some(PathBuf::from("/tmp/l.log")),
                 config: Some(PathBuf::from("/etc/f.toml")),
+                kernel: KernelFlags::default(),
             }
         );
     }

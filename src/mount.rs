@@ -176,6 +176,19 @@ fn fuse_config(plan: &MountPlan) -> Config {
     } else {
         MountOption::RW
     });
+    let flags = settings.kernel;
+    for (value, on, off) in [
+        (flags.dev, MountOption::Dev, MountOption::NoDev),
+        (flags.suid, MountOption::Suid, MountOption::NoSuid),
+        (flags.exec, MountOption::Exec, MountOption::NoExec),
+        (flags.atime, MountOption::Atime, MountOption::NoAtime),
+        (flags.sync, MountOption::Sync, MountOption::Async),
+    ] {
+        options.extend(value.map(|wanted| if wanted { on } else { off }));
+    }
+    if flags.dirsync == Some(true) {
+        options.push(MountOption::DirSync);
+    }
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = if settings.allow_other {
