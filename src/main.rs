@@ -158,7 +158,14 @@ fn serve_detached(plan: &MountPlan, link: mount::DaemonLink) {
 /// Logs to standard error (the log file of a detached daemon, the journal under systemd)
 /// or to `log_file` when one is set.
 fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter).with_context(|| {
+    // fuser unmounts again when its session ends; after a plain `umount` that always fails
+    // with a WARN that means nothing. It is that module's only warning, so keep its errors.
+    let filter = if filter.contains("fuser") {
+        filter.to_owned()
+    } else {
+        format!("{filter},fuser::session=error")
+    };
+    let filter = EnvFilter::try_new(&filter).with_context(|| {
         format!("invalid log filter '{filter}': use e.g. info or filesync=debug")
     })?;
     let builder = tracing_subscriber::fmt()
