@@ -464,7 +464,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -474,7 +474,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        match self.fs.write(fh.0, offset, data, caller(req)) {
             Ok(written) => reply.written(written),
             Err(err) => reply.error(errno(err)),
         }
@@ -713,7 +713,7 @@ impl Filesystem for FuseAdapter {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -725,10 +725,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let flags = u32::try_from(flags.bits()).unwrap_or(u32::MAX);
-        match self
-            .fs
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, flags)
-        {
+        match self.fs.copy_file_range(
+            fh_in.0,
+            offset_in,
+            fh_out.0,
+            offset_out,
+            len,
+            flags,
+            caller(req),
+        ) {
             Ok(copied) => reply.written(copied),
             Err(err) => reply.error(errno(err)),
         }

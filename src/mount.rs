@@ -236,7 +236,10 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     Ok(())
 }
 
-/// SIGTERM, SIGINT and SIGHUP unmount the folder, which ends the session loop.
+/// SIGTERM, SIGINT and SIGHUP unmount the folder, which ends the session loop. A mount
+/// still in use cannot be unmounted cleanly; then, as libfuse does, it is detached lazily
+/// and the daemon exits (files still open on it fail with ENOTCONN). A second signal exits
+/// at once.
 fn unmount_on_signal(
     mut unmounter: fuser::SessionUnmounter,
     mountpoint: PathBuf,
@@ -248,15 +251,39 @@ fn unmount_on_signal(
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(signal) = signals.next() {
                 tracing::info!(signal, "unmounting on signal");
                 if let Err(err) = unmounter.unmount() {
-                    tracing::error!("unmount of {} failed: {err}", mountpoint.display());
+                    tracing::warn!(
+                        "{} is busy ({err}); detaching it and exiting: open files on it now fail",
+                        mountpoint.display()
+                    );
+                    detach_lazily(&mountpoint);
+                    std::process::exit(0);
                 }
+            }
+            if let Some(signal) = signals.next() {
+                tracing::warn!(signal, "second signal: exiting now");
+                std::process::exit(0);
             }
         })
         .map_err(io_error("start the signal thread for", &error_path))?;
     Ok(())
+}
+
+/// `umount -l`: as root directly, otherwise through fuse3's setuid `fusermount3 -u -z`.
+fn detach_lazily(mountpoint: &Path) {
+    let detached = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+    if let Err(err) = detached {
+        let status = std::process::Command::new("fusermount3")
+            .args(["-u", "-z", "--"])
+            .arg(mountpoint)
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            tracing::error!("cannot detach {}: {err}", mountpoint.display());
+        }
+    }
 }
 
 /// Where a detached daemon logs when no `log_file` is set: `/var/log/filesync/` for root,

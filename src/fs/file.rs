@@ -19,12 +19,15 @@ pub struct Opened {
     pub writable: bool,
 }
 
-/// Flags that only matter to the open call the kernel already made for the caller, or
-/// that would make reopening through procfs fail.
+/// Drops flags that only matter to the open call the kernel already made for the caller,
+/// that would make reopening through procfs fail, or (`O_DIRECT`) that would demand aligned
+/// buffers the daemon's requests do not have: the kernel already bypasses its cache for
+/// `O_DIRECT` callers.
 fn backing_open_flags(flags: i32) -> OFlags {
     let requested = OFlags::from_bits_retain(flags as u32);
-    (requested - (OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW))
-        | OFlags::CLOEXEC
+    let dropped =
+        OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::DIRECT;
+    (requested - dropped) | OFlags::CLOEXEC
 }
 
 fn is_writable(flags: OFlags) -> bool {
@@ -131,10 +134,12 @@ impl OverlayFs {
         Ok(buf)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    /// Writes `data` at `offset` for `caller`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
         let handle = self.handles.file(fh)?;
         let written = rustix::io::pwrite(handle.fd(), data, offset)?;
         handle.wrote.store(true, Ordering::Relaxed);
+        kill_suid_after_write(&handle, caller)?;
         let offset = if handle.append {
             // pwrite on an O_APPEND descriptor appends; the data ends at the new size.
             stat_fd(handle.fd())?.st_size as u64 - written as u64
@@ -226,6 +231,7 @@ impl OverlayFs {
         offset_out: u64,
         len: u64,
         flags: u32,
+        caller: Caller,
     ) -> Result<u32> {
         if flags != 0 {
             return Err(Errno::INVAL);
@@ -244,6 +250,7 @@ impl OverlayFs {
             len,
         )?;
         output.wrote.store(true, Ordering::Relaxed);
+        kill_suid_after_write(&output, caller)?;
         let inode = self.inode(output.ino)?;
         self.emit(
             &inode,
@@ -255,4 +262,23 @@ impl OverlayFs {
         );
         Ok(u32::try_from(copied).unwrap_or(u32::MAX))
     }
+}
+
+/// A write by anyone but root clears the set-user-ID bit, and the set-group-ID bit of a
+/// group-executable file, as the kernel does for its own writes. The daemon writes as root,
+/// so the backing filesystem would keep them; for direct-io writes the kernel leaves this
+/// to us.
+fn kill_suid_after_write(handle: &FileHandle, caller: Caller) -> Result<()> {
+    if caller.uid == 0 {
+        return Ok(());
+    }
+    let mode = stat_fd(handle.fd())?.st_mode;
+    let mut kill = libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        kill |= libc::S_ISGID;
+    }
+    if mode & kill != 0 {
+        rustix::fs::fchmod(handle.fd(), Mode::from_raw_mode(mode & 0o7777 & !kill))?;
+    }
+    Ok(())
 }

@@ -16,9 +16,13 @@ pub enum XattrReply {
 
 /// Asks for the value's size when `size` is 0, as getxattr(2) does; otherwise reads into
 /// a buffer of `size` bytes (ERANGE if it does not fit).
-fn sized(size: u32, read: impl Fn(&mut [u8]) -> Result<usize>) -> Result<XattrReply> {
+fn sized(
+    size: u32,
+    query: impl Fn() -> Result<usize>,
+    read: impl Fn(&mut [u8]) -> Result<usize>,
+) -> Result<XattrReply> {
     if size == 0 {
-        let needed = read(&mut [])?;
+        let needed = query()?;
         return Ok(XattrReply::Size(
             u32::try_from(needed).map_err(|_| Errno::TOOBIG)?,
         ));
@@ -33,13 +37,21 @@ impl OverlayFs {
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
         let inode = self.inode(ino)?;
         let path = inode.proc_path();
-        sized(size, |buf| rustix::fs::getxattr(&path, name, buf))
+        sized(
+            size,
+            || rustix::fs::getxattr_query(&path, name),
+            |buf| rustix::fs::getxattr(&path, name, buf),
+        )
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
         let inode = self.inode(ino)?;
         let path = inode.proc_path();
-        sized(size, |buf| rustix::fs::listxattr(&path, buf))
+        sized(
+            size,
+            || rustix::fs::listxattr_query(&path),
+            |buf| rustix::fs::listxattr(&path, buf),
+        )
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
