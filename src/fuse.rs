@@ -318,7 +318,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -342,7 +342,7 @@ impl Filesystem for FuseAdapter {
             atime: time_change(atime),
             mtime: time_change(mtime),
         };
-        match self.fs.setattr(ino.0, fh.map(|f| f.0), change) {
+        match self.fs.setattr(ino.0, fh.map(|f| f.0), change, caller(req)) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(err) => reply.error(errno(err)),
         }
@@ -383,12 +383,12 @@ impl Filesystem for FuseAdapter {
         reply_entry(self.fs.mkdir(parent.0, name, mode, caller(req)), reply);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs.unlink(parent.0, name), reply);
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.unlink(parent.0, name, caller(req)), reply);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs.rmdir(parent.0, name), reply);
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.rmdir(parent.0, name, caller(req)), reply);
     }
 
     fn symlink(
@@ -407,7 +407,7 @@ impl Filesystem for FuseAdapter {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -415,25 +415,33 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .fs
-            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        let result = self.fs.rename(
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
+            caller(req),
+        );
         reply_empty(result, reply);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(self.fs.link(ino.0, newparent.0, newname), reply);
+        reply_entry(
+            self.fs.link(ino.0, newparent.0, newname, caller(req)),
+            reply,
+        );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(opened) => self.serve_open(ino.0, opened, reply, |reply, backing| {
                 let fh = FileHandle(opened.fh);
                 match backing {
@@ -493,7 +501,7 @@ impl Filesystem for FuseAdapter {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -502,18 +510,18 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let written_by_kernel = self.end_io(fh.0);
-        reply_empty(self.fs.release(fh.0, written_by_kernel), reply);
+        reply_empty(self.fs.release(fh.0, written_by_kernel, caller(req)), reply);
     }
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.fs.fsync(fh.0, datasync), reply);
+        reply_empty(self.fs.fsync(fh.0, datasync, caller(req)), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -617,7 +625,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -625,7 +633,10 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.fs.setxattr(ino.0, name, value, flags), reply);
+        reply_empty(
+            self.fs.setxattr(ino.0, name, value, flags, caller(req)),
+            reply,
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -636,8 +647,8 @@ impl Filesystem for FuseAdapter {
         reply_xattr(self.fs.listxattr(ino.0, size), reply);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.fs.removexattr(ino.0, name), reply);
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.fs.removexattr(ino.0, name, caller(req)), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -685,7 +696,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -693,7 +704,10 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.fs.fallocate(fh.0, offset, length, mode), reply);
+        reply_empty(
+            self.fs.fallocate(fh.0, offset, length, mode, caller(req)),
+            reply,
+        );
     }
 
     fn lseek(

@@ -5,6 +5,7 @@
 //! - [`fs`]: the overlay core, every operation done on the backing folder by file descriptor.
 //! - [`config`]: mount options, settings file and environment, merged with a fixed precedence.
 
+pub mod change;
 pub mod config;
 pub mod fs;
 pub mod fuse;

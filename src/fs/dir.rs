@@ -170,7 +170,7 @@ impl OverlayFs {
         rustix::fs::mkdirat(parent.fd(), name, Mode::from_raw_mode(mode & 0o7777))?;
         self.give_to_caller(&parent, name, caller, &parent_stat)?;
         let attr = self.lookup_new(&parent, name)?;
-        self.emit(&parent, Some(name), ChangeKind::Mkdir);
+        self.emit(&parent, Some(name), ChangeKind::Mkdir, caller);
         Ok(attr)
     }
 
@@ -201,7 +201,7 @@ impl OverlayFs {
         } else {
             ChangeKind::Mknod { mode, rdev }
         };
-        self.emit(&parent, Some(name), kind);
+        self.emit(&parent, Some(name), kind, caller);
         Ok(attr)
     }
 
@@ -224,12 +224,13 @@ impl OverlayFs {
             ChangeKind::Symlink {
                 target: target.to_path_buf(),
             },
+            caller,
         );
         Ok(attr)
     }
 
     /// A new name `newname` in `newparent` for the file `ino`.
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr, caller: Caller) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let newparent = self.inode(newparent)?;
         check_name(newname)?;
@@ -243,23 +244,28 @@ impl OverlayFs {
         )?;
         let existing = self.relative_path(inode.fd());
         let attr = self.lookup_new(&newparent, newname)?;
-        self.emit(&newparent, Some(newname), ChangeKind::Link { existing });
+        self.emit(
+            &newparent,
+            Some(newname),
+            ChangeKind::Link { existing },
+            caller,
+        );
         Ok(attr)
     }
 
-    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+    pub fn unlink(&self, parent: u64, name: &OsStr, caller: Caller) -> Result<()> {
         let parent = self.inode(parent)?;
         check_name(name)?;
         rustix::fs::unlinkat(parent.fd(), name, AtFlags::empty())?;
-        self.emit(&parent, Some(name), ChangeKind::Unlink);
+        self.emit(&parent, Some(name), ChangeKind::Unlink, caller);
         Ok(())
     }
 
-    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+    pub fn rmdir(&self, parent: u64, name: &OsStr, caller: Caller) -> Result<()> {
         let parent = self.inode(parent)?;
         check_name(name)?;
         rustix::fs::unlinkat(parent.fd(), name, AtFlags::REMOVEDIR)?;
-        self.emit(&parent, Some(name), ChangeKind::Rmdir);
+        self.emit(&parent, Some(name), ChangeKind::Rmdir, caller);
         Ok(())
     }
 
@@ -271,6 +277,7 @@ impl OverlayFs {
         newparent: u64,
         newname: &OsStr,
         flags: u32,
+        caller: Caller,
     ) -> Result<()> {
         let parent = self.inode(parent)?;
         let newparent = self.inode(newparent)?;
@@ -286,6 +293,7 @@ impl OverlayFs {
                 to,
                 exchange: flags.contains(RenameFlags::EXCHANGE),
             },
+            caller,
         );
         Ok(())
     }

@@ -35,7 +35,7 @@ fn is_writable(flags: OFlags) -> bool {
 }
 
 impl OverlayFs {
-    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<Opened> {
         let inode = self.inode(ino)?;
         if inode.is_dir() {
             return Err(Errno::ISDIR);
@@ -44,7 +44,7 @@ impl OverlayFs {
         let fd = rustix::fs::open(inode.proc_path(), flags, Mode::empty())?;
         let writable = is_writable(flags);
         if writable && flags.contains(OFlags::TRUNC) {
-            self.emit(&inode, None, ChangeKind::Truncate { size: 0 });
+            self.emit(&inode, None, ChangeKind::Truncate { size: 0 }, caller);
         }
         let regular = inode.file_type == libc::S_IFREG;
         Ok(self.add_handle(fd, ino, flags, regular))
@@ -103,9 +103,14 @@ impl OverlayFs {
         )?;
         let (inode, attr) = self.remember(path_fd)?;
         if created {
-            self.emit(&parent, Some(name), ChangeKind::Create);
+            self.emit(&parent, Some(name), ChangeKind::Create, caller);
         } else if is_writable(flags) && flags.contains(OFlags::TRUNC) {
-            self.emit(&parent, Some(name), ChangeKind::Truncate { size: 0 });
+            self.emit(
+                &parent,
+                Some(name),
+                ChangeKind::Truncate { size: 0 },
+                caller,
+            );
         }
         let regular = inode.file_type == libc::S_IFREG;
         Ok((attr, self.add_handle(fd, inode.ino, flags, regular)))
@@ -154,6 +159,7 @@ impl OverlayFs {
                 offset,
                 len: written as u64,
             },
+            caller,
         );
         // The kernel never asks for more than max_write (far below 4 GiB) at once.
         Ok(u32::try_from(written).unwrap_or(u32::MAX))
@@ -169,22 +175,22 @@ impl OverlayFs {
 
     /// Closes handle `fh`. `written_by_kernel` says the kernel served it by passthrough,
     /// so writes through it (if it was writable) never reached the daemon.
-    pub fn release(&self, fh: u64, written_by_kernel: bool) -> Result<()> {
+    pub fn release(&self, fh: u64, written_by_kernel: bool, caller: Caller) -> Result<()> {
         let handle = self.handles.remove_file(fh)?;
         let kind = if handle.writable && written_by_kernel {
-            ChangeKind::UntrackedWrite
+            ChangeKind::Modified
         } else if handle.writable && handle.wrote.load(Ordering::Relaxed) {
             ChangeKind::Closed
         } else {
             return Ok(());
         };
         if let Ok(inode) = self.inode(handle.ino) {
-            self.emit(&inode, None, kind);
+            self.emit(&inode, None, kind, caller);
         }
         Ok(())
     }
 
-    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+    pub fn fsync(&self, fh: u64, datasync: bool, caller: Caller) -> Result<()> {
         let handle = self.handles.file(fh)?;
         if datasync {
             rustix::fs::fdatasync(handle.fd())?;
@@ -192,16 +198,28 @@ impl OverlayFs {
             rustix::fs::fsync(handle.fd())?;
         }
         let inode = self.inode(handle.ino)?;
-        self.emit(&inode, None, ChangeKind::Fsync { datasync });
+        self.emit(&inode, None, ChangeKind::Fsync { datasync }, caller);
         Ok(())
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        caller: Caller,
+    ) -> Result<()> {
         let handle = self.handles.file(fh)?;
         let flags = FallocateFlags::from_bits_retain(mode as u32);
         rustix::fs::fallocate(handle.fd(), flags, offset, len)?;
         let inode = self.inode(handle.ino)?;
-        self.emit(&inode, None, ChangeKind::Fallocate { offset, len, mode });
+        self.emit(
+            &inode,
+            None,
+            ChangeKind::Fallocate { offset, len, mode },
+            caller,
+        );
         Ok(())
     }
 
@@ -259,6 +277,7 @@ impl OverlayFs {
                 offset: offset_out,
                 len: copied as u64,
             },
+            caller,
         );
         Ok(u32::try_from(copied).unwrap_or(u32::MAX))
     }

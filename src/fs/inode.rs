@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::change::FileId;
+use crate::change::FileId;
 
 /// The inode number the kernel uses for the mount's root.
 pub const ROOT_INO: u64 = 1;

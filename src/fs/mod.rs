@@ -5,7 +5,6 @@
 //! plain errnos ([`Errno`]); the FUSE adapter forwards them unchanged. Each successful
 //! mutating operation emits one [`Change`] to the configured [`ChangeSink`].
 
-pub mod change;
 mod dir;
 mod file;
 mod handle;
@@ -22,7 +21,9 @@ use std::time::SystemTime;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps, CWD};
 pub use rustix::io::Errno;
 
-pub use change::{AttrChange, Change, ChangeKind, ChangeSink, FileId, LogSink, TimeChange};
+pub use crate::change::{
+    AttrChange, Change, ChangeKind, ChangeSink, FileId, LogSink, Source, TimeChange,
+};
 pub use dir::DirEntry;
 pub use file::Opened;
 use handle::HandleTable;
@@ -150,7 +151,13 @@ impl OverlayFs {
 
     /// chmod, chown, truncate and utimens in one call, as the kernel sends them. `fh` is the
     /// open handle the change came through, if any (`ftruncate`, `fchmod`).
-    pub fn setattr(&self, ino: u64, fh: Option<u64>, change: AttrChange) -> Result<Attr> {
+    pub fn setattr(
+        &self,
+        ino: u64,
+        fh: Option<u64>,
+        change: AttrChange,
+        caller: Caller,
+    ) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let handle_fd = match fh {
             Some(fh) => self.handles.file(fh).ok(),
@@ -199,7 +206,7 @@ impl OverlayFs {
             )?;
         }
         let attr = self.attr_of(&inode)?;
-        self.emit(&inode, None, ChangeKind::SetAttr(change));
+        self.emit(&inode, None, ChangeKind::SetAttr(change), caller);
         Ok(attr)
     }
 
@@ -239,13 +246,19 @@ impl OverlayFs {
     }
 
     /// Emits the change for `inode`, or for `name` inside directory `inode` when given.
-    fn emit(&self, inode: &Inode, name: Option<&OsStr>, kind: ChangeKind) {
+    fn emit(&self, inode: &Inode, name: Option<&OsStr>, kind: ChangeKind, caller: Caller) {
         let base = self.relative_path(inode.fd());
         let (path, file) = match name {
             Some(name) => (base.map(|b| b.join(name)), None),
             None => (base, Some(inode.id)),
         };
-        self.sink.record(Change { path, file, kind });
+        self.sink.record(Change {
+            path,
+            file,
+            kind,
+            source: Source::Fuse,
+            pid: Some(caller.pid),
+        });
     }
 
     /// Gives a newly created entry to the caller when the daemon runs as root for others.

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 
 use rustix::fs::XattrFlags;
 
-use super::{ChangeKind, Errno, OverlayFs, Result};
+use super::{Caller, ChangeKind, Errno, OverlayFs, Result};
 
 /// An xattr reply: the size the caller must allocate, or the bytes themselves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,20 +54,27 @@ impl OverlayFs {
         )
     }
 
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        caller: Caller,
+    ) -> Result<()> {
         let inode = self.inode(ino)?;
         let flags = XattrFlags::from_bits(flags as u32).ok_or(Errno::INVAL)?;
         rustix::fs::setxattr(inode.proc_path(), name, value, flags)?;
         let name = name.to_string_lossy().into_owned();
-        self.emit(&inode, None, ChangeKind::SetXattr { name });
+        self.emit(&inode, None, ChangeKind::SetXattr { name }, caller);
         Ok(())
     }
 
-    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+    pub fn removexattr(&self, ino: u64, name: &OsStr, caller: Caller) -> Result<()> {
         let inode = self.inode(ino)?;
         rustix::fs::removexattr(inode.proc_path(), name)?;
         let name = name.to_string_lossy().into_owned();
-        self.emit(&inode, None, ChangeKind::RemoveXattr { name });
+        self.emit(&inode, None, ChangeKind::RemoveXattr { name }, caller);
         Ok(())
     }
 }

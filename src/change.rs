@@ -1,29 +1,32 @@
-//! Change records: what the overlay tells the rest of filesync about every write or
-//! metadata operation it performed on the backing folder.
+//! Change records: the one type every capture source produces (the FUSE daemon, the eBPF
+//! watcher, the fanotify/inotify fallbacks and the reconcile scan), so that everything
+//! downstream sees one stream.
 //!
-//! The overlay emits exactly one record per successful mutating operation. Records are
-//! hints, not the truth (the backing folder is): a consumer that misses one will find the
-//! difference at the next reconcile scan.
+//! Records are hints, not the truth (the backing folder is): a consumer that misses one
+//! finds the difference at the next reconcile scan.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 /// Identifies a file in the backing folder independently of its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileId {
     pub dev: u64,
     pub ino: u64,
 }
 
 /// A timestamp change requested by `utimensat` and friends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TimeChange {
     Now,
     At(SystemTime),
 }
 
 /// The attributes one `setattr` call changed; `None` means unchanged.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttrChange {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -34,7 +37,8 @@ pub struct AttrChange {
 }
 
 /// What happened to the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// A regular file was created (by `create`, or `mknod` of a regular file).
     Create,
@@ -87,13 +91,27 @@ pub enum ChangeKind {
     },
     /// The last reference to a handle that was opened for writing was closed.
     Closed,
-    /// A handle that the kernel wrote through directly (FUSE passthrough) was closed: the
-    /// file may have changed anywhere, so a consumer must compare it with what it knows.
-    UntrackedWrite,
+    /// The file changed in ways not known exactly (a handle the kernel wrote through by
+    /// passthrough was closed, or a scan found new content): compare it with what is known.
+    Modified,
+}
+
+/// Who saw the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The FUSE daemon performed it for a program using the mount.
+    Fuse,
+    /// The eBPF watcher saw a syscall on the backing folder.
+    Ebpf,
+    Fanotify,
+    Inotify,
+    /// The reconcile scan found a difference from the index.
+    Scan,
 }
 
 /// One change to the backing folder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     /// Path relative to the backing folder; `None` when the kernel could not name the file
     /// any more (it was unlinked while open, or its path is longer than `PATH_MAX`).
@@ -101,6 +119,9 @@ pub struct Change {
     /// The file the change applies to, when known.
     pub file: Option<FileId>,
     pub kind: ChangeKind,
+    pub source: Source,
+    /// The process that made the change, when the source knows it.
+    pub pid: Option<u32>,
 }
 
 /// Where change records go. Later issues plug the replication pipeline in here.
@@ -118,6 +139,8 @@ impl ChangeSink for LogSink {
             path = ?change.path,
             file = ?change.file,
             kind = ?change.kind,
+            source = ?change.source,
+            pid = change.pid,
             "change"
         );
     }
