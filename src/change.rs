@@ -94,6 +94,9 @@ pub enum ChangeKind {
     /// The file changed in ways not known exactly (a handle the kernel wrote through by
     /// passthrough was closed, or a scan found new content): compare it with what is known.
     Modified,
+    /// Events may have been lost (a queue overflowed): the whole tree must be rescanned.
+    /// `path` is `None`.
+    Rescan,
 }
 
 /// Who saw the change.

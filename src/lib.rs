@@ -5,9 +5,11 @@
 //! - [`fs`]: the overlay core, every operation done on the backing folder by file descriptor.
 //! - [`config`]: mount options, settings file and environment, merged with a fixed precedence.
 
+pub mod capture;
 pub mod change;
 pub mod config;
 pub mod fs;
 pub mod fuse;
 pub mod install;
 pub mod mount;
+pub mod pipeline;
