@@ -37,6 +37,10 @@
 //! | `threads=N` | `[mount] threads` | | 1 to 64 | the number of CPUs, clamped to 2 to 16 |
 //! | `log=FILTER` | `[mount] log` | | a `tracing` filter such as `info` or `filesync=debug` | `info` |
 //! | `log_file=PATH` | `[mount] log_file` | | an absolute path | none (log to standard error) |
+//! | `state_dir=PATH` | `[mount] state_dir` | | an absolute path: where the mount keeps its index and other state | chosen at mount time: `/var/lib/filesync/<mount>` when mounted by root |
+//! | `watcher=KIND` | `[capture] watcher` | | `auto`, `ebpf`, `fanotify`, `inotify` or `scan` (no live watcher, only the periodic scan); `auto` tries eBPF, then fanotify, then inotify | `auto` |
+//! | `debounce_us=N` | `[capture] debounce_us` | | whole microseconds 0 to 1000000: how long the coalescer waits for more changes to a file before passing its update on; 0 does not wait | 1000 (1 ms) |
+//! | `telemetry=off\|ADDRESS:PORT` | `[telemetry] listen` | | `off`, or an IP address and a port from 1 to 65535 (`127.0.0.1:9900`, `[::1]:9900`) where the telemetry page is served. The default binds it to localhost only; any other address (such as `0.0.0.0:9900`) is accepted but exposes the page to everyone who can reach that address | `127.0.0.1:9900` |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -58,6 +62,14 @@
 //! threads = 4
 //! log = "info"
 //! log_file = "/var/log/filesync/data.log"
+//! state_dir = "/var/lib/filesync/data"
+//!
+//! [capture]
+//! watcher = "auto"       # or "ebpf", "fanotify", "inotify", "scan"
+//! debounce_us = 1000     # microseconds
+//!
+//! [telemetry]
+//! listen = "127.0.0.1:9900"  # or "off"
 //! ```
 //!
 //! # Mount options
@@ -79,10 +91,13 @@
 //! `x-systemd.automount`). Every other option is an error.
 
 use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::capture::WatcherKind;
 
 /// The settings file read when neither `--config` nor `config=` names one; it may be missing,
 /// so that a mount works without any file.
@@ -97,7 +112,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
-     passthrough, threads, log, log_file, config";
+     passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -134,6 +149,14 @@ const IGNORED_WITH_VALUE: &[&str] = &["comment", "fsname", "subtype", "user"];
 const MAX_SYNC_INTERVAL_SECS: u64 = 86_400;
 /// The largest worker thread count; more only adds contention on the backing folder.
 const MAX_THREADS: usize = 64;
+/// The longest `debounce_us`: one second, beyond which updates would lag visibly.
+const MAX_DEBOUNCE_MICROS: u64 = 1_000_000;
+/// The debounce when none is given: long enough to merge the writes of one burst, short
+/// enough not to be noticed.
+const DEFAULT_DEBOUNCE: Duration = Duration::from_micros(1_000);
+/// Where the telemetry page is served when no address is given: localhost only, so the page
+/// is not exposed unless the user asks for it.
+const DEFAULT_TELEMETRY: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9_900));
 /// The longest node id and node name, so they fit in file names and protocol headers.
 const MAX_NAME_CHARS: usize = 64;
 /// Where the default node id comes from.
@@ -147,7 +170,11 @@ const EXPECT_SECONDS: &str = "whole seconds from 0 to 86400 (0 disables the peri
 const EXPECT_THREADS: &str = "a whole number from 1 to 64";
 const EXPECT_SWITCH: &str = "on or off (also true/false, yes/no, 1/0)";
 const EXPECT_LOG: &str = "a tracing filter such as 'info' or 'filesync=debug'";
-const EXPECT_PATH: &str = "an absolute path such as /var/log/filesync/data.log";
+const EXPECT_PATH: &str = "an absolute path (one starting with '/')";
+const EXPECT_WATCHER: &str = "auto, ebpf, fanotify, inotify or scan";
+const EXPECT_DEBOUNCE: &str = "whole microseconds from 0 to 1000000";
+const EXPECT_TELEMETRY: &str = "off, or an IP address and a port from 1 to 65535 such as \
+     127.0.0.1:9900 or [::1]:9900";
 
 /// Why the configuration of a mount could not be built. Each message is one line that names the
 /// offending option, key or file and says what would be accepted, because it is shown to the
@@ -312,6 +339,14 @@ pub struct MountOptions {
     pub log: Option<String>,
     /// `log_file=PATH`: where to write the log instead of standard error.
     pub log_file: Option<PathBuf>,
+    /// `state_dir=PATH`: where the mount keeps its index and other state.
+    pub state_dir: Option<PathBuf>,
+    /// `watcher=KIND`: which watcher observes the backing folder; `Some(None)` is `auto`.
+    pub watcher: Option<Option<WatcherKind>>,
+    /// `debounce_us=N`: how long the coalescer waits for more changes to a file.
+    pub debounce: Option<Duration>,
+    /// `telemetry=off|ADDRESS:PORT`: where to serve the telemetry page; `Some(None)` is `off`.
+    pub telemetry: Option<Option<SocketAddr>>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -343,6 +378,10 @@ impl MountOptions {
             threads: later.threads.or(self.threads),
             log: later.log.or(self.log),
             log_file: later.log_file.or(self.log_file),
+            state_dir: later.state_dir.or(self.state_dir),
+            watcher: later.watcher.or(self.watcher),
+            debounce: later.debounce.or(self.debounce),
+            telemetry: later.telemetry.or(self.telemetry),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -366,6 +405,12 @@ impl MountOptions {
             "threads" => self.threads = Some(check_threads(needs("N")?, &origin)?),
             "log" => self.log = Some(check_log(needs("FILTER")?, &origin)?),
             "log_file" => self.log_file = Some(check_absolute(needs("PATH")?, &origin)?),
+            "state_dir" => self.state_dir = Some(check_absolute(needs("PATH")?, &origin)?),
+            "watcher" => self.watcher = Some(check_watcher(needs("KIND")?, &origin)?),
+            "debounce_us" => self.debounce = Some(check_debounce(needs("N")?, &origin)?),
+            "telemetry" => {
+                self.telemetry = Some(check_telemetry(needs("off|ADDRESS:PORT")?, &origin)?);
+            }
             "config" => self.config = Some(check_absolute(needs("PATH")?, &origin)?),
             "allow_other" => {
                 takes_no_value(item, name, value)?;
@@ -413,6 +458,17 @@ pub struct Settings {
     pub log: String,
     /// Where to write the log; `None` means standard error.
     pub log_file: Option<PathBuf>,
+    /// Where the mount keeps its index and other state; `None` leaves the choice to the
+    /// caller (`/var/lib/filesync/<mount>` when mounted by root).
+    pub state_dir: Option<PathBuf>,
+    /// Which watcher observes the backing folder; `None` is `auto`: the caller tries eBPF,
+    /// then fanotify, then inotify.
+    pub watcher: Option<WatcherKind>,
+    /// How long the coalescer waits for more changes to a file before passing its update on.
+    pub debounce: Duration,
+    /// Where to serve the telemetry page; `None` is off. Any address is accepted, but only
+    /// a loopback one (the default) keeps the page private.
+    pub telemetry: Option<SocketAddr>,
     /// The settings file actually read, if any, so it can be reported in the log.
     pub config_file: Option<PathBuf>,
     /// Standard mount flags for the kernel (mount options only).
@@ -586,6 +642,46 @@ fn check_log(raw: Raw<'_>, origin: &Origin<'_>) -> Result<String, ConfigError> {
     }
 }
 
+/// Check a watcher kind: `auto` (`None`) or one of [`WatcherKind`], in any ASCII case.
+fn check_watcher(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<WatcherKind>, ConfigError> {
+    let kinds = [
+        ("auto", None),
+        ("ebpf", Some(WatcherKind::Ebpf)),
+        ("fanotify", Some(WatcherKind::Fanotify)),
+        ("inotify", Some(WatcherKind::Inotify)),
+        ("scan", Some(WatcherKind::Scan)),
+    ];
+    raw.text()
+        .and_then(|text| {
+            kinds
+                .into_iter()
+                .find(|(word, _)| text.eq_ignore_ascii_case(word))
+        })
+        .map(|(_, kind)| kind)
+        .ok_or_else(|| raw.invalid(origin, EXPECT_WATCHER))
+}
+
+/// Check a debounce time: whole microseconds from 0 (no wait) to one second.
+fn check_debounce(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Duration, ConfigError> {
+    match raw.whole_number() {
+        Some(micros) if micros <= MAX_DEBOUNCE_MICROS => Ok(Duration::from_micros(micros)),
+        _ => Err(raw.invalid(origin, EXPECT_DEBOUNCE)),
+    }
+}
+
+/// Check a telemetry address: `off` (`None`) or an IP socket address with a non-zero port.
+/// An address other than loopback is accepted, since the user asked for it.
+fn check_telemetry(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    match raw.text() {
+        Some(text) if text.eq_ignore_ascii_case("off") => Ok(None),
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(address) if address.port() != 0 => Ok(Some(address)),
+            _ => Err(raw.invalid(origin, EXPECT_TELEMETRY)),
+        },
+        None => Err(raw.invalid(origin, EXPECT_TELEMETRY)),
+    }
+}
+
 /// Check a path that must be absolute, because a mount helper's working directory is unknown.
 fn check_absolute(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PathBuf, ConfigError> {
     match raw.text().map(Path::new) {
@@ -713,7 +809,7 @@ fn is_ignored_standard_option(
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a settings file with [node], [sync] and [mount]"
+    expecting = "a settings file with [node], [sync], [mount], [capture] and [telemetry]"
 )]
 struct SettingsFile {
     #[serde(default)]
@@ -722,6 +818,10 @@ struct SettingsFile {
     sync: SyncSection,
     #[serde(default)]
     mount: MountSection,
+    #[serde(default)]
+    capture: CaptureSection,
+    #[serde(default)]
+    telemetry: TelemetrySection,
 }
 
 /// `[node]`: who this machine is.
@@ -750,7 +850,7 @@ struct SyncSection {
 #[serde(
     deny_unknown_fields,
     expecting = "a [mount] table with the keys allow_other, read_only, passthrough, threads, \
-                 log and log_file"
+                 log, log_file and state_dir"
 )]
 struct MountSection {
     allow_other: Option<toml::Value>,
@@ -759,6 +859,28 @@ struct MountSection {
     threads: Option<toml::Value>,
     log: Option<toml::Value>,
     log_file: Option<toml::Value>,
+    state_dir: Option<toml::Value>,
+}
+
+/// `[capture]`: how changes behind the mount's back are observed and coalesced.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [capture] table with the keys watcher and debounce_us"
+)]
+struct CaptureSection {
+    watcher: Option<toml::Value>,
+    debounce_us: Option<toml::Value>,
+}
+
+/// `[telemetry]`: the live telemetry page.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [telemetry] table with the key listen"
+)]
+struct TelemetrySection {
+    listen: Option<toml::Value>,
 }
 
 /// Check an optional value with `check`, naming `origin` if it is invalid.
@@ -777,6 +899,8 @@ impl SettingsFile {
         self.node.apply_to(file, &mut layer)?;
         self.sync.apply_to(file, &mut layer)?;
         self.mount.apply_to(file, &mut layer)?;
+        self.capture.apply_to(file, &mut layer)?;
+        self.telemetry.apply_to(file, &mut layer)?;
         Ok(layer)
     }
 }
@@ -829,6 +953,34 @@ impl MountSection {
         layer.threads = checked(raw(&self.threads), key("[mount].threads"), check_threads)?;
         layer.log = checked(raw(&self.log), key("[mount].log"), check_log)?;
         layer.log_file = checked(raw(&self.log_file), key("[mount].log_file"), check_absolute)?;
+        layer.state_dir = checked(
+            raw(&self.state_dir),
+            key("[mount].state_dir"),
+            check_absolute,
+        )?;
+        Ok(())
+    }
+}
+
+impl CaptureSection {
+    /// Check `[capture]` and put its values into `layer`.
+    fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
+        let key = |name| key_in(file, name);
+        layer.watcher = checked(raw(&self.watcher), key("[capture].watcher"), check_watcher)?;
+        layer.debounce = checked(
+            raw(&self.debounce_us),
+            key("[capture].debounce_us"),
+            check_debounce,
+        )?;
+        Ok(())
+    }
+}
+
+impl TelemetrySection {
+    /// Check `[telemetry]` and put its values into `layer`.
+    fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
+        let listen = raw(&self.listen);
+        layer.telemetry = checked(listen, key_in(file, "[telemetry].listen"), check_telemetry)?;
         Ok(())
     }
 }
@@ -953,6 +1105,10 @@ impl Host {
             threads: merged.threads.unwrap_or_else(|| self.default_threads()),
             log: merged.log.unwrap_or_else(|| "info".to_owned()),
             log_file: merged.log_file,
+            state_dir: merged.state_dir,
+            watcher: merged.watcher.flatten(),
+            debounce: merged.debounce.unwrap_or(DEFAULT_DEBOUNCE),
+            telemetry: merged.telemetry.unwrap_or(Some(DEFAULT_TELEMETRY)),
             config_file,
             kernel: merged.kernel,
         }
@@ -1103,6 +1259,10 @@ mod tests {
                 threads: 8,
                 log: "info".to_owned(),
                 log_file: None,
+                state_dir: None,
+                watcher: None,
+                debounce: Duration::from_millis(1),
+                telemetry: Some("127.0.0.1:9900".parse().expect("address")),
                 config_file: None,
                 kernel: KernelFlags::default(),
             }
@@ -1235,6 +1395,161 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_precedence() {
+        let file = "[mount]\nstate_dir = \"/srv/filesync/state\"\n";
+        let state_dir = |o, f| settings(o, f, &[]).state_dir;
+        assert_eq!(state_dir("", None), None);
+        assert_eq!(
+            state_dir("", Some(file)),
+            Some(PathBuf::from("/srv/filesync/state"))
+        );
+        assert_eq!(
+            state_dir("state_dir=/var/lib/f", Some(file)),
+            Some(PathBuf::from("/var/lib/f"))
+        );
+    }
+
+    #[test]
+    fn watcher_precedence() {
+        let file = "[capture]\nwatcher = \"fanotify\"\n";
+        let watcher = |o, f| settings(o, f, &[]).watcher;
+        assert_eq!(watcher("", None), None);
+        assert_eq!(watcher("", Some(file)), Some(WatcherKind::Fanotify));
+        assert_eq!(watcher("watcher=scan", Some(file)), Some(WatcherKind::Scan));
+        // `auto` given as an option overrides a kind in the file.
+        assert_eq!(watcher("watcher=auto", Some(file)), None);
+        let auto_in_file = "[capture]\nwatcher = \"auto\"\n";
+        assert_eq!(
+            watcher("watcher=ebpf", Some(auto_in_file)),
+            Some(WatcherKind::Ebpf)
+        );
+    }
+
+    #[test]
+    fn watcher_words() {
+        for (word, kind) in [
+            ("auto", None),
+            ("ebpf", Some(WatcherKind::Ebpf)),
+            ("eBPF", Some(WatcherKind::Ebpf)),
+            ("fanotify", Some(WatcherKind::Fanotify)),
+            ("inotify", Some(WatcherKind::Inotify)),
+            ("scan", Some(WatcherKind::Scan)),
+        ] {
+            let parsed = MountOptions::parse(&format!("watcher={word}")).expect("valid");
+            assert_eq!(parsed.watcher, Some(kind), "{word}");
+        }
+        assert_eq!(
+            parse_error("watcher=kqueue"),
+            "invalid value 'kqueue' for mount option 'watcher': expected auto, ebpf, \
+             fanotify, inotify or scan"
+        );
+        assert_mentions(&parse_error("watcher"), &["watcher=KIND"]);
+    }
+
+    #[test]
+    fn debounce_precedence() {
+        let file = "[capture]\ndebounce_us = 5000\n";
+        let debounce = |o, f| settings(o, f, &[]).debounce;
+        assert_eq!(debounce("", None), Duration::from_micros(1000));
+        assert_eq!(debounce("", Some(file)), Duration::from_millis(5));
+        assert_eq!(debounce("debounce_us=0", Some(file)), Duration::ZERO);
+        assert_eq!(
+            debounce("debounce_us=1000000", None),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            debounce("", Some("[capture]\ndebounce_us = \"250\"\n")),
+            Duration::from_micros(250)
+        );
+    }
+
+    #[test]
+    fn telemetry_precedence() {
+        let address = |text: &str| Some(text.parse::<SocketAddr>().expect("address"));
+        let file = "[telemetry]\nlisten = \"127.0.0.1:9911\"\n";
+        let telemetry = |o, f| settings(o, f, &[]).telemetry;
+        assert_eq!(telemetry("", None), address("127.0.0.1:9900"));
+        assert_eq!(telemetry("", Some(file)), address("127.0.0.1:9911"));
+        assert_eq!(
+            telemetry("telemetry=[::1]:9922", Some(file)),
+            address("[::1]:9922")
+        );
+        assert_eq!(telemetry("telemetry=off", Some(file)), None);
+        assert_eq!(telemetry("telemetry=OFF", None), None);
+        let off_in_file = "[telemetry]\nlisten = \"off\"\n";
+        assert_eq!(telemetry("", Some(off_in_file)), None);
+        assert_eq!(
+            telemetry("telemetry=127.0.0.1:9933", Some(off_in_file)),
+            address("127.0.0.1:9933")
+        );
+    }
+
+    #[test]
+    fn telemetry_accepts_addresses_beyond_loopback() {
+        let telemetry = |o| settings(o, None, &[]).telemetry;
+        assert_eq!(
+            telemetry("telemetry=0.0.0.0:9900"),
+            Some("0.0.0.0:9900".parse().expect("address"))
+        );
+        assert_eq!(
+            telemetry("telemetry=[::]:80"),
+            Some("[::]:80".parse().expect("address"))
+        );
+        assert_eq!(
+            parse_error("telemetry=127.0.0.1:0"),
+            "invalid value '127.0.0.1:0' for mount option 'telemetry': expected off, or an IP \
+             address and a port from 1 to 65535 such as 127.0.0.1:9900 or [::1]:9900"
+        );
+    }
+
+    #[test]
+    fn new_sections_in_one_file() {
+        let file = "[mount]\nstate_dir = \"/var/lib/filesync/data\"\n\n[capture]\n\
+                    watcher = \"inotify\"\ndebounce_us = 2500\n\n[telemetry]\nlisten = \"off\"\n";
+        let settings = settings("", Some(file), &[]);
+        assert_eq!(
+            settings.state_dir.as_deref(),
+            Some(Path::new("/var/lib/filesync/data"))
+        );
+        assert_eq!(settings.watcher, Some(WatcherKind::Inotify));
+        assert_eq!(settings.debounce, Duration::from_micros(2500));
+        assert_eq!(settings.telemetry, None);
+    }
+
+    #[test]
+    fn module_docs_example_is_valid() {
+        let docs = include_str!("config.rs");
+        let start = docs.find("//! ```toml\n").expect("example start") + "//! ```toml\n".len();
+        let end = start + docs[start..].find("//! ```").expect("example end");
+        let example: String = docs[start..end]
+            .lines()
+            .map(|line| line.strip_prefix("//!").unwrap_or(line).trim_start())
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let settings = settings("", Some(&example), &[]);
+        assert_eq!(settings.node_id, "laptop-1");
+        assert_eq!(settings.watcher, None);
+        assert_eq!(settings.debounce, Duration::from_millis(1));
+        assert_eq!(
+            settings.telemetry,
+            Some("127.0.0.1:9900".parse().expect("address"))
+        );
+    }
+
+    #[test]
+    fn unknown_capture_and_telemetry_keys() {
+        let message = error("", Some("[capture]\nwatch = \"ebpf\"\n"), &[]);
+        assert_mentions(
+            &message,
+            &["filesync.toml", "line 2", "watch", "watcher", "debounce_us"],
+        );
+        let message = error("", Some("[telemetry]\naddress = \"off\"\n"), &[]);
+        assert_mentions(&message, &["filesync.toml", "line 2", "address", "listen"]);
+        let message = error("", Some("telemetry = \"off\"\n"), &[]);
+        assert_mentions(&message, &["filesync.toml", "line 1", "[telemetry] table"]);
+    }
+
+    #[test]
     fn settings_file_accepts_option_text() {
         let file = "[sync]\ninterval = \"45\"\n[mount]\npassthrough = \"off\"\nthreads = \"6\"\n";
         let settings = settings("", Some(file), &[]);
@@ -1299,7 +1614,8 @@ mod tests {
     fn parses_every_option() {
         let parsed = MountOptions::parse(
             "node_id=n-1,node_name=Node 1,sync_interval=10,allow_other,ro,passthrough=no,\
-             threads=4,log=\"filesync=debug,fuser=warn\",log_file=/tmp/l.log,config=/etc/f.toml",
+             threads=4,log=\"filesync=debug,fuser=warn\",log_file=/tmp/l.log,config=/etc/f.toml,\
+             state_dir=/var/lib/f,watcher=inotify,debounce_us=250,telemetry=[::1]:9901",
         )
         .expect("valid options");
         assert_eq!(
@@ -1314,6 +1630,10 @@ mod tests {
                 threads: Some(4),
                 log: Some("filesync=debug,fuser=warn".to_owned()),
                 log_file: Some(PathBuf::from("/tmp/l.log")),
+                state_dir: Some(PathBuf::from("/var/lib/f")),
+                watcher: Some(Some(WatcherKind::Inotify)),
+                debounce: Some(Duration::from_micros(250)),
+                telemetry: Some(Some("[::1]:9901".parse().expect("address"))),
                 config: Some(PathBuf::from("/etc/f.toml")),
                 kernel: KernelFlags::default(),
             }
@@ -1333,12 +1653,21 @@ mod tests {
 
     #[test]
     fn merge_prefers_later() {
-        let first = MountOptions::parse("threads=2,ro,node_name=a").expect("valid");
-        let second = MountOptions::parse("threads=3").expect("valid");
+        let first = MountOptions::parse(
+            "threads=2,ro,node_name=a,watcher=ebpf,telemetry=127.0.0.1:1,debounce_us=7,\
+             state_dir=/a",
+        )
+        .expect("valid");
+        let second = MountOptions::parse("threads=3,watcher=auto,telemetry=off,state_dir=/b")
+            .expect("valid");
         let merged = first.merge(second);
         assert_eq!(merged.threads, Some(3));
         assert_eq!(merged.read_only, Some(true));
         assert_eq!(merged.node_name.as_deref(), Some("a"));
+        assert_eq!(merged.watcher, Some(None));
+        assert_eq!(merged.telemetry, Some(None));
+        assert_eq!(merged.debounce, Some(Duration::from_micros(7)));
+        assert_eq!(merged.state_dir.as_deref(), Some(Path::new("/b")));
     }
 
     #[test]
@@ -1367,6 +1696,10 @@ mod tests {
                 "unknown mount option 'colour=red'",
                 "node_id",
                 "sync_interval",
+                "watcher",
+                "debounce_us",
+                "telemetry",
+                "state_dir",
                 "--help",
             ],
         );
@@ -1429,6 +1762,25 @@ mod tests {
             ("passthrough=maybe", "'passthrough'", "on or off"),
             ("log_file=relative.log", "'log_file'", "absolute path"),
             ("config=etc/filesync.toml", "'config'", "absolute path"),
+            ("state_dir=var/lib/f", "'state_dir'", "absolute path"),
+            ("watcher=kqueue", "'watcher'", EXPECT_WATCHER),
+            ("debounce_us=1000001", "'debounce_us'", "0 to 1000000"),
+            ("debounce_us=1ms", "'debounce_us'", "0 to 1000000"),
+            ("debounce_us=-1", "'debounce_us'", "0 to 1000000"),
+            ("telemetry=9900", "'telemetry'", "port from 1 to 65535"),
+            ("telemetry=localhost:9900", "'telemetry'", "IP address"),
+            (
+                "telemetry=127.0.0.1:0",
+                "'telemetry'",
+                "port from 1 to 65535",
+            ),
+            (
+                "telemetry=127.0.0.1:65536",
+                "'telemetry'",
+                "port from 1 to 65535",
+            ),
+            ("telemetry=::1:9900", "'telemetry'", "[::1]:9900"),
+            ("telemetry=on", "'telemetry'", "off, or"),
         ];
         for (options, key, expected) in cases {
             let message = parse_error(options);
@@ -1474,6 +1826,46 @@ mod tests {
                 "[mount]\nlog_file = \"x.log\"",
                 "'[mount].log_file'",
                 "absolute path",
+            ),
+            (
+                "[mount]\nstate_dir = \"state\"",
+                "'[mount].state_dir'",
+                "absolute path",
+            ),
+            (
+                "[capture]\nwatcher = \"poll\"",
+                "'[capture].watcher'",
+                EXPECT_WATCHER,
+            ),
+            (
+                "[capture]\nwatcher = true",
+                "'[capture].watcher'",
+                EXPECT_WATCHER,
+            ),
+            (
+                "[capture]\ndebounce_us = 2000000",
+                "'[capture].debounce_us'",
+                "0 to 1000000",
+            ),
+            (
+                "[capture]\ndebounce_us = 0.5",
+                "'[capture].debounce_us'",
+                "0 to 1000000",
+            ),
+            (
+                "[telemetry]\nlisten = \"127.0.0.1\"",
+                "'[telemetry].listen'",
+                "port from 1 to 65535",
+            ),
+            (
+                "[telemetry]\nlisten = 9900",
+                "'[telemetry].listen'",
+                "port from 1 to 65535",
+            ),
+            (
+                "[telemetry]\nlisten = false",
+                "'[telemetry].listen'",
+                "off, or",
             ),
         ];
         for (file, key, expected) in cases {
