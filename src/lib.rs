@@ -10,6 +10,7 @@ pub mod change;
 pub mod config;
 pub mod fs;
 pub mod fuse;
+pub mod index;
 pub mod install;
 pub mod mount;
 pub mod pipeline;

@@ -9,9 +9,16 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use filesync::config::{self, MountOptions};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use filesync::capture::{self, WatchSpec};
+use filesync::config::{self, MountOptions, Settings};
 use filesync::install::{self, InstallPlan};
 use filesync::mount::{self, Detached, MountPlan};
+use filesync::pipeline::{self, Pipeline};
 
 /// mount(8)'s exit status for a failed mount, which `mount -t fuse.filesync` passes on.
 const MOUNT_FAILED: u8 = 32;
@@ -52,6 +59,23 @@ enum Command {
         #[arg(short, long)]
         foreground: bool,
     },
+    /// Print every change made to FOLDER as it happens, one JSON line each (path, kind,
+    /// byte range, pid, source), until Ctrl-C.
+    ///
+    /// Examples:
+    ///   filesync watch /srv/data
+    ///   filesync watch /srv/data -o watcher=fanotify | jq .
+    #[command(verbatim_doc_comment)]
+    Watch {
+        folder: PathBuf,
+        /// Options as for mount; these matter here: watcher=auto|ebpf|fanotify|inotify,
+        /// telemetry=off|ADDRESS:PORT, log=FILTER.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Settings file (default /etc/filesync/filesync.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Install the binary, the mount.fuse.filesync helper and the systemd unit, so that
     /// `mount -t fuse.filesync` and /etc/fstab lines work.
     Install {
@@ -86,6 +110,11 @@ fn main() -> ExitCode {
             config.as_deref(),
             foreground,
         ),
+        Command::Watch {
+            folder,
+            options,
+            config,
+        } => run_watch(&folder, &options, config.as_deref()),
         Command::Install { root } => run_install(root, false),
         Command::Uninstall { root } => run_install(root, true),
         Command::Demo => run_demo(),
@@ -103,6 +132,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Settings from `-o` options, the settings file and the environment, and the log filter:
+/// an explicit `-o log=` wins over RUST_LOG, which wins over the file and the default.
+fn settings(options: &[String], config_file: Option<&Path>) -> anyhow::Result<(Settings, String)> {
+    let mut merged = MountOptions::default();
+    for option in options {
+        merged = merged.merge(MountOptions::parse(option)?);
+    }
+    let settings = config::resolve(&merged, config_file, &|name| std::env::var(name).ok())?;
+    let log_filter = match (&merged.log, std::env::var("RUST_LOG")) {
+        (None, Ok(filter)) if !filter.is_empty() => filter,
+        _ => settings.log.clone(),
+    };
+    Ok((settings, log_filter))
+}
+
 fn run_mount(
     source: &Path,
     mountpoint: &Path,
@@ -110,16 +154,7 @@ fn run_mount(
     config_file: Option<&Path>,
     foreground: bool,
 ) -> anyhow::Result<()> {
-    let mut merged = MountOptions::default();
-    for option in options {
-        merged = merged.merge(MountOptions::parse(option)?);
-    }
-    let settings = config::resolve(&merged, config_file, &|name| std::env::var(name).ok())?;
-    // An explicit `-o log=` wins over RUST_LOG, which wins over the settings file and default.
-    let log_filter = match (&merged.log, std::env::var("RUST_LOG")) {
-        (None, Ok(filter)) if !filter.is_empty() => filter,
-        _ => settings.log.clone(),
-    };
+    let (settings, log_filter) = settings(options, config_file)?;
     let plan = mount::plan(source, mountpoint, settings)?;
     if foreground {
         init_logging(&log_filter, plan.settings.log_file.as_deref())?;
@@ -192,6 +227,37 @@ fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
             builder.with_ansi(ansi).with_writer(std::io::stderr).init();
         }
     }
+    Ok(())
+}
+
+fn run_watch(folder: &Path, options: &[String], config_file: Option<&Path>) -> anyhow::Result<()> {
+    let (settings, log_filter) = settings(options, config_file)?;
+    init_logging(&log_filter, settings.log_file.as_deref())?;
+    let root = std::fs::canonicalize(folder).with_context(|| {
+        format!(
+            "cannot watch {}: check that the folder exists",
+            folder.display()
+        )
+    })?;
+    if !root.is_dir() {
+        bail!("cannot watch {}: it is not a directory", root.display());
+    }
+    let (sink, queue) = pipeline::capture::queue();
+    let spec = WatchSpec {
+        root,
+        ignore_pids: vec![std::process::id()],
+    };
+    let watcher = capture::start_watcher(&spec, Arc::new(sink), settings.watcher)?;
+    let running = Pipeline::watch(queue, settings.telemetry);
+    if let Some(address) = settings.telemetry {
+        tracing::info!("live actor graph at http://{address}");
+    }
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot handle signals")?;
+    signals.forever().next();
+    if let Some(watcher) = watcher {
+        watcher.stop();
+    }
+    running.stop()?;
     Ok(())
 }
 

@@ -8,9 +8,15 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
+use crate::capture::{self, CaptureError, WatchSpec};
+use crate::change::ChangeSink;
 use crate::config::Settings;
-use crate::fs::{LogSink, OverlayFs, OverlayOptions};
+use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::FuseAdapter;
+use crate::index::{Index, IndexError};
+use crate::pipeline::indexer::Indexer;
+use crate::pipeline::scanner::ScanJob;
+use crate::pipeline::{self, MountGraph, Pipeline, StopError};
 
 /// The filesystem type the mount shows in `/proc/mounts` is `fuse.` followed by this.
 pub const SUBTYPE: &str = "filesync";
@@ -55,6 +61,12 @@ pub enum MountError {
     },
     #[error("the mount daemon stopped before the mount was ready: {0}")]
     DaemonFailed(String),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Pipeline(#[from] StopError),
 }
 
 fn io_error<'a>(
@@ -210,8 +222,45 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     let options = OverlayOptions {
         create_as_caller: running_as_root && plan.settings.allow_other,
     };
-    let overlay = OverlayFs::new(&plan.source, Arc::new(LogSink), options)
+    let (sink, queue) = pipeline::capture::queue();
+    let shared_sink: Arc<dyn ChangeSink> = Arc::new(sink.clone());
+    let overlay = OverlayFs::new(&plan.source, shared_sink.clone(), options)
         .map_err(io_error("open", &plan.source))?;
+    let state_dir = plan
+        .settings
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&plan.mountpoint));
+    create_private_dir(&state_dir)?;
+    let index_path = state_dir.join("index.redb");
+    create_private_file(&index_path)?;
+    let index = Arc::new(Index::open(&index_path)?);
+    let root_fd = rustix::fs::open(
+        &plan.source,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|err| io_error("open", &plan.source)(err.into()))?;
+    let spec = WatchSpec {
+        root: plan.source.clone(),
+        ignore_pids: vec![std::process::id()],
+    };
+    let watcher = capture::start_watcher(&spec, shared_sink, plan.settings.watcher)?;
+    let running = Pipeline::mount(MountGraph {
+        queue,
+        indexer: Indexer::new(index.clone(), root_fd),
+        scan: ScanJob {
+            root: plan.source.clone(),
+            index,
+            sink,
+            interval: plan.settings.sync_interval,
+        },
+        debounce: plan.settings.debounce,
+        telemetry: plan.settings.telemetry,
+    });
+    if let Some(address) = plan.settings.telemetry {
+        tracing::info!("live actor graph at http://{address}");
+    }
     let adapter = FuseAdapter::new(Arc::new(overlay), plan.settings.passthrough);
     let mut session =
         Session::new(adapter, &plan.mountpoint, &fuse_config(plan)).map_err(|err| {
@@ -231,9 +280,38 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         "mounted"
     );
     ready();
-    session.run().map_err(io_error("serve", &plan.mountpoint))?;
+    let served = session.run().map_err(io_error("serve", &plan.mountpoint));
     tracing::info!(mountpoint = %plan.mountpoint.display(), "unmounted");
-    Ok(())
+    // The FUSE session is gone; stop capturing and let the graph drain what it holds.
+    if let Some(watcher) = watcher {
+        watcher.stop();
+    }
+    running.stop()?;
+    served
+}
+
+/// Creates `path` owner-only if it is missing. The daemon's umask is 0 (the kernel already
+/// applied the caller's to every mode it sends), so its own files need explicit modes.
+fn create_private_file(path: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(io_error("create", path))
+}
+
+/// Creates the state folder, owner-only: it holds what this node knows of the tree.
+fn create_private_dir(path: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_error("create the state folder", path))
 }
 
 /// SIGTERM, SIGINT and SIGHUP unmount the folder, which ends the session loop. A mount
@@ -289,25 +367,45 @@ fn detach_lazily(mountpoint: &Path) {
 /// Where a detached daemon logs when no `log_file` is set: `/var/log/filesync/` for root,
 /// the XDG state folder otherwise, one file per mount point (named like systemd escapes it).
 pub fn default_log_file(mountpoint: &Path) -> PathBuf {
+    let folder = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/log/filesync")
+    } else {
+        user_state_home()
+    };
+    folder.join(format!("{}.log", mount_name(mountpoint)))
+}
+
+/// Where a mount keeps its index when no `state_dir` is set: `/var/lib/filesync/<name>`
+/// for root, the XDG state folder otherwise; never inside the synced tree.
+pub fn default_state_dir(mountpoint: &Path) -> PathBuf {
+    let folder = if rustix::process::geteuid().is_root() {
+        PathBuf::from("/var/lib/filesync")
+    } else {
+        user_state_home()
+    };
+    folder.join(mount_name(mountpoint))
+}
+
+fn user_state_home() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("filesync")
+}
+
+/// A mount point as one file name, much as `systemd-escape --path` writes it:
+/// `/mnt/data` is `mnt-data`.
+fn mount_name(mountpoint: &Path) -> String {
     let name = mountpoint
         .to_string_lossy()
         .trim_matches('/')
         .replace('/', "-");
-    let name = if name.is_empty() {
+    if name.is_empty() {
         "-".to_string()
     } else {
         name
-    };
-    let folder = if rustix::process::geteuid().is_root() {
-        PathBuf::from("/var/log/filesync")
-    } else {
-        std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("filesync")
-    };
-    folder.join(format!("{name}.log"))
+    }
 }
 
 /// The parent's end of a detached daemon: learns whether the mount came up.

@@ -2,6 +2,11 @@
 //! reconcile scan. Every watcher produces the crate's one [`Change`] record into a
 //! [`ChangeSink`]; the pipeline merges them with the FUSE daemon's own records.
 
+pub mod ebpf;
+pub mod fanotify;
+pub mod inotify;
+pub mod scan;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,3 +59,59 @@ pub enum CaptureError {
 
 /// The sink every watcher reports to.
 pub type Sink = Arc<dyn ChangeSink>;
+
+impl std::fmt::Display for WatcherKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WatcherKind::Ebpf => "ebpf",
+            WatcherKind::Fanotify => "fanotify",
+            WatcherKind::Inotify => "inotify",
+            WatcherKind::Scan => "scan",
+        })
+    }
+}
+
+/// Starts the requested watcher, or with `None` the best one available here: eBPF, then
+/// fanotify, then inotify. Logs one line saying which is active. Returns `None` when only
+/// the periodic scan watches (asked for with `Scan`, or nothing else could start). A watcher
+/// asked for by name that cannot start is an error.
+pub fn start_watcher(
+    spec: &WatchSpec,
+    sink: Sink,
+    requested: Option<WatcherKind>,
+) -> Result<Option<Box<dyn Watcher>>, CaptureError> {
+    const AUTO: [WatcherKind; 3] = [
+        WatcherKind::Ebpf,
+        WatcherKind::Fanotify,
+        WatcherKind::Inotify,
+    ];
+    let candidates = match requested {
+        Some(kind) => vec![kind],
+        None => AUTO.to_vec(),
+    };
+    for kind in candidates {
+        let started = match kind {
+            WatcherKind::Ebpf => ebpf::start(spec, sink.clone()),
+            WatcherKind::Fanotify => fanotify::start(spec, sink.clone()),
+            WatcherKind::Inotify => inotify::start(spec, sink.clone()),
+            WatcherKind::Scan => {
+                tracing::info!(
+                    "watcher: scan only; changes behind the mount's back are found by the periodic scan"
+                );
+                return Ok(None);
+            }
+        };
+        match started {
+            Ok(watcher) => {
+                tracing::info!("watcher: {kind} on {}", spec.root.display());
+                return Ok(Some(watcher));
+            }
+            Err(err) if requested.is_none() => tracing::info!("{err}; trying the next watcher"),
+            Err(err) => return Err(err),
+        }
+    }
+    tracing::warn!(
+        "watcher: none could start; changes behind the mount's back are found by the periodic scan only"
+    );
+    Ok(None)
+}

@@ -1,0 +1,1048 @@
+//! The eBPF watcher: syscall tracepoints report every change under the backing folder,
+//! with the byte range of each write and the pid of the writer.
+//!
+//! The program (`ebpf/watcher.bpf.c`, compiled into `ebpf/watcher.bpf.o` and embedded
+//! here) filters in the kernel: only calls that succeeded, on files under the watched
+//! root, by processes not in `ignore_pids`, reach the ring buffer. This module loads it,
+//! fills its maps, and turns its records into [`Change`]s on a thread of its own.
+//!
+//! What it cannot see (io_uring, writes through `mmap`, writes by the kernel itself, files
+//! deeper than 32 directories below the root, paths reached through a symlink from outside
+//! the root, 32-bit processes) is left to the reconcile scan, like every lost record.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, ProgramError};
+use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
+
+use super::{CaptureError, Sink, WatchSpec, Watcher, WatcherKind};
+use crate::change::{AttrChange, Change, ChangeKind, FileId, Source, TimeChange};
+
+/// The compiled program; `ebpf/build.sh` rebuilds it and `ebpf/build.sh --check` proves it
+/// matches the source.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!("../../ebpf/watcher.bpf.o");
+
+/// Programs and the tracepoints they attach to.
+const PROGRAMS: [(&str, &str); 3] = [
+    ("filesync_exit", "sys_exit"),
+    ("filesync_enter", "sys_enter"),
+    ("filesync_reap", "sched_process_exit"),
+];
+
+/// How long the reader waits for records before it looks at the stop flag again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Records handled between two looks at the stop flag while the ring stays full.
+const STOP_CHECK_EVERY: usize = 1024;
+
+/// Must match `PREFIX_MAX` in watcher.bpf.c.
+const PREFIX_MAX: usize = 512;
+/// Must match `UTIME_NOW` / `UTIME_OMIT` (include/uapi/linux/stat.h).
+const UTIME_NOW: u64 = (1 << 30) - 1;
+const UTIME_OMIT: u64 = (1 << 30) - 2;
+/// renameat2's `RENAME_EXCHANGE`.
+const RENAME_EXCHANGE: u64 = 2;
+
+/// `watched_dirs` key, `struct dir_key` in watcher.bpf.c.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DirKey {
+    dev: u32,
+    pad: u32,
+    ino: u64,
+}
+
+/// `watched_dirs` value, `struct dir_val` in watcher.bpf.c.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DirVal {
+    kind: u32,
+    prefix_off: u32,
+}
+
+const DIR_ROOT: u32 = 1;
+const DIR_ANCESTOR: u32 = 2;
+
+/// `root_prefix` value, `struct prefix` in watcher.bpf.c.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Prefix {
+    len: u32,
+    bytes: [u8; PREFIX_MAX],
+}
+
+// SAFETY: plain `#[repr(C)]` integers and byte arrays without padding, valid for any bytes.
+unsafe impl aya::Pod for DirKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for DirVal {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Prefix {}
+
+/// Loads the program, fills the watched-folder map, and reports changes under spec.root to
+/// sink from its own thread.
+pub fn start(spec: &WatchSpec, sink: Sink) -> Result<Box<dyn Watcher>, CaptureError> {
+    let layout = RootLayout::of(&spec.root)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let thread = {
+        let thread_spec = spec.clone();
+        let stop = Arc::clone(&stop);
+        // The aya objects are created and dropped on the reader thread, so that dropping
+        // them there on stop detaches the programs, whatever their Send-ness.
+        std::thread::Builder::new()
+            .name("filesync-ebpf".into())
+            .spawn(move || match Loaded::load(&thread_spec, &layout) {
+                Ok(loaded) => {
+                    // The receiver only goes away if start() itself is gone.
+                    let _ = ready_tx.send(Ok(()));
+                    loaded.run(&Resolver::new(thread_spec.root), &*sink, &stop);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|source| CaptureError::Io {
+                path: spec.root.clone(),
+                source,
+            })?
+    };
+    let started = ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(unavailable("the eBPF reader thread died while loading")));
+    if let Err(e) = started {
+        // The thread has finished or is about to: it sent its last message.
+        let _ = thread.join();
+        return Err(e);
+    }
+    Ok(Box::new(EbpfWatcher {
+        stop,
+        thread: Some(thread),
+    }))
+}
+
+struct EbpfWatcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watcher for EbpfWatcher {
+    fn kind(&self) -> WatcherKind {
+        WatcherKind::Ebpf
+    }
+
+    fn stop(self: Box<Self>) {
+        // Drop does the work, so that a watcher dropped without stop() stops too.
+    }
+}
+
+impl Drop for EbpfWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the eBPF reader thread panicked; its programs are detached");
+            }
+        }
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> CaptureError {
+    CaptureError::Unavailable {
+        kind: WatcherKind::Ebpf,
+        reason: reason.into(),
+    }
+}
+
+/// What the kernel side needs to know about the root, taken from the file system before
+/// anything is loaded.
+struct RootLayout {
+    /// `sb->s_dev` of the root.
+    kernel_dev: u32,
+    /// The root first, then its ancestors, as `watched_dirs` entries.
+    dirs: Vec<(DirKey, DirVal)>,
+    prefix: Prefix,
+}
+
+impl RootLayout {
+    fn of(root: &Path) -> Result<Self, CaptureError> {
+        let io_error = |source| CaptureError::Io {
+            path: root.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(root).map_err(io_error)?;
+        if !meta.is_dir() {
+            return Err(io_error(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "the watched root must be a directory",
+            )));
+        }
+        // "/" is stored as the empty prefix, so that every prefix is followed by '/'.
+        let text = root.as_os_str().as_bytes();
+        let text = if text == b"/" { &b""[..] } else { text };
+        if text.len() >= PREFIX_MAX {
+            return Err(unavailable(format!(
+                "the watched path is {} bytes long and the program matches at most {}; watch a shorter path",
+                text.len(),
+                PREFIX_MAX - 1
+            )));
+        }
+        let mut prefix = Prefix {
+            len: 0,
+            bytes: [0; PREFIX_MAX],
+        };
+        prefix.bytes[..text.len()].copy_from_slice(text);
+        prefix.len = text.len() as u32;
+
+        let root_dev = kernel_dev(meta.dev());
+        let mut dirs = vec![(
+            DirKey {
+                dev: root_dev,
+                pad: 0,
+                ino: meta.ino(),
+            },
+            DirVal {
+                kind: DIR_ROOT,
+                prefix_off: prefix.len,
+            },
+        )];
+        for ancestor in root.ancestors().skip(1) {
+            let meta = std::fs::metadata(ancestor).map_err(io_error)?;
+            // What follows the ancestor's name in the root's path, after its '/'.
+            let name_len = ancestor.as_os_str().as_bytes().len();
+            let prefix_off = if ancestor == Path::new("/") {
+                1
+            } else {
+                name_len + 1
+            };
+            dirs.push((
+                DirKey {
+                    dev: kernel_dev(meta.dev()),
+                    pad: 0,
+                    ino: meta.ino(),
+                },
+                DirVal {
+                    kind: DIR_ANCESTOR,
+                    prefix_off: prefix_off as u32,
+                },
+            ));
+        }
+        Ok(Self {
+            kernel_dev: root_dev,
+            dirs,
+            prefix,
+        })
+    }
+}
+
+/// `st_dev` as the kernel stores it in `sb->s_dev`: `MAJOR << 20 | MINOR`.
+fn kernel_dev(st_dev: u64) -> u32 {
+    (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xf_ffff)
+}
+
+/// `sb->s_dev` back in `st_dev` form, so that a `FileId` matches what `stat` says.
+fn user_dev(kernel_dev: u32) -> u64 {
+    libc::makedev(kernel_dev >> 20, kernel_dev & 0xf_ffff)
+}
+
+/// The loaded and attached program with the maps the reader needs.
+struct Loaded {
+    /// Owns the programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl Loaded {
+    fn load(spec: &WatchSpec, layout: &RootLayout) -> Result<Self, CaptureError> {
+        let btf = Btf::from_sys_fs().map_err(|e| {
+            unavailable(format!(
+                "the kernel has no usable BTF ({}); boot a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                one_line(&e)
+            ))
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("root_dev", &layout.kernel_dev, true)
+            .load(PROGRAM)
+            .map_err(|e| load_error(&e))?;
+
+        let mut dirs: HashMap<_, DirKey, DirVal> = map(&mut ebpf, "watched_dirs")?;
+        for (key, val) in &layout.dirs {
+            dirs.insert(key, val, 0).map_err(|e| load_error(&e))?;
+        }
+        let mut prefix: Array<_, Prefix> = map(&mut ebpf, "root_prefix")?;
+        prefix
+            .set(0, layout.prefix, 0)
+            .map_err(|e| load_error(&e))?;
+        let mut ignored: HashMap<_, u32, u8> = map(&mut ebpf, "ignored_tgids")?;
+        for pid in &spec.ignore_pids {
+            ignored.insert(pid, 1, 0).map_err(|e| {
+                unavailable(format!(
+                    "cannot ignore pid {pid} ({}); pass at most 1024 pids to ignore",
+                    one_line(&e)
+                ))
+            })?;
+        }
+
+        let mut attached = Vec::with_capacity(PROGRAMS.len());
+        for (name, tracepoint) in PROGRAMS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| {
+                    unavailable(format!(
+                        "the embedded object lacks program {name}; rebuild it with ebpf/build.sh"
+                    ))
+                })?
+                .try_into()
+                .map_err(|e: ProgramError| program_error(name, &e))?;
+            program
+                .load(tracepoint, &btf)
+                .map_err(|e| program_error(name, &e))?;
+            program.attach().map_err(|e| program_error(name, &e))?;
+            let insns = program
+                .info()
+                .ok()
+                .and_then(|info| info.verified_instruction_count());
+            attached.push(match insns {
+                Some(n) => format!("{name} on {tracepoint} ({n} insns verified)"),
+                None => format!("{name} on {tracepoint}"),
+            });
+        }
+
+        let ring = take_map(&mut ebpf, "events")?;
+        let drops = take_map(&mut ebpf, "drops")?;
+        tracing::info!(
+            "eBPF watcher active on {}: {}",
+            spec.root.display(),
+            attached.join(", ")
+        );
+        Ok(Self {
+            _ebpf: ebpf,
+            ring,
+            drops,
+        })
+    }
+
+    /// Reads records until `stop` is set; every lost record becomes one rescan.
+    fn run(mut self, resolver: &Resolver, sink: &dyn crate::change::ChangeSink, stop: &AtomicBool) {
+        let mut dropped_before = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = wait_readable(&self.ring, POLL_INTERVAL) {
+                tracing::error!("eBPF watcher stops: polling its ring buffer failed: {e}");
+                sink.record(resolver.rescan());
+                return;
+            }
+            let mut handled = 0;
+            while let Some(item) = self.ring.next() {
+                resolver.report(&item, sink);
+                handled += 1;
+                if handled % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            match self.dropped() {
+                Ok(dropped) if dropped > dropped_before => {
+                    tracing::warn!(
+                        lost = dropped - dropped_before,
+                        "eBPF ring buffer overflowed; asking for a rescan"
+                    );
+                    dropped_before = dropped;
+                    sink.record(resolver.rescan());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("eBPF watcher stops: reading its drop counter failed: {e}");
+                    sink.record(resolver.rescan());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dropped(&self) -> Result<u64, aya::maps::MapError> {
+        let per_cpu = self.drops.get(&0, 0)?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T, CaptureError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or_else(|| {
+        unavailable(format!(
+            "the embedded object lacks map {name}; rebuild it with ebpf/build.sh"
+        ))
+    })?;
+    T::try_from(map).map_err(|e| load_error(&e))
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| {
+        unavailable(format!(
+            "the embedded object lacks map {name}; rebuild it with ebpf/build.sh"
+        ))
+    })?;
+    T::try_from(map).map_err(|e| load_error(&e))
+}
+
+/// Waits until the ring has records or the timeout passes; EINTR counts as a timeout.
+fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) -> io::Result<()> {
+    let mut fds = [libc::pollfd {
+        fd: ring.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: fds is a valid array of one pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout_ms) };
+    if ready < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// An error and its sources on one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.replace('\n', " ")
+}
+
+/// Whether an error chain says the kernel refused for lack of privilege.
+fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn load_error(e: &(dyn std::error::Error + 'static)) -> CaptureError {
+    if let Some(EbpfError::ProgramError(p)) = e.downcast_ref::<EbpfError>() {
+        return program_error("(relocation)", p);
+    }
+    if permission_denied(e) {
+        return unavailable(format!(
+            "the kernel refused to create the eBPF maps ({}); run as root or with CAP_BPF and CAP_PERFMON",
+            one_line(e)
+        ));
+    }
+    unavailable(format!(
+        "loading the eBPF object failed ({}); check that the kernel supports BPF ring buffers (5.8+) and bpf_loop (5.17+)",
+        one_line(e)
+    ))
+}
+
+fn program_error(name: &str, e: &ProgramError) -> CaptureError {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    {
+        let log = verifier_log.to_string();
+        tracing::debug!(program = name, "verifier log:\n{log}");
+        if matches!(
+            io_error.raw_os_error(),
+            Some(libc::EPERM) | Some(libc::EACCES)
+        ) {
+            return unavailable(format!(
+                "the kernel refused to load eBPF program {name} ({io_error}); run as root or with CAP_BPF and CAP_PERFMON"
+            ));
+        }
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty() && !l.starts_with("processed "))
+            .unwrap_or("no verifier output");
+        return unavailable(format!(
+            "the verifier rejected eBPF program {name} ({io_error}: {last}); run with RUST_LOG=debug for its log and report it with `uname -r`"
+        ));
+    }
+    if permission_denied(e) {
+        return unavailable(format!(
+            "the kernel refused eBPF program {name} ({}); run as root or with CAP_BPF and CAP_PERFMON",
+            one_line(e)
+        ));
+    }
+    unavailable(format!(
+        "eBPF program {name} could not be loaded or attached ({}); the kernel needs BTF tracepoints (5.5+)",
+        one_line(e)
+    ))
+}
+
+// Record layout; must match watcher.bpf.c.
+const HEADER_LEN: usize = 64;
+const ITEM_HEADER_LEN: usize = 4;
+const ANCHOR_CHAIN: u16 = 0xffff;
+
+const F_SIDE0: u16 = 0x1;
+const F_SIDE1: u16 = 0x2;
+const F_TRUNCATED: u16 = 0x4;
+const F_UNLINKED: u16 = 0x8;
+const F_FILE: u16 = 0x10;
+
+const ITEM_NAME0: u8 = 1;
+const ITEM_NAME1: u8 = 2;
+const ITEM_PATH0: u8 = 3;
+const ITEM_PATH1: u8 = 4;
+const ITEM_STR: u8 = 5;
+
+const OP_WRITE: u16 = 1;
+const OP_TRUNCATE_OPEN: u16 = 2;
+const OP_CREATE: u16 = 3;
+const OP_SET_SIZE: u16 = 4;
+const OP_FALLOCATE: u16 = 5;
+const OP_CLOSED: u16 = 6;
+const OP_UNLINK: u16 = 7;
+const OP_RMDIR: u16 = 8;
+const OP_RENAME: u16 = 9;
+const OP_MKDIR: u16 = 10;
+const OP_MKNOD: u16 = 11;
+const OP_SYMLINK: u16 = 12;
+const OP_LINK: u16 = 13;
+const OP_CHMOD: u16 = 14;
+const OP_CHOWN: u16 = 15;
+const OP_SET_XATTR: u16 = 16;
+const OP_REMOVE_XATTR: u16 = 17;
+const OP_UTIMES: u16 = 18;
+const OP_FSYNC: u16 = 19;
+
+/// A record as the kernel wrote it, checked against the buffer it came in.
+struct Record<'a> {
+    op: u16,
+    flags: u16,
+    tgid: u32,
+    dev: u32,
+    anchor: [u16; 2],
+    ino: u64,
+    a: u64,
+    b: u64,
+    c: u64,
+    d: u64,
+    /// d_name components per side, leaf first.
+    names: [Vec<&'a [u8]>; 2],
+    paths: [Option<&'a [u8]>; 2],
+    string: Option<&'a [u8]>,
+}
+
+fn le_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+impl<'a> Record<'a> {
+    /// Parses one ring-buffer record; `None` when its lengths do not add up.
+    fn parse(buf: &'a [u8]) -> Option<Self> {
+        let data_len = le_u32(buf, 56)? as usize;
+        let data = buf.get(HEADER_LEN..HEADER_LEN.checked_add(data_len)?)?;
+        let mut record = Record {
+            op: le_u16(buf, 0)?,
+            flags: le_u16(buf, 2)?,
+            tgid: le_u32(buf, 4)?,
+            dev: le_u32(buf, 8)?,
+            anchor: [le_u16(buf, 12)?, le_u16(buf, 14)?],
+            ino: le_u64(buf, 16)?,
+            a: le_u64(buf, 24)?,
+            b: le_u64(buf, 32)?,
+            c: le_u64(buf, 40)?,
+            d: le_u64(buf, 48)?,
+            names: [Vec::new(), Vec::new()],
+            paths: [None, None],
+            string: None,
+        };
+        let mut at = 0;
+        while at < data.len() {
+            let kind = *data.get(at)?;
+            let len = le_u16(data, at + 2)? as usize;
+            let body = data.get(at + ITEM_HEADER_LEN..at + ITEM_HEADER_LEN + len)?;
+            match kind {
+                ITEM_NAME0 => record.names[0].push(body),
+                ITEM_NAME1 => record.names[1].push(body),
+                ITEM_PATH0 => record.paths[0] = Some(body),
+                ITEM_PATH1 => record.paths[1] = Some(body),
+                ITEM_STR => record.string = Some(body),
+                _ => return None,
+            }
+            at += ITEM_HEADER_LEN + len;
+        }
+        Some(record)
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Where one side of a record is.
+#[derive(Debug, PartialEq)]
+enum Place {
+    /// Under the root, at this relative path.
+    Inside(PathBuf),
+    /// Outside the root.
+    Outside,
+    /// Under the root, but the name is unknown (unlinked, or too long for a record).
+    Unnamed,
+}
+
+/// Turns records into changes relative to the root.
+struct Resolver {
+    root: PathBuf,
+}
+
+impl Resolver {
+    fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    fn rescan(&self) -> Change {
+        Change {
+            path: None,
+            file: None,
+            kind: ChangeKind::Rescan,
+            source: Source::Ebpf,
+            pid: None,
+        }
+    }
+
+    fn report(&self, buf: &[u8], sink: &dyn crate::change::ChangeSink) {
+        let Some(record) = Record::parse(buf) else {
+            tracing::warn!(
+                len = buf.len(),
+                "malformed eBPF record; asking for a rescan"
+            );
+            sink.record(self.rescan());
+            return;
+        };
+        if let Some(change) = self.change(&record) {
+            sink.record(change);
+        }
+    }
+
+    fn place(&self, record: &Record<'_>, side: usize) -> Place {
+        let flag = if side == 0 { F_SIDE0 } else { F_SIDE1 };
+        if !record.has(flag) {
+            return Place::Outside;
+        }
+        if record.has(F_TRUNCATED) || (record.has(F_UNLINKED) && record.paths[side].is_none()) {
+            return Place::Unnamed;
+        }
+        let mut full = match record.anchor[side] {
+            ANCHOR_CHAIN => {
+                let mut p = self.root.clone();
+                for name in record.names[side].iter().rev() {
+                    p.push(OsStr::from_bytes(name));
+                }
+                p
+            }
+            // The path continues the root's own path after this many bytes.
+            off => {
+                let root = self.root.as_os_str().as_bytes();
+                PathBuf::from(OsStr::from_bytes(root.get(..off as usize).unwrap_or(b"/")))
+            }
+        };
+        if let Some(path) = record.paths[side] {
+            full.push(OsStr::from_bytes(path));
+        }
+        match normalize(&full).strip_prefix(&self.root) {
+            Ok(relative) => Place::Inside(relative.to_path_buf()),
+            Err(_) => Place::Outside,
+        }
+    }
+
+    fn change(&self, record: &Record<'_>) -> Option<Change> {
+        let file = record.has(F_FILE).then(|| FileId {
+            dev: user_dev(record.dev),
+            ino: record.ino,
+        });
+        let change = |path: Option<PathBuf>, kind| Change {
+            path,
+            file,
+            kind,
+            source: Source::Ebpf,
+            pid: Some(record.tgid),
+        };
+        let from = self.place(record, 0);
+        let kind = match record.op {
+            OP_RENAME => return self.rename(record, from),
+            OP_LINK => {
+                let existing = match from {
+                    Place::Inside(p) => Some(p),
+                    _ => None,
+                };
+                return match self.place(record, 1) {
+                    Place::Inside(to) => Some(change(Some(to), ChangeKind::Link { existing })),
+                    Place::Outside => None,
+                    Place::Unnamed => Some(self.rescan()),
+                };
+            }
+            OP_CREATE if record.has(F_UNLINKED) => return None, // O_TMPFILE: nothing has a name yet
+            OP_WRITE => ChangeKind::Write {
+                offset: record.a,
+                len: record.b,
+            },
+            OP_TRUNCATE_OPEN => ChangeKind::Truncate { size: 0 },
+            OP_CREATE => ChangeKind::Create,
+            OP_SET_SIZE => ChangeKind::SetAttr(AttrChange {
+                size: Some(record.a),
+                ..AttrChange::default()
+            }),
+            OP_FALLOCATE => ChangeKind::Fallocate {
+                offset: record.a,
+                len: record.b,
+                mode: record.c as i32,
+            },
+            OP_CLOSED => ChangeKind::Closed,
+            OP_UNLINK => ChangeKind::Unlink,
+            OP_RMDIR => ChangeKind::Rmdir,
+            OP_MKDIR => ChangeKind::Mkdir,
+            OP_MKNOD => ChangeKind::Mknod {
+                mode: record.a as u32,
+                rdev: record.b,
+            },
+            OP_SYMLINK => ChangeKind::Symlink {
+                target: PathBuf::from(OsStr::from_bytes(record.string.unwrap_or_default())),
+            },
+            OP_CHMOD => ChangeKind::SetAttr(AttrChange {
+                mode: Some(record.a as u32 & 0o7777),
+                ..AttrChange::default()
+            }),
+            OP_CHOWN => ChangeKind::SetAttr(AttrChange {
+                uid: id_change(record.a),
+                gid: id_change(record.b),
+                ..AttrChange::default()
+            }),
+            OP_SET_XATTR => ChangeKind::SetXattr {
+                name: String::from_utf8_lossy(record.string.unwrap_or_default()).into_owned(),
+            },
+            OP_REMOVE_XATTR => ChangeKind::RemoveXattr {
+                name: String::from_utf8_lossy(record.string.unwrap_or_default()).into_owned(),
+            },
+            OP_UTIMES => ChangeKind::SetAttr(AttrChange {
+                atime: time_change(record.a, record.b),
+                mtime: time_change(record.c, record.d),
+                ..AttrChange::default()
+            }),
+            OP_FSYNC => ChangeKind::Fsync {
+                datasync: record.a != 0,
+            },
+            op => {
+                tracing::warn!(op, "unknown eBPF record; asking for a rescan");
+                return Some(self.rescan());
+            }
+        };
+        match from {
+            Place::Inside(path) => Some(change(Some(path), kind)),
+            // Only an open file can lose its name and still be known by its inode.
+            Place::Unnamed if file.is_some() => Some(change(None, kind)),
+            Place::Unnamed => Some(self.rescan()),
+            Place::Outside => None,
+        }
+    }
+
+    /// A rename inside the root is a rename; across its edge it is a removal or an arrival.
+    fn rename(&self, record: &Record<'_>, from: Place) -> Option<Change> {
+        let exchange = record.c & RENAME_EXCHANGE != 0;
+        let change = |path, kind| {
+            Some(Change {
+                path: Some(path),
+                file: None,
+                kind,
+                source: Source::Ebpf,
+                pid: Some(record.tgid),
+            })
+        };
+        match (from, self.place(record, 1)) {
+            (Place::Inside(from), Place::Inside(to)) => change(
+                from,
+                ChangeKind::Rename {
+                    to: Some(to),
+                    exchange,
+                },
+            ),
+            (Place::Unnamed, _) | (_, Place::Unnamed) => Some(self.rescan()),
+            // Something else now has this name; what it is must be looked at.
+            (Place::Inside(path), Place::Outside) | (Place::Outside, Place::Inside(path))
+                if exchange =>
+            {
+                change(path, ChangeKind::Modified)
+            }
+            (Place::Inside(from), Place::Outside) => change(from, ChangeKind::Unlink),
+            (Place::Outside, Place::Inside(to)) => {
+                let kind = self.arrival_kind(&to);
+                change(to, kind)
+            }
+            (Place::Outside, Place::Outside) => None,
+        }
+    }
+
+    /// What a name moved in from outside now holds: the record cannot say, lstat can
+    /// (racily: if it changed again since, that change has its own record).
+    fn arrival_kind(&self, relative: &Path) -> ChangeKind {
+        match std::fs::symlink_metadata(self.root.join(relative)) {
+            Ok(meta) if meta.is_dir() => ChangeKind::Mkdir,
+            Ok(meta) if meta.is_file() => ChangeKind::Create,
+            // A symlink, a device, or nothing any more.
+            _ => ChangeKind::Modified,
+        }
+    }
+}
+
+/// Resolves `.` and `..` without touching the file system: the kernel resolved the real
+/// path already, this only has to agree with it when no symlink is involved.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// chown's "-1 = leave unchanged".
+fn id_change(id: u64) -> Option<u32> {
+    let id = id as u32;
+    (id != u32::MAX).then_some(id)
+}
+
+/// utimensat's (seconds, nanoseconds) with its UTIME_NOW / UTIME_OMIT markers.
+fn time_change(sec: u64, nsec: u64) -> Option<TimeChange> {
+    match nsec {
+        UTIME_NOW => Some(TimeChange::Now),
+        UTIME_OMIT => None,
+        nsec => {
+            let sec = sec as i64;
+            let nanos = Duration::from_nanos(nsec.min(999_999_999));
+            let at = if sec >= 0 {
+                SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(sec as u64))
+            } else {
+                SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+            };
+            // A time SystemTime cannot hold is still a change, of an unknown value.
+            Some(
+                at.and_then(|t| t.checked_add(nanos))
+                    .map_or(TimeChange::Now, TimeChange::At),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(op: u16, flags: u16, anchor: [u16; 2], data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&op.to_le_bytes());
+        b[2..4].copy_from_slice(&flags.to_le_bytes());
+        b[4..8].copy_from_slice(&42u32.to_le_bytes());
+        b[8..12].copy_from_slice(&0x0fe0_0001u32.to_le_bytes());
+        b[12..14].copy_from_slice(&anchor[0].to_le_bytes());
+        b[14..16].copy_from_slice(&anchor[1].to_le_bytes());
+        b[16..24].copy_from_slice(&7u64.to_le_bytes());
+        b[24..32].copy_from_slice(&100u64.to_le_bytes());
+        b[32..40].copy_from_slice(&5u64.to_le_bytes());
+        b[56..60].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    fn item(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind, 0];
+        v.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn resolver() -> Resolver {
+        Resolver::new(PathBuf::from("/srv/data"))
+    }
+
+    #[test]
+    fn kernel_dev_round_trips() {
+        let st_dev = libc::makedev(254, 1);
+        assert_eq!(kernel_dev(st_dev), 0x0fe0_0001);
+        assert_eq!(user_dev(kernel_dev(st_dev)), st_dev);
+    }
+
+    #[test]
+    fn write_by_fd_names_the_chain_leaf_last() {
+        let data = [item(ITEM_NAME0, b"f"), item(ITEM_NAME0, b"sub")].concat();
+        let buf = header(
+            OP_WRITE,
+            F_SIDE0 | F_FILE,
+            [ANCHOR_CHAIN, ANCHOR_CHAIN],
+            &data,
+        );
+        let record = Record::parse(&buf).expect("well-formed");
+        let change = resolver().change(&record).expect("inside");
+        assert_eq!(change.path, Some(PathBuf::from("sub/f")));
+        assert_eq!(
+            change.kind,
+            ChangeKind::Write {
+                offset: 100,
+                len: 5
+            }
+        );
+        assert_eq!(
+            change.file,
+            Some(FileId {
+                dev: libc::makedev(254, 1),
+                ino: 7
+            })
+        );
+        assert_eq!(change.pid, Some(42));
+    }
+
+    #[test]
+    fn paths_from_an_ancestor_and_absolute_paths_resolve() {
+        // "data/x" relative to /srv, whose name ends at byte 5 of "/srv/data".
+        let buf = header(
+            OP_UNLINK,
+            F_SIDE0,
+            [5, ANCHOR_CHAIN],
+            &item(ITEM_PATH0, b"data/x"),
+        );
+        let record = Record::parse(&buf).expect("well-formed");
+        assert_eq!(record_path(&record), Some(PathBuf::from("x")));
+
+        let buf = header(
+            OP_UNLINK,
+            F_SIDE0,
+            [0, ANCHOR_CHAIN],
+            &item(ITEM_PATH0, b"/srv/data/./a/../b"),
+        );
+        let record = Record::parse(&buf).expect("well-formed");
+        assert_eq!(record_path(&record), Some(PathBuf::from("b")));
+    }
+
+    fn record_path(record: &Record<'_>) -> Option<PathBuf> {
+        resolver().change(record).and_then(|c| c.path)
+    }
+
+    #[test]
+    fn dot_dot_out_of_the_root_is_outside() {
+        let data = [
+            item(ITEM_PATH0, b"../../etc/passwd"),
+            item(ITEM_NAME0, b"sub"),
+        ]
+        .concat();
+        let buf = header(OP_UNLINK, F_SIDE0, [ANCHOR_CHAIN, ANCHOR_CHAIN], &data);
+        let record = Record::parse(&buf).expect("well-formed");
+        assert_eq!(resolver().change(&record), None);
+    }
+
+    #[test]
+    fn truncated_path_asks_for_a_rescan() {
+        let buf = header(
+            OP_MKDIR,
+            F_SIDE0 | F_TRUNCATED,
+            [0, ANCHOR_CHAIN],
+            &item(ITEM_PATH0, b"/srv/data/aaaa"),
+        );
+        let record = Record::parse(&buf).expect("well-formed");
+        let change = resolver().change(&record).expect("reported");
+        assert_eq!(change.kind, ChangeKind::Rescan);
+    }
+
+    #[test]
+    fn malformed_records_are_rejected() {
+        // An item claiming more bytes than the record has.
+        let mut buf = header(
+            OP_UNLINK,
+            F_SIDE0,
+            [0, 0],
+            &item(ITEM_PATH0, b"/srv/data/x"),
+        );
+        let last = buf.len() - 1;
+        buf.truncate(last);
+        assert!(Record::parse(&buf).is_none());
+        // A header cut short.
+        assert!(Record::parse(&[0u8; 10]).is_none());
+        // data_len beyond the buffer, without overflowing.
+        let mut buf = header(OP_UNLINK, F_SIDE0, [0, 0], &[]);
+        buf[56..60].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Record::parse(&buf).is_none());
+    }
+
+    #[test]
+    fn renames_across_the_edge() {
+        let out_to_in = header(
+            OP_RENAME,
+            F_SIDE1,
+            [ANCHOR_CHAIN, 0],
+            &item(ITEM_PATH1, b"/srv/data/new"),
+        );
+        let record = Record::parse(&out_to_in).expect("well-formed");
+        let change = resolver().change(&record).expect("arrival");
+        assert_eq!(change.path, Some(PathBuf::from("new")));
+        // /srv/data/new does not exist here, so the kind is unknown.
+        assert_eq!(change.kind, ChangeKind::Modified);
+
+        let in_to_out = header(
+            OP_RENAME,
+            F_SIDE0,
+            [0, ANCHOR_CHAIN],
+            &item(ITEM_PATH0, b"/srv/data/old"),
+        );
+        let record = Record::parse(&in_to_out).expect("well-formed");
+        let change = resolver().change(&record).expect("removal");
+        assert_eq!(change.path, Some(PathBuf::from("old")));
+        assert_eq!(change.kind, ChangeKind::Unlink);
+    }
+
+    #[test]
+    fn times_decode() {
+        assert_eq!(time_change(0, UTIME_NOW), Some(TimeChange::Now));
+        assert_eq!(time_change(0, UTIME_OMIT), None);
+        assert_eq!(
+            time_change(10, 5),
+            Some(TimeChange::At(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(10) + Duration::from_nanos(5)
+            ))
+        );
+        assert_eq!(
+            time_change(-10i64 as u64, 0),
+            Some(TimeChange::At(
+                SystemTime::UNIX_EPOCH - Duration::from_secs(10)
+            ))
+        );
+    }
+}
