@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
@@ -234,7 +235,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     create_private_dir(&state_dir)?;
     let index_path = state_dir.join("index.redb");
     create_private_file(&index_path)?;
-    let index = Arc::new(Index::open(&index_path)?);
+    let index = Arc::new(open_index(&index_path)?);
     let root_fd = rustix::fs::open(
         &plan.source,
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -288,6 +289,22 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     }
     running.stop()?;
     served
+}
+
+/// How long a mount waits for the index of a previous daemon of the same mount point,
+/// which may still be draining its queue right after `umount`.
+const INDEX_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+fn open_index(path: &Path) -> Result<Index, MountError> {
+    let deadline = std::time::Instant::now() + INDEX_LOCK_WAIT;
+    loop {
+        match Index::open(path) {
+            Err(IndexError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            opened => return Ok(opened?),
+        }
+    }
 }
 
 /// Creates `path` owner-only if it is missing. The daemon's umask is 0 (the kernel already

@@ -4,8 +4,9 @@
 //! The system-level cases must not touch the host's /usr/sbin, /etc/fstab, /var/log or
 //! /run/mount. Each runs a bash script in a private mount namespace (`unshare --mount
 //! --propagation private`) that first overlays a temp folder holding the helper (and a copy of
-//! `filesync` next to it) onto /usr/sbin, bind-mounts a temp folder over /var/log (where the
-//! detached daemon logs) and puts a tmpfs on /run/mount (libmount's utab). None of that, nor the
+//! `filesync` next to it) onto /usr/sbin, bind-mounts temp folders over /var/log and
+//! /var/lib/filesync (where the detached daemons log and keep their indexes) and puts a tmpfs
+//! on /run/mount (libmount's utab). None of that, nor the
 //! FUSE mounts made in there, is visible outside. Every script unmounts what it mounted on exit
 //! and the Rust side kills any daemon of the test that is still running afterwards, so a failed
 //! case leaves nothing behind.
@@ -200,6 +201,9 @@ trap 'rc=$?; cleanup; exit $rc' EXIT
 mount -t overlay overlay -o "lowerdir=$T/extra:/usr/sbin" /usr/sbin \
     || fail "cannot overlay the helper onto /usr/sbin (overlay filesystem missing?)"
 mount --bind "$T/logs" /var/log || fail "cannot bind $T/logs over /var/log"
+# The daemons keep their indexes under /var/lib/filesync; keep them in the sandbox too.
+mkdir -p "$T/state" /var/lib/filesync
+mount --bind "$T/state" /var/lib/filesync || fail "cannot bind $T/state over /var/lib/filesync"
 if [ -d /run/mount ]; then
     mount -t tmpfs tmpfs /run/mount || fail "cannot put a tmpfs on /run/mount"
 fi

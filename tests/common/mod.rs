@@ -129,6 +129,11 @@ impl Mount {
         let stdout_path = tmp.path().join("daemon.stdout");
         let mut cmd = Command::new(BIN);
         cmd.arg("mount").arg(&src).arg(&mnt).arg("--foreground");
+        // Keep each test's index in its own temp dir (not the host's /var/lib/filesync),
+        // and leave the telemetry port to the tests that check it.
+        let state = tmp.path().join("state");
+        cmd.arg("-o")
+            .arg(format!("state_dir={},telemetry=off", state.display()));
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts.join(","));
         }
