@@ -184,6 +184,23 @@ fn a_second_opener_is_refused_with_a_clear_error() {
 }
 
 #[test]
+fn the_index_is_shareable_private_and_refuses_foreign_files() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Index>();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("i.redb");
+    drop(Index::open(&path).expect("open"));
+    let mode = fs::metadata(&path).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let junk = dir.path().join("junk");
+    fs::write(&junk, vec![0x5a; 8192]).expect("write");
+    let err = Index::open(&junk).expect_err("not an index");
+    assert!(matches!(err, IndexError::Open { .. }), "{err}");
+    let err = Index::open(&dir.path().join("no/such/folder/i.redb")).expect_err("no folder");
+    assert!(err.to_string().contains("folder exists"), "{err}");
+}
+
+#[test]
 fn a_corrupt_value_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("i.redb");
@@ -401,6 +418,8 @@ fn record_for_handles_every_kind_and_missing_paths() {
         assert_ne!(x1, [0; 32]);
         assert!(xattr_set(&fpath, "user.a", b"2"));
         assert_ne!(build(&root, "d/f", None, None).xattr_digest, x1);
+        // A symlink's own attributes, not its target's.
+        assert_eq!(build(&root, "l", None, None).xattr_digest, [0; 32]);
     }
     assert_eq!(d.xattr_digest, [0; 32]);
 }
@@ -867,5 +886,14 @@ fn scan_walks_paths_longer_than_path_max_and_skips_the_index_inside_the_tree() {
         .expect("deep file");
     assert!(deepest.as_os_str().len() > 4096);
     assert!(deepest.ends_with("deep"));
+    // The indexer can build its record too, and then the scan is quiet.
+    let root_fd = File::open(root).expect("root");
+    let rec = record_for(root_fd.as_fd(), &deepest, None, None)
+        .expect("record_for a long path")
+        .expect("exists");
+    assert_eq!(rec.kind, FileKind::File);
+    apply(&index, root, &changes);
+    let (again, _) = run_scan(root, &index);
+    assert!(again.is_empty(), "{again:?}");
     assert!(progress_calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }

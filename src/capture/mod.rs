@@ -48,7 +48,7 @@ pub trait Watcher: Send {
 /// Why a watcher could not start; the caller falls back to the next kind.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("the {kind:?} watcher is not available here: {reason}")]
+    #[error("the {kind} watcher is not available here: {reason}")]
     Unavailable { kind: WatcherKind, reason: String },
     #[error("cannot watch {path}: {source}")]
     Io {

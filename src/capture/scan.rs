@@ -43,6 +43,7 @@ pub struct ScanStats {
     /// them is reported, deletions included, so a permission problem never looks like a
     /// deleted tree.
     pub unreadable: u64,
+    /// Wall-clock time of the whole scan.
     pub elapsed: Duration,
 }
 
@@ -155,7 +156,8 @@ pub fn scan(
     if let Some(progress) = progress {
         progress(stats.files, stats.bytes);
     }
-    tracing::info!(
+    // Debug level: the caller logs the outcome with why it scanned.
+    tracing::debug!(
         files = stats.files,
         dirs = stats.dirs,
         bytes = stats.bytes,

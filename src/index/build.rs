@@ -3,10 +3,10 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
@@ -48,18 +48,7 @@ pub fn record_for(
             path: rel.to_path_buf(),
         });
     }
-    let rel_arg = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
-    let fd = match rustix::fs::openat2(
-        root,
-        rel_arg,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-    ) {
+    let fd = match open_beneath(root, rel) {
         Ok(fd) => fd,
         // ELOOP: a directory on the way was replaced by a symlink, so `rel` as recorded
         // is gone.
@@ -107,6 +96,41 @@ pub fn record_for(
     }))
 }
 
+/// Opens `rel` below `root` as an `O_PATH` descriptor without following any symlink. A
+/// path longer than `PATH_MAX` (which the scan reports, walking by descriptor) is opened a
+/// few thousand bytes of components at a time.
+fn open_beneath(root: BorrowedFd<'_>, rel: &Path) -> rustix::io::Result<OwnedFd> {
+    const FLAGS: OFlags = OFlags::PATH.union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+    const HOW: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+    // Well below PATH_MAX (4096) with room for one more name (NAME_MAX, 255).
+    const CHUNK: usize = 3800;
+    let open = |base: BorrowedFd<'_>, path: &Path, flags: OFlags| {
+        let path = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
+        rustix::fs::openat2(base, path, flags, Mode::empty(), HOW)
+    };
+    if rel.as_os_str().len() < CHUNK {
+        return open(root, rel, FLAGS);
+    }
+    let mut dir: Option<OwnedFd> = None;
+    let mut chunk = PathBuf::new();
+    for name in rel.components().filter_map(|c| match c {
+        Component::Normal(name) => Some(name),
+        _ => None,
+    }) {
+        if !chunk.as_os_str().is_empty() && chunk.as_os_str().len() + name.len() >= CHUNK {
+            let base = dir.as_ref().map_or(root, |d| d.as_fd());
+            dir = Some(open(base, &chunk, FLAGS | OFlags::DIRECTORY)?);
+            chunk.clear();
+        }
+        chunk.push(name);
+    }
+    open(dir.as_ref().map_or(root, |d| d.as_fd()), &chunk, FLAGS)
+}
+
 /// Nanoseconds since the epoch from a `stat` time pair, saturating far outside ±292 years.
 fn nanos(secs: i64, nsecs: u64) -> i64 {
     // nsecs is below 10^9 by definition, so the cast is exact.
@@ -123,7 +147,7 @@ pub(crate) fn stat_times(st: &Stat) -> (i64, i64) {
 }
 
 /// How many blocks a file of `size` bytes has.
-pub(crate) fn block_count(size: u64) -> u64 {
+fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE)
 }
 

@@ -24,7 +24,7 @@ mod record;
 use std::ffi::OsString;
 use std::ops::RangeBounds;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -95,13 +95,23 @@ impl std::fmt::Debug for Index {
 }
 
 impl Index {
-    /// Opens the index at `path`, creating an empty one if the file does not exist. Only
-    /// one process may have it open. Takes milliseconds at any size: nothing is loaded.
+    /// Opens the index at `path`, creating an empty one (mode 0600) if the file does not
+    /// exist; its folder must exist. Only one process may have it open. Takes milliseconds
+    /// at any size, also after a crash: nothing is loaded or rebuilt.
     pub fn open(path: &Path) -> Result<Index, IndexError> {
         let open_err = |source: redb::Error| IndexError::Open {
             path: path.to_path_buf(),
             source,
         };
+        // Created here rather than by redb so that it is private to its owner: the daemon
+        // runs with umask 0, which would leave redb's default mode world-writable.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(e.into()))?;
         let db = match Database::builder().create(path) {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => {

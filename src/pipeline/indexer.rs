@@ -50,6 +50,18 @@ impl Writes {
         Ok(())
     }
 
+    /// The record `path` has once this batch is committed: one gathered here, none if it
+    /// (or a folder above it) was removed here, else the committed one.
+    fn previous(&self, index: &Index, path: &Path) -> Result<Option<FileRecord>, IndexError> {
+        if let Some((_, record)) = self.records.iter().rev().find(|(p, _)| p == path) {
+            return Ok(Some(record.clone()));
+        }
+        if self.tombstones.iter().any(|gone| path.starts_with(gone)) {
+            return Ok(None);
+        }
+        index.get(path)
+    }
+
     fn commit(&mut self, index: &Index) -> Result<(), IndexError> {
         if !self.records.is_empty() {
             index.put_batch(std::mem::take(&mut self.records))?;
@@ -92,9 +104,7 @@ impl Indexer {
                         Content::Ranges(ranges) => Some(ranges.as_slice()),
                         Content::Unknown => None,
                     };
-                    // The update must see what this batch wrote before it.
-                    writes.commit(&self.index)?;
-                    let previous = self.index.get(&path)?;
+                    let previous = writes.previous(&self.index, &path)?;
                     self.record(&mut writes, path, previous.as_ref(), dirty)?;
                 }
                 Update::Removed { path, .. } => writes.remove(&self.index, path)?,
