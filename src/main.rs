@@ -248,7 +248,8 @@ fn run_watch(folder: &Path, options: &[String], config_file: Option<&Path>) -> a
         ignore_pids: vec![std::process::id()],
     };
     let watcher = capture::start_watcher(&spec, Arc::new(sink), settings.watcher)?;
-    let running = Pipeline::watch(queue, settings.telemetry);
+    let workdir = WatchWorkdir::create()?;
+    let running = Pipeline::watch(queue, settings.telemetry, &workdir.0);
     if let Some(address) = settings.telemetry {
         tracing::info!("live actor graph at http://{address}");
     }
@@ -259,6 +260,27 @@ fn run_watch(folder: &Path, options: &[String], config_file: Option<&Path>) -> a
     }
     running.stop()?;
     Ok(())
+}
+
+/// A private folder for the graph of `filesync watch`, removed when the command ends.
+struct WatchWorkdir(PathBuf);
+
+impl WatchWorkdir {
+    fn create() -> anyhow::Result<WatchWorkdir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("filesync-watch-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create the working folder {}", path.display()))?;
+        Ok(WatchWorkdir(path))
+    }
+}
+
+impl Drop for WatchWorkdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn run_install(root: PathBuf, remove: bool) -> anyhow::Result<()> {

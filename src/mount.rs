@@ -258,6 +258,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         },
         debounce: plan.settings.debounce,
         telemetry: plan.settings.telemetry,
+        workdir: state_dir.clone(),
     });
     if let Some(address) = plan.settings.telemetry {
         tracing::info!("live actor graph at http://{address}");

@@ -20,6 +20,7 @@ pub mod scanner;
 pub mod update;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub struct MountGraph {
     pub scan: ScanJob,
     pub debounce: Duration,
     pub telemetry: Option<SocketAddr>,
+    /// A private folder the graph works in (the mount's state folder).
+    pub workdir: PathBuf,
 }
 
 /// How long a stopping graph may take to drain before it is abandoned.
@@ -60,8 +63,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// `filesync watch`: every captured change printed as a JSON line.
-    pub fn watch(queue: Receiver<Change>, telemetry: Option<SocketAddr>) -> Pipeline {
-        let mut graph = new_graph(telemetry);
+    pub fn watch(
+        queue: Receiver<Change>,
+        telemetry: Option<SocketAddr>,
+        workdir: &Path,
+    ) -> Pipeline {
+        let mut graph = new_graph(telemetry, workdir);
         let (changes_tx, changes_rx) = graph
             .channel_builder()
             .with_capacity(CHANNEL_CAPACITY)
@@ -87,9 +94,10 @@ impl Pipeline {
             scan,
             debounce,
             telemetry,
+            workdir,
         } = parts;
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
-        let mut graph = new_graph(telemetry);
+        let mut graph = new_graph(telemetry, &workdir);
         let channels = graph.channel_builder().with_capacity(CHANNEL_CAPACITY);
         let (changes_tx, changes_rx) = channels.build::<Change>();
         let (updates_tx, updates_rx) = channels.build::<Update>();
@@ -139,8 +147,13 @@ fn actor_builder(graph: &mut Graph) -> ActorBuilder {
     graph.actor_builder().with_mcpu_avg().with_load_avg()
 }
 
-/// The graph, with steady_state's telemetry server on `telemetry` or off.
-fn new_graph(telemetry: Option<SocketAddr>) -> Graph {
+/// The graph, with steady_state's telemetry server on `telemetry` or off. The server writes
+/// `logs/graph.dot` relative to the working directory, so the process works in `workdir`,
+/// a private folder of ours, rather than wherever it was started.
+fn new_graph(telemetry: Option<SocketAddr>, workdir: &Path) -> Graph {
+    if let Err(err) = std::env::set_current_dir(workdir) {
+        tracing::warn!("cannot work in {}: {err}", workdir.display());
+    }
     if let Some(address) = telemetry {
         // steady_state reads its listening address from the environment when the server
         // starts; its own default (0.0.0.0) would expose the page to the network.
