@@ -19,11 +19,31 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use crate::fs::{Attr, AttrChange, Caller, Errno, Opened, OverlayFs, TimeChange, XattrReply};
+use crate::fs::{
+    Attr, AttrChange, Caller, Errno, Opened, OverlayFs, Stale, TimeChange, XattrReply,
+};
 
-/// How long the kernel may cache names and attributes. Short, because the backing folder
-/// may also change behind the mount's back.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep names, attributes and data it was told.
+#[derive(Debug, Clone, Copy)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    /// Whether a missing name is remembered as missing for `ttl`.
+    pub negative_entries: bool,
+}
+
+impl CachePolicy {
+    /// A live watcher reports every change behind the mount's back and the kernel is told to
+    /// drop what it made stale, so what the kernel knows can be kept long.
+    pub const WATCHED: CachePolicy = CachePolicy {
+        ttl: Duration::from_secs(60),
+        negative_entries: true,
+    };
+    /// Without a live watcher, changes behind the mount's back show within a second.
+    pub const UNWATCHED: CachePolicy = CachePolicy {
+        ttl: Duration::from_secs(1),
+        negative_entries: false,
+    };
+}
 
 /// The largest write the kernel sends in one request (its limit with `max_pages` = 256).
 const MAX_WRITE: u32 = 1 << 20;
@@ -65,6 +85,7 @@ impl BackingReply for ReplyCreate {
 /// The `fuser::Filesystem` for one mount.
 pub struct FuseAdapter {
     fs: Arc<OverlayFs>,
+    cache: CachePolicy,
     /// Passthrough is wanted and, after `init`, granted by the kernel.
     passthrough: AtomicBool,
     inode_io: Mutex<HashMap<u64, InodeIo>>,
@@ -73,9 +94,10 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<OverlayFs>, passthrough: bool) -> Self {
+    pub fn new(fs: Arc<OverlayFs>, passthrough: bool, cache: CachePolicy) -> Self {
         FuseAdapter {
             fs,
+            cache,
             passthrough: AtomicBool::new(passthrough),
             inode_io: Mutex::new(HashMap::new()),
             handle_io: Mutex::new(HashMap::new()),
@@ -153,10 +175,19 @@ impl FuseAdapter {
     /// cache too, so the inode never enters the kernel's caching mode, which would block
     /// the next passthrough open; writers always do, so each write reaches the daemon.
     fn daemon_flags(&self, opened: Opened) -> FopenFlags {
+        // No FLUSH on close: nothing is buffered in the daemon and locks stay in the kernel.
+        let flags = FopenFlags::FOPEN_NOFLUSH;
         if opened.writable || self.passthrough.load(Ordering::Relaxed) {
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            flags | FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
         } else {
-            FopenFlags::empty()
+            flags
+        }
+    }
+
+    fn reply_entry(&self, result: Result<Attr, Errno>, reply: ReplyEntry) {
+        match result {
+            Ok(attr) => reply.entry(&self.cache.ttl, &file_attr(&attr), Generation(0)),
+            Err(err) => reply.error(errno(err)),
         }
     }
 
@@ -229,18 +260,32 @@ fn file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry: only its inode number (0) matters to the kernel.
+fn missing_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn time_change(time: Option<TimeOrNow>) -> Option<TimeChange> {
     time.map(|t| match t {
         TimeOrNow::Now => TimeChange::Now,
         TimeOrNow::SpecificTime(at) => TimeChange::At(at),
     })
-}
-
-fn reply_entry(result: Result<Attr, Errno>, reply: ReplyEntry) {
-    match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-        Err(err) => reply.error(errno(err)),
-    }
 }
 
 fn reply_empty(result: Result<(), Errno>, reply: ReplyEmpty) {
@@ -302,7 +347,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(self.fs.lookup(parent.0, name), reply);
+        match self.fs.lookup(parent.0, name) {
+            // Inode number 0 tells the kernel to remember that the name does not exist.
+            Err(Errno::NOENT) if self.cache.negative_entries => {
+                reply.entry(&self.cache.ttl, &missing_entry(), Generation(0));
+            }
+            result => self.reply_entry(result, reply),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -311,7 +362,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.cache.ttl, &file_attr(&attr)),
             Err(err) => reply.error(errno(err)),
         }
     }
@@ -343,7 +394,7 @@ impl Filesystem for FuseAdapter {
             mtime: time_change(mtime),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), change, caller(req)) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.cache.ttl, &file_attr(&attr)),
             Err(err) => reply.error(errno(err)),
         }
     }
@@ -368,7 +419,7 @@ impl Filesystem for FuseAdapter {
         let result = self
             .fs
             .mknod(parent.0, name, mode, u64::from(rdev), caller(req));
-        reply_entry(result, reply);
+        self.reply_entry(result, reply);
     }
 
     fn mkdir(
@@ -380,7 +431,7 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(self.fs.mkdir(parent.0, name, mode, caller(req)), reply);
+        self.reply_entry(self.fs.mkdir(parent.0, name, mode, caller(req)), reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -399,7 +450,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             self.fs.symlink(parent.0, link_name, target, caller(req)),
             reply,
         );
@@ -434,7 +485,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(
+        self.reply_entry(
             self.fs.link(ino.0, newparent.0, newname, caller(req)),
             reply,
         );
@@ -445,7 +496,7 @@ impl Filesystem for FuseAdapter {
             Ok(opened) => self.serve_open(ino.0, opened, reply, |reply, backing| {
                 let fh = FileHandle(opened.fh);
                 match backing {
-                    Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), id),
+                    Some(id) => reply.opened_passthrough(fh, FopenFlags::FOPEN_NOFLUSH, id),
                     None => reply.opened(fh, self.daemon_flags(opened)),
                 }
             }),
@@ -574,7 +625,7 @@ impl Filesystem for FuseAdapter {
                     INodeNo(entry.ino),
                     next,
                     &entry.name,
-                    &TTL,
+                    &self.cache.ttl,
                     &attr,
                     Generation(0),
                 )
@@ -672,10 +723,21 @@ impl Filesystem for FuseAdapter {
         let attr = file_attr(&attr);
         let fh = FileHandle(opened.fh);
         self.serve_open(attr.ino.0, opened, reply, |reply, backing| match backing {
-            Some(id) => {
-                reply.created_passthrough(&TTL, &attr, Generation(0), fh, FopenFlags::empty(), id)
-            }
-            None => reply.created(&TTL, &attr, Generation(0), fh, self.daemon_flags(opened)),
+            Some(id) => reply.created_passthrough(
+                &self.cache.ttl,
+                &attr,
+                Generation(0),
+                fh,
+                FopenFlags::FOPEN_NOFLUSH,
+                id,
+            ),
+            None => reply.created(
+                &self.cache.ttl,
+                &attr,
+                Generation(0),
+                fh,
+                self.daemon_flags(opened),
+            ),
         });
     }
 
@@ -752,4 +814,33 @@ impl Filesystem for FuseAdapter {
             Err(err) => reply.error(errno(err)),
         }
     }
+}
+
+/// Tells the kernel to drop what changes behind the mount's back made stale. It runs on a
+/// thread of its own, because the kernel may wait for a directory lock held by a request
+/// the daemon is answering: no FUSE request ever waits for this thread. It ends when every
+/// sender of `changes` is gone.
+pub fn spawn_invalidator(
+    fs: Arc<OverlayFs>,
+    notifier: fuser::Notifier,
+    changes: crossbeam_channel::Receiver<crate::change::Change>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("invalidator".into())
+        .spawn(move || {
+            for change in changes.iter() {
+                for stale in fs.stale_after(&change) {
+                    let result = match &stale {
+                        Stale::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                        Stale::Entry { parent, name } => {
+                            notifier.inval_entry(INodeNo(*parent), name)
+                        }
+                    };
+                    // ENOENT: the kernel had already forgotten it.
+                    if let Err(err) = result {
+                        tracing::debug!(?stale, "invalidation skipped: {err}");
+                    }
+                }
+            }
+        })
 }

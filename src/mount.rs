@@ -13,7 +13,7 @@ use crate::capture::{self, CaptureError, WatchSpec};
 use crate::change::ChangeSink;
 use crate::config::Settings;
 use crate::fs::{OverlayFs, OverlayOptions};
-use crate::fuse::FuseAdapter;
+use crate::fuse::{spawn_invalidator, CachePolicy, FuseAdapter};
 use crate::index::{Index, IndexError};
 use crate::pipeline::indexer::Indexer;
 use crate::pipeline::scanner::ScanJob;
@@ -224,9 +224,16 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         create_as_caller: running_as_root && plan.settings.allow_other,
     };
     let (sink, queue) = pipeline::capture::queue();
-    let shared_sink: Arc<dyn ChangeSink> = Arc::new(sink.clone());
-    let overlay = OverlayFs::new(&plan.source, shared_sink.clone(), options)
+    let overlay = OverlayFs::new(&plan.source, Arc::new(sink.clone()), options)
         .map_err(io_error("open", &plan.source))?;
+    let overlay = Arc::new(overlay);
+    // Changes behind the mount's back also go to the invalidator, so the kernel's caches
+    // never show a stale tree.
+    let (stale_tx, stale_rx) = crossbeam_channel::unbounded();
+    let behind_the_back: Arc<dyn ChangeSink> = Arc::new(TeeSink {
+        queue: sink,
+        stale: stale_tx,
+    });
     let state_dir = plan
         .settings
         .state_dir
@@ -246,14 +253,14 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         root: plan.source.clone(),
         ignore_pids: vec![std::process::id()],
     };
-    let watcher = capture::start_watcher(&spec, shared_sink, plan.settings.watcher)?;
+    let watcher = capture::start_watcher(&spec, behind_the_back.clone(), plan.settings.watcher)?;
     let running = Pipeline::mount(MountGraph {
         queue,
         indexer: Indexer::new(index.clone(), root_fd),
         scan: ScanJob {
             root: plan.source.clone(),
             index,
-            sink,
+            sink: behind_the_back,
             interval: plan.settings.sync_interval,
         },
         debounce: plan.settings.debounce,
@@ -263,7 +270,12 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     if let Some(address) = plan.settings.telemetry {
         tracing::info!("live actor graph at http://{address}");
     }
-    let adapter = FuseAdapter::new(Arc::new(overlay), plan.settings.passthrough);
+    let cache = if watcher.is_some() {
+        CachePolicy::WATCHED
+    } else {
+        CachePolicy::UNWATCHED
+    };
+    let adapter = FuseAdapter::new(overlay.clone(), plan.settings.passthrough, cache);
     let mut session =
         Session::new(adapter, &plan.mountpoint, &fuse_config(plan)).map_err(|err| {
             match err.kind() {
@@ -274,6 +286,10 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
                 _ => io_error("mount", &plan.mountpoint)(err),
             }
         })?;
+    spawn_invalidator(overlay, session.notifier(), stale_rx).map_err(io_error(
+        "start the cache invalidator for",
+        &plan.mountpoint,
+    ))?;
     unmount_on_signal(session.unmount_callable(), plan.mountpoint.clone())?;
     tracing::info!(
         source = %plan.source.display(),
@@ -290,6 +306,20 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     }
     running.stop()?;
     served
+}
+
+/// Sends each change both to the capture queue and to the kernel cache invalidator.
+struct TeeSink {
+    queue: pipeline::capture::QueueSink,
+    stale: crossbeam_channel::Sender<crate::change::Change>,
+}
+
+impl ChangeSink for TeeSink {
+    fn record(&self, change: crate::change::Change) {
+        // Unbounded: the invalidator never makes a capture source wait.
+        let _ = self.stale.send(change.clone());
+        self.queue.record(change);
+    }
 }
 
 /// How long a mount waits for the index of a previous daemon of the same mount point,

@@ -49,6 +49,18 @@ pub struct Attr {
     pub stat: Stat,
 }
 
+/// A kernel cache entry that a change behind the mount's back made stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// The attributes and cached data of an inode.
+    Inode(u64),
+    /// A name in a directory (also a cached "no such name").
+    Entry {
+        parent: u64,
+        name: std::ffi::OsString,
+    },
+}
+
 /// How the overlay behaves; set once at mount time.
 #[derive(Debug, Clone)]
 pub struct OverlayOptions {
@@ -227,6 +239,75 @@ impl OverlayFs {
         let inode = self.inode(ino)?;
         let access = rustix::fs::Access::from_bits_retain(mask as u32);
         rustix::fs::accessat(inode.fd(), "", access, AtFlags::EMPTY_PATH)
+    }
+
+    /// What the kernel may have cached about a change made behind the mount's back: the
+    /// file's inode, and for names that appeared, vanished or moved, the directory entries
+    /// and the directories' own attributes. Only inodes the kernel holds are named.
+    pub fn stale_after(&self, change: &Change) -> Vec<Stale> {
+        let mut stale = Vec::new();
+        if let Some(id) = change.file {
+            self.push_known_inode(&mut stale, self.inodes.ino_for(id));
+        }
+        let Some(path) = change.path.as_deref() else {
+            return stale;
+        };
+        let names_changed = matches!(
+            change.kind,
+            ChangeKind::Create
+                | ChangeKind::Mkdir
+                | ChangeKind::Mknod { .. }
+                | ChangeKind::Symlink { .. }
+                | ChangeKind::Link { .. }
+                | ChangeKind::Unlink
+                | ChangeKind::Rmdir
+                | ChangeKind::Rename { .. }
+        );
+        if names_changed {
+            self.push_entry(&mut stale, path);
+            if let ChangeKind::Rename { to: Some(to), .. } = &change.kind {
+                self.push_entry(&mut stale, to);
+            }
+        } else if change.file.is_none() {
+            if let Some(ino) = self.backing_ino(path) {
+                self.push_known_inode(&mut stale, ino);
+            }
+        }
+        stale
+    }
+
+    fn push_known_inode(&self, stale: &mut Vec<Stale>, ino: u64) {
+        if self.inodes.get(ino).is_some() && !stale.contains(&Stale::Inode(ino)) {
+            stale.push(Stale::Inode(ino));
+        }
+    }
+
+    /// The entry `path` and its directory's attributes (link count, times).
+    fn push_entry(&self, stale: &mut Vec<Stale>, path: &Path) {
+        let (Some(name), Some(parent)) = (path.file_name(), path.parent()) else {
+            return;
+        };
+        let Some(parent) = self.backing_ino(parent) else {
+            return;
+        };
+        if self.inodes.get(parent).is_none() {
+            return;
+        }
+        stale.push(Stale::Entry {
+            parent,
+            name: name.to_os_string(),
+        });
+        self.push_known_inode(stale, parent);
+    }
+
+    /// The mount's inode number for the backing file at `path` (relative), if it exists.
+    fn backing_ino(&self, path: &Path) -> Option<u64> {
+        if path.as_os_str().is_empty() {
+            return Some(inode::ROOT_INO);
+        }
+        let root = self.inodes.get(inode::ROOT_INO)?;
+        let stat = rustix::fs::statat(root.fd(), path, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        Some(self.inodes.ino_for(file_id(&stat)))
     }
 
     /// The path of a file relative to the backing folder, as the kernel names it now.

@@ -9,16 +9,17 @@ use std::time::{Duration, Instant};
 
 use steady_state::*;
 
-use super::capture::QueueSink;
 use super::indexer::ScanReason;
 use crate::capture::scan::scan;
+use crate::change::ChangeSink;
 use crate::index::Index;
 
 /// What the scanner needs; shared with every restart of the actor.
 pub struct ScanJob {
     pub root: PathBuf,
     pub index: Arc<Index>,
-    pub sink: QueueSink,
+    /// Where findings go: the capture queue (and the mount's cache invalidator).
+    pub sink: Arc<dyn ChangeSink>,
     /// Zero: no periodic scan (still at start-up and on request).
     pub interval: Duration,
 }
@@ -26,7 +27,7 @@ pub struct ScanJob {
 impl ScanJob {
     fn run(&self, why: &str) {
         let started = Instant::now();
-        match scan(&self.root, &self.index, &self.sink, None) {
+        match scan(&self.root, &self.index, self.sink.as_ref(), None) {
             Ok(stats) => tracing::info!(
                 why,
                 files = stats.files,
