@@ -2,11 +2,12 @@
 //! only the blocks a write touched, and asks the scanner for a rescan when events were lost
 //! or an update could not be applied.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use steady_state::*;
 
@@ -24,6 +25,151 @@ pub enum ScanReason {
 
 /// How many updates one index transaction takes at most.
 const BATCH: usize = 1024;
+
+/// How long a file must go without new writes before its blocks are re-hashed. The exact
+/// written ranges already travel with each update; the block hashes only record what the
+/// file now holds, and re-hashing a 128 KiB block for every small random write of a busy
+/// file would take a core from the programs writing it.
+pub const HASH_QUIET: Duration = Duration::from_millis(250);
+
+/// Content updates of files still being written, held until the file goes quiet, is
+/// fsync'd, or its name changes.
+#[derive(Default)]
+pub struct Deferred {
+    files: HashMap<PathBuf, (Update, Instant)>,
+}
+
+impl Deferred {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Splits a batch into the updates to apply now, in order, and the ones that can wait.
+    pub fn sort(&mut self, updates: Vec<Update>, now: Instant) -> Vec<Update> {
+        let mut ready = Vec::new();
+        for update in updates {
+            match update {
+                Update::Changed {
+                    ref path,
+                    ref content,
+                    synced: false,
+                    ..
+                } if *content != Content::Unchanged => {
+                    let path = path.clone();
+                    match self.files.remove(&path) {
+                        Some((mut held, _)) => {
+                            merge_changed(&mut held, update);
+                            self.files.insert(path, (held, now));
+                        }
+                        None => {
+                            self.files.insert(path, (update, now));
+                        }
+                    }
+                }
+                Update::Changed { ref path, .. } => {
+                    // What is held for the file goes out with this update, which must not
+                    // overtake it.
+                    match self.files.remove(path) {
+                        Some((mut held, _)) => {
+                            merge_changed(&mut held, update);
+                            ready.push(held);
+                        }
+                        None => ready.push(update),
+                    }
+                }
+                Update::Removed { ref path, .. } => {
+                    self.files.retain(|held, _| !held.starts_with(path));
+                    ready.push(update);
+                }
+                Update::Renamed {
+                    ref from, ref to, ..
+                } => {
+                    ready.extend(self.take_under(from));
+                    ready.extend(self.take_under(to));
+                    ready.push(update);
+                }
+                Update::Rescan { .. } => ready.push(update),
+            }
+        }
+        ready
+    }
+
+    fn take_under(&mut self, dir: &Path) -> Vec<Update> {
+        let paths: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|held| held.starts_with(dir))
+            .cloned()
+            .collect();
+        paths
+            .iter()
+            .filter_map(|path| self.files.remove(path).map(|(update, _)| update))
+            .collect()
+    }
+
+    /// The held updates of files quiet for [`HASH_QUIET`].
+    pub fn quiet(&mut self, now: Instant) -> Vec<Update> {
+        let quiet: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, (_, last))| now.duration_since(*last) >= HASH_QUIET)
+            .map(|(path, _)| path.clone())
+            .collect();
+        quiet
+            .iter()
+            .filter_map(|path| self.files.remove(path).map(|(update, _)| update))
+            .collect()
+    }
+
+    /// Everything held (at shutdown).
+    pub fn drain(&mut self) -> Vec<Update> {
+        self.files.drain().map(|(_, (update, _))| update).collect()
+    }
+
+    /// How long until the next held update is due.
+    pub fn next_due(&self, now: Instant) -> Option<Duration> {
+        self.files
+            .values()
+            .map(|(_, last)| (*last + HASH_QUIET).saturating_duration_since(now))
+            .min()
+    }
+}
+
+/// Folds a later `Changed` update of the same file into `held`.
+fn merge_changed(held: &mut Update, later: Update) {
+    if let (
+        Update::Changed {
+            content,
+            created,
+            metadata,
+            synced,
+            sources,
+            file,
+            ..
+        },
+        Update::Changed {
+            content: later_content,
+            created: later_created,
+            metadata: later_metadata,
+            synced: later_synced,
+            sources: later_sources,
+            file: later_file,
+            ..
+        },
+    ) = (held, later)
+    {
+        content.merge(later_content);
+        *created |= later_created;
+        *metadata |= later_metadata;
+        *synced |= later_synced;
+        *file = file.or(later_file);
+        for source in later_sources {
+            if !sources.contains(&source) {
+                sources.push(source);
+            }
+        }
+    }
+}
 
 /// Index writes gathered in order; a switch between records and tombstones commits the
 /// run before it, so a path removed and created again within one batch ends up present.
@@ -183,14 +329,30 @@ async fn index_updates<A: SteadyActor>(
 ) -> Result<(), Box<dyn Error>> {
     let mut updates = updates.acquire_guard().await;
     let mut rescans = rescans.acquire_guard().await;
-    while actor.is_running(|| updates.is_closed_and_empty() && rescans.mark_closed()) {
-        let _ = actor.wait_avail(&mut updates, 1).await;
-        let mut batch = Vec::new();
-        while batch.len() < BATCH {
+    let mut deferred = Deferred::default();
+    // With nothing held, wake now and then anyway to take part in shutdown.
+    let idle_wait = Duration::from_millis(100);
+    while actor.is_running(|| {
+        updates.is_closed_and_empty() && deferred.is_empty() && rescans.mark_closed()
+    }) {
+        if actor.avail_units(&mut updates) == 0 {
+            let wait = deferred.next_due(Instant::now()).unwrap_or(idle_wait);
+            let _woken =
+                await_for_any!(actor.wait_avail(&mut updates, 1), actor.wait_timeout(wait));
+        }
+        let mut taken = Vec::new();
+        while taken.len() < BATCH {
             match actor.try_take(&mut updates) {
-                Some(update) => batch.push(update),
+                Some(update) => taken.push(update),
                 None => break,
             }
+        }
+        let now = Instant::now();
+        let mut batch = deferred.sort(taken, now);
+        if updates.is_closed_and_empty() {
+            batch.extend(deferred.drain());
+        } else {
+            batch.extend(deferred.quiet(now));
         }
         if batch.is_empty() {
             continue;
@@ -210,4 +372,76 @@ async fn index_updates<A: SteadyActor>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(path: &str, offset: u64, len: u64) -> Update {
+        Update::Changed {
+            path: PathBuf::from(path),
+            file: None,
+            created: false,
+            content: Content::Ranges(vec![(offset, len)]),
+            metadata: false,
+            synced: false,
+            sources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn writes_wait_until_the_file_is_quiet_and_come_out_merged() {
+        let start = Instant::now();
+        let mut deferred = Deferred::default();
+        assert!(deferred.sort(vec![written("f", 0, 10)], start).is_empty());
+        let later = start + HASH_QUIET / 2;
+        assert!(deferred.sort(vec![written("f", 100, 10)], later).is_empty());
+        assert!(deferred.quiet(start + HASH_QUIET).is_empty(), "still busy");
+        let out = deferred.quiet(later + HASH_QUIET);
+        assert!(matches!(out.as_slice(),
+            [Update::Changed { content: Content::Ranges(r), .. }] if r == &vec![(0, 10), (100, 10)]));
+        assert!(deferred.is_empty());
+    }
+
+    #[test]
+    fn fsync_metadata_removal_and_rename_do_not_wait() {
+        let now = Instant::now();
+        let mut deferred = Deferred::default();
+        deferred.sort(vec![written("a", 0, 1), written("d/b", 0, 1)], now);
+        let mut synced = written("a", 5, 1);
+        if let Update::Changed { synced: flag, .. } = &mut synced {
+            *flag = true;
+        }
+        let out = deferred.sort(vec![synced], now);
+        assert!(matches!(out.as_slice(),
+            [Update::Changed { content: Content::Ranges(r), synced: true, .. }] if r == &vec![(0, 1), (5, 1)]));
+        let rename = Update::Renamed {
+            from: PathBuf::from("d"),
+            to: PathBuf::from("e"),
+            exchange: false,
+            sources: Vec::new(),
+        };
+        let out = deferred.sort(vec![rename], now);
+        assert_eq!(
+            out.len(),
+            2,
+            "the held write to d/b goes before the rename: {out:?}"
+        );
+        assert!(deferred.is_empty());
+    }
+
+    #[test]
+    fn a_removed_file_drops_what_was_held() {
+        let now = Instant::now();
+        let mut deferred = Deferred::default();
+        deferred.sort(vec![written("d/x", 0, 1)], now);
+        let removed = Update::Removed {
+            path: PathBuf::from("d"),
+            dir: true,
+            sources: Vec::new(),
+        };
+        assert_eq!(deferred.sort(vec![removed], now).len(), 1);
+        assert!(deferred.is_empty());
+    }
 }

@@ -30,21 +30,36 @@ impl Content {
     }
 }
 
-fn merge_range(ranges: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
-    let mut start = offset;
-    let mut end = offset.saturating_add(len);
-    // Keep ranges that neither overlap nor touch; absorb the others into [start, end).
-    ranges.retain(|&(o, l)| {
-        let e = o.saturating_add(l);
-        let separate = e < start || o > end;
-        if !separate {
-            start = start.min(o);
-            end = end.max(e);
+impl Content {
+    /// What changed in two bursts, one after the other.
+    pub fn merge(&mut self, later: Content) {
+        match later {
+            Content::Unchanged => {}
+            Content::Unknown => *self = Content::Unknown,
+            Content::Ranges(ranges) => {
+                for (offset, len) in ranges {
+                    self.add_range(offset, len);
+                }
+            }
         }
-        separate
-    });
-    let at = ranges.partition_point(|&(o, _)| o < start);
-    ranges.insert(at, (start, end - start));
+    }
+}
+
+/// `ranges` stays sorted, with no two ranges overlapping or touching, so the ranges a new
+/// one meets are one contiguous run found by binary search.
+fn merge_range(ranges: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    let start = offset;
+    let end = offset.saturating_add(len);
+    let first = ranges.partition_point(|&(o, l)| o.saturating_add(l) < start);
+    let past = ranges.partition_point(|&(o, _)| o <= end);
+    if first >= past {
+        ranges.insert(first, (start, len));
+        return;
+    }
+    let merged_start = start.min(ranges[first].0);
+    let (last_offset, last_len) = ranges[past - 1];
+    let merged_end = end.max(last_offset.saturating_add(last_len));
+    ranges.splice(first..past, [(merged_start, merged_end - merged_start)]);
 }
 
 /// The coalesced change of one path.
@@ -101,6 +116,42 @@ mod tests {
         assert_eq!(ranges(&content), vec![(0, 25), (50, 0), (100, 10)]);
         content.add_range(20, 90);
         assert_eq!(ranges(&content), vec![(0, 110)]);
+    }
+
+    #[test]
+    fn merging_matches_a_byte_map() {
+        // Random ranges over a small span, checked against a plain per-byte map.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut content = Content::Unchanged;
+        let mut bytes = [false; 512];
+        for _ in 0..2000 {
+            let offset = next() % 500;
+            let len = next() % 12 + 1;
+            content.add_range(offset, len);
+            for b in &mut bytes[offset as usize..(offset + len) as usize] {
+                *b = true;
+            }
+        }
+        let mut expected = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] {
+                let start = i;
+                while i < bytes.len() && bytes[i] {
+                    i += 1;
+                }
+                expected.push((start as u64, (i - start) as u64));
+            } else {
+                i += 1;
+            }
+        }
+        assert_eq!(ranges(&content), expected);
     }
 
     #[test]
