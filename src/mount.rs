@@ -240,9 +240,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         .clone()
         .unwrap_or_else(|| default_state_dir(&plan.mountpoint));
     create_private_dir(&state_dir)?;
-    let index_path = state_dir.join("index.redb");
-    create_private_file(&index_path)?;
-    let index = Arc::new(open_index(&index_path)?);
+    let index = Arc::new(open_index(&state_dir.join("index.redb"))?);
     let root_fd = rustix::fs::open(
         &plan.source,
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -336,20 +334,6 @@ fn open_index(path: &Path) -> Result<Index, MountError> {
             opened => return Ok(opened?),
         }
     }
-}
-
-/// Creates `path` owner-only if it is missing. The daemon's umask is 0 (the kernel already
-/// applied the caller's to every mode it sends), so its own files need explicit modes.
-fn create_private_file(path: &Path) -> Result<(), MountError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map(drop)
-        .map_err(io_error("create", path))
 }
 
 /// Creates the state folder, owner-only: it holds what this node knows of the tree.

@@ -152,24 +152,13 @@ impl OverlayFs {
         })
     }
 
-    /// Looks up a name this daemon has just created (one kernel reference).
-    fn lookup_new(&self, parent: &super::Inode, name: &OsStr) -> Result<Attr> {
-        let fd = rustix::fs::openat(
-            parent.fd(),
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        self.remember(fd).map(|(_, attr)| attr)
-    }
-
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         let parent = self.inode(parent)?;
         check_name(name)?;
         let parent_stat = stat_fd(parent.fd())?;
         rustix::fs::mkdirat(parent.fd(), name, Mode::from_raw_mode(mode & 0o7777))?;
         self.give_to_caller(&parent, name, caller, &parent_stat)?;
-        let attr = self.lookup_new(&parent, name)?;
+        let attr = self.lookup_in(&parent, name)?.1;
         self.emit(&parent, Some(name), ChangeKind::Mkdir, caller);
         Ok(attr)
     }
@@ -195,7 +184,7 @@ impl OverlayFs {
             rdev as Dev,
         )?;
         self.give_to_caller(&parent, name, caller, &parent_stat)?;
-        let attr = self.lookup_new(&parent, name)?;
+        let attr = self.lookup_in(&parent, name)?.1;
         let kind = if file_type == FileType::RegularFile {
             ChangeKind::Create
         } else {
@@ -217,7 +206,7 @@ impl OverlayFs {
         let parent_stat = stat_fd(parent.fd())?;
         rustix::fs::symlinkat(target, parent.fd(), name)?;
         self.give_to_caller(&parent, name, caller, &parent_stat)?;
-        let attr = self.lookup_new(&parent, name)?;
+        let attr = self.lookup_in(&parent, name)?.1;
         self.emit(
             &parent,
             Some(name),
@@ -243,7 +232,7 @@ impl OverlayFs {
             AtFlags::SYMLINK_FOLLOW,
         )?;
         let existing = self.relative_path(inode.fd());
-        let attr = self.lookup_new(&newparent, newname)?;
+        let attr = self.lookup_in(&newparent, newname)?.1;
         self.emit(
             &newparent,
             Some(newname),

@@ -95,13 +95,7 @@ impl OverlayFs {
         if created {
             self.give_to_caller(&parent, name, caller, &parent_stat)?;
         }
-        let path_fd = rustix::fs::openat(
-            parent.fd(),
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let (inode, attr) = self.remember(path_fd)?;
+        let (inode, attr) = self.lookup_in(&parent, name)?;
         if created {
             self.emit(&parent, Some(name), ChangeKind::Create, caller);
         } else if is_writable(flags) && flags.contains(OFlags::TRUNC) {

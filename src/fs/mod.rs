@@ -120,13 +120,18 @@ impl OverlayFs {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         let parent = self.inode(parent)?;
         check_name(name)?;
+        self.lookup_in(&parent, name).map(|(_, attr)| attr)
+    }
+
+    /// Looks `name` up in `parent` and counts one kernel reference to it.
+    fn lookup_in(&self, parent: &Inode, name: &OsStr) -> Result<(Arc<Inode>, Attr)> {
         let fd = rustix::fs::openat(
             parent.fd(),
             name,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        self.remember(fd).map(|(_, attr)| attr)
+        self.remember(fd)
     }
 
     /// Adds the file behind `path_fd` to the inode table (one more kernel reference).
