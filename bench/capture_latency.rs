@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use filesync::capture::{CaptureError, Sink, WatchSpec, Watcher};
-use filesync::change::{Change, ChangeKind, ChangeSink};
+use filesync::change::{Change, ChangeSink};
 
 type Start = fn(&WatchSpec, Sink) -> Result<Box<dyn Watcher>, CaptureError>;
 
@@ -30,7 +30,10 @@ fn watchers() -> Vec<(&'static str, Option<Start>)> {
     vec![
         ("ebpf", Some(filesync::capture::ebpf::start as Start)),
         #[cfg(feature = "fanotify")]
-        ("fanotify", Some(filesync::capture::fanotify::start as Start)),
+        (
+            "fanotify",
+            Some(filesync::capture::fanotify::start as Start),
+        ),
         #[cfg(not(feature = "fanotify"))]
         ("fanotify", None),
         #[cfg(feature = "inotify")]
@@ -42,7 +45,7 @@ fn watchers() -> Vec<(&'static str, Option<Start>)> {
 
 const SAMPLES: usize = 2000;
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
-const COST_ROUNDS: usize = 5;
+const COST_ROUNDS: usize = 7;
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
@@ -111,7 +114,7 @@ fn load(args: &[String]) -> Result<(), String> {
     for i in 0..writes {
         f.write_all(&buf).map_err(|e| e.to_string())?;
         // Start over every 64 MiB: the page cache stays warm and the file small.
-        if (i + 1) * block as u64 % (64 << 20) == 0 {
+        if ((i + 1) * block as u64).is_multiple_of(64 << 20) {
             f.set_len(0).map_err(|e| e.to_string())?;
             f.rewind().map_err(|e| e.to_string())?;
         }
@@ -143,19 +146,20 @@ impl ChangeSink for Arrivals {
 fn run() -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let tmp = std::env::temp_dir().join(format!("filesync-bench-{}", std::process::id()));
-    let root = tmp.join("watched");
-    let outside = tmp.join("outside");
+    // Removed on drop, also when a panic (a closed stdout, say) unwinds.
+    let tmp = tempfile::Builder::new()
+        .prefix("filesync-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let root = tmp.path().join("watched");
+    let outside = tmp.path().join("outside");
     fs::create_dir_all(&root).map_err(|e| e.to_string())?;
     fs::create_dir_all(&outside).map_err(|e| e.to_string())?;
-    let result = bench(&root, &outside);
-    let _ = fs::remove_dir_all(&tmp);
-    result
+    bench(&root, &outside)
 }
 
 fn bench(root: &Path, outside: &Path) -> Result<(), String> {
@@ -166,8 +170,13 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
     };
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
 
-    println!("capture latency: {SAMPLES} writes, one per {SAMPLE_INTERVAL:?}, each to its own file");
-    println!("{:<10} {:>9} {:>9} {:>9} {:>8}", "watcher", "p50 µs", "p99 µs", "max µs", "missed");
+    println!(
+        "capture latency: {SAMPLES} writes, one per {SAMPLE_INTERVAL:?}, each to its own file"
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>8}",
+        "watcher", "p50 µs", "p99 µs", "max µs", "missed"
+    );
     for (name, start) in watchers() {
         let Some(start) = start else {
             println!("{name:<10} not built");
@@ -211,13 +220,21 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
         );
     }
 
-    for (label, mib, block) in [("4 KiB writes", 512, 4096), ("64 B writes", 32, 64)] {
+    for (label, mib, block) in [
+        ("64 KiB writes", 1024, 65536),
+        ("4 KiB writes", 512, 4096),
+        ("64 B writes", 32, 64),
+    ] {
         println!();
         println!(
-            "cost outside the watched folder: {mib} MiB in {label}, median of {COST_ROUNDS} runs"
+            "cost outside the watched folder: {mib} MiB in {label}, {COST_ROUNDS} alternating runs"
         );
-        println!("{:<10} {:>9} {:>7}", "watcher", "seconds", "ratio");
+        println!(
+            "{:<10} {:>10} {:>8} {:>10} {:>8} {:>13}",
+            "watcher", "median s", "ratio", "best s", "ratio", "ns per write"
+        );
         let file = outside.join("load");
+        let writes = (mib << 20) as f64 / block as f64;
         let mut base = Vec::new();
         let mut with: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..COST_ROUNDS {
@@ -232,13 +249,24 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
                 with.entry(name).or_default().push(secs);
             }
         }
-        let base = median(&mut base);
-        println!("{:<10} {:>9.3} {:>7.3}", "none", base, 1.0);
+        let (base_median, base_best) = (median(&mut base), best(&base));
+        println!(
+            "{:<10} {base_median:>10.3} {:>8.3} {base_best:>10.3} {:>8.3} {:>13.0}",
+            "none",
+            1.0,
+            1.0,
+            base_median / writes * 1e9
+        );
         for (name, _) in watchers() {
             match with.get_mut(name) {
                 Some(runs) => {
-                    let secs = median(runs);
-                    println!("{name:<10} {secs:>9.3} {:>7.3}", secs / base);
+                    let (m, b) = (median(runs), best(runs));
+                    println!(
+                        "{name:<10} {m:>10.3} {:>8.3} {b:>10.3} {:>8.3} {:>13.0}",
+                        m / base_median,
+                        b / base_best,
+                        (m - base_median) / writes * 1e9
+                    );
                 }
                 None => println!("{name:<10} not built"),
             }
@@ -288,7 +316,10 @@ fn run_load(me: &Path, file: &Path, mib: u64, block: usize) -> Result<f64, Strin
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("load failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -302,6 +333,10 @@ fn percentile(sorted: &[i64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn median(v: &mut [f64]) -> f64 {

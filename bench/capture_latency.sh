@@ -35,6 +35,7 @@ path = "../../bench/capture_latency.rs"
 [dependencies]
 filesync = { path = "../.." }
 libc = "0.2"
+tempfile = "3"
 tracing-subscriber = { version = "0.3", features = ["env-filter", "fmt"] }
 
 [features]

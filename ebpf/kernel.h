@@ -13,8 +13,6 @@ typedef unsigned char __u8;
 typedef unsigned short __u16;
 typedef unsigned int __u32;
 typedef unsigned long long __u64;
-typedef signed char __s8;
-typedef short __s16;
 typedef int __s32;
 typedef long long __s64;
 /* bpf_helper_defs.h names these in prototypes of helpers this program never calls. */
@@ -32,6 +30,7 @@ enum {
 	BPF_MAP_TYPE_HASH = 1,
 	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 #define BPF_ANY 0
@@ -73,6 +72,7 @@ struct dentry {
 	struct dentry *d_parent;
 	struct qstr d_name;
 	struct inode *d_inode;
+	struct super_block *d_sb;
 } KERNEL_STRUCT;
 
 struct path {
@@ -105,6 +105,7 @@ struct file___pre_6_13 {
 struct fdtable {
 	unsigned int max_fds;
 	struct file **fd;
+	unsigned long *open_fds;
 } KERNEL_STRUCT;
 
 typedef struct {

@@ -3,12 +3,14 @@
  * filesync's eBPF watcher: reports every successful syscall that changes something
  * under the watched folder, with the byte range of writes and the writer's pid.
  *
- * Most work happens at sys_exit, where the return value says whether the call
+ * Everything happens at sys_exit, where the return value says whether the call
  * succeeded, the argument registers still hold the arguments, and the objects the
- * call used (the written file, the new file of an open, the directory fds) can
- * still be reached. Two cases cannot wait for sys_exit: close() (the fd is gone by
- * then), handled at sys_enter, and the implicit close of every fd when a process
- * exits, handled at sched_process_exit.
+ * call used (the written file, the new file of an open, the directory fds) can still
+ * be reached. There is no sys_enter program: a second program on every syscall of
+ * the machine costs more than all the filtering. So close(), whose fd is gone at
+ * sys_exit, is recognised by the fd table and fd number that earlier calls wrote
+ * through (written_fds); the implicit close of every fd when a process exits is
+ * handled at sched_process_exit.
  *
  * Filtering happens here, not in userspace, so that the rest of the machine pays
  * only for a few map lookups: a file is watched when walking d_parent from its
@@ -87,6 +89,7 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 #define AT_FDCWD -100
 #define AT_REMOVEDIR 0x200
 #define O_WRONLY 01
+#define O_RDWR 02
 #define O_CREAT 0100
 #define O_TRUNC 01000
 #define O_APPEND 02000
@@ -119,6 +122,7 @@ enum op_code {
 	OP_REMOVE_XATTR,   /* STR item = name */
 	OP_UTIMES,         /* a, b = atime sec, nsec; c, d = mtime sec, nsec */
 	OP_FSYNC,          /* a = 1 for fdatasync */
+	OP_OPEN_WRITE = 100, /* an open for writing: remembered for its close, not reported */
 };
 
 /* How a write's offset is found at sys_exit. */
@@ -147,7 +151,8 @@ enum write_at {
 /* anchor values: how userspace roots a side's path. */
 #define ANCHOR_CHAIN 0xffff /* the side's NAME items lead up to the watched root */
 
-/* Deeper files are not seen (the reconcile scan finds them): the walk is a bounded loop. */
+/* Files more than MAX_DEPTH - 1 levels below the root are not seen (the reconcile scan
+ * finds them): the walk is a bounded loop. */
 #define MAX_DEPTH 32
 /* Longer paths are cut and flagged F_TRUNCATED; userspace then asks for a rescan. */
 #define PATH_READ 512
@@ -206,7 +211,7 @@ struct op {
 	__s32 dirfd[2];
 	__u64 path[2];  /* user pointers; 0 when the call has no such side */
 	__u64 str;      /* user pointer: xattr name or symlink target */
-	__u64 a, b, c, d;
+	__u64 a, b, c;
 };
 
 /* Set by the loader (override_global) to the watched folder's sb->s_dev, a cheap first filter. */
@@ -239,6 +244,68 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } ignored_tgids SEC(".maps");
+
+/*
+ * Files written recently that are not under the root, so that the next write to one
+ * costs an array slot instead of a d_parent walk (the walk is most of what the program
+ * costs the rest of the machine). A direct-mapped cache per CPU, indexed by the struct
+ * file address: per CPU, so that no other CPU can tear an entry; an array, because its
+ * lookup is inlined, where a hash lookup cost as much as a probe read. An entry holds
+ * while the slot names the same file, the file still has the same dentry, and no
+ * rename, unlink or rmdir happened anywhere since (name_changes): each can move a file
+ * in or out. Only "outside" is cached; a watched file is walked on every write, to name
+ * it exactly.
+ */
+#define OUTSIDE_SLOTS 1024 /* the hash below keeps 10 bits */
+
+struct outside_slot {
+	__u64 file;
+	__u64 dentry;
+	__u64 name_changes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, OUTSIDE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct outside_slot);
+} outside_files SEC(".maps");
+
+/*
+ * The fds through which a process changed a watched file, so that their close can be
+ * reported from sys_exit: by then the fd is gone, and the struct file may be freed (on
+ * 6.15+ close() releases it synchronously), so what the record needs is kept here.
+ * Reading it at sys_enter instead would cost a second program on every syscall of the
+ * machine. An LRU: fds closed unseen (dup2 over them, close_range, exec) age out.
+ */
+struct fd_key {
+	__u64 files; /* struct files_struct *: the fd table */
+	__s32 fd;
+	__u32 pad;
+};
+
+struct written_fd {
+	__u64 file;
+	__u64 dentry;
+	__u64 ino;
+	__u32 dev;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct fd_key);
+	__type(value, struct written_fd);
+} written_fds SEC(".maps");
+
+/* Renames, unlinks and rmdirs seen system-wide. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} name_changes SEC(".maps");
 
 /* Records the ring had no room for; userspace turns an increase into one rescan. */
 struct {
@@ -313,14 +380,20 @@ static __always_inline void item_header(struct record *r, __u32 off, __u8 type, 
 static __always_inline long put_user_str(struct record *r, __u32 *off, __u8 type, const void *ustr)
 {
 	__u32 o = *off & DATA_MASK;
+	__u32 room = o + ITEM_HDR < DATA_LIMIT ? DATA_LIMIT - o - ITEM_HDR : 0;
 	long n;
 
-	if (!has_room(r, o, PATH_READ))
+	if (room > PATH_READ)
+		room = PATH_READ;
+	if (room == 0) {
+		r->hdr.flags |= F_TRUNCATED;
 		return -1;
-	n = bpf_probe_read_user_str(&r->data[o + ITEM_HDR], PATH_READ, ustr);
+	}
+	n = bpf_probe_read_user_str(&r->data[o + ITEM_HDR], room, ustr);
 	if (n <= 0)
 		return -1;
-	if (n == PATH_READ)
+	/* A string that filled the room may have been cut. */
+	if (n == room)
 		r->hdr.flags |= F_TRUNCATED;
 	n -= 1; /* the NUL */
 	item_header(r, o, type, n);
@@ -351,7 +424,7 @@ __noinline int put_chain(struct record *r, __u32 *off, __u8 type, __u64 dentry, 
 		len = BPF_CORE_READ(d, d_name.len);
 		if (len > NAME_READ)
 			len = NAME_READ;
-		if (!has_room(r, o, NAME_READ))
+		if (!has_room(r, o, len))
 			break;
 		bpf_probe_read_kernel(&r->data[o + ITEM_HDR], len & NAME_READ, BPF_CORE_READ(d, d_name.name));
 		item_header(r, o, type, len);
@@ -383,17 +456,56 @@ __noinline int root_depth(__u64 dentry, __u32 dev)
 	return -1;
 }
 
+/*
+ * task must be a BTF pointer (bpf_get_current_task_btf, a tracepoint argument): then
+ * the loads up to the fd array are plain loads, far cheaper than probe reads. The
+ * array holds struct file pointers, which the verifier cannot type, so that one load
+ * and everything after it are probe reads.
+ */
 static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct fdtable *fdt = task->files->fdt;
 	struct file **fds;
 	struct file *f = NULL;
 
-	if (fd < 0 || (__u32)fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0 || (__u32)fd >= fdt->max_fds)
 		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
+	fds = fdt->fd;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
 	return f;
+}
+
+static __always_inline __u64 *name_change_counter(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&name_changes, &zero);
+}
+
+/*
+ * Called at the exit of every rename, unlink and rmdir, whether it succeeded or not. A
+ * write between the name moving and this count still sees the old "outside"; that write
+ * belongs to a file that has just moved in, which is reported as new as a whole.
+ */
+static __always_inline void count_name_change(void)
+{
+	__u64 *n = name_change_counter();
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+/* Calls after which closing the fd is reported: they show the fd can write. */
+static __always_inline bool writes_through_fd(__u32 code)
+{
+	return code == OP_WRITE || code == OP_CREATE || code == OP_TRUNCATE_OPEN || code == OP_OPEN_WRITE ||
+	       code == OP_FALLOCATE || code == OP_SET_SIZE;
+}
+
+static __always_inline bool changes_names(long nr)
+{
+	return nr == NR_rename || nr == NR_renameat || nr == NR_renameat2 || nr == NR_unlink ||
+	       nr == NR_unlinkat || nr == NR_rmdir;
 }
 
 static __always_inline bool is_regular(struct file *f)
@@ -401,27 +513,51 @@ static __always_inline bool is_regular(struct file *f)
 	return (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }
 
-/* Fills side 0 from an open file when it is under the watched root. */
-static __always_inline bool file_side(struct record *r, __u32 *off, struct file *f)
+static __always_inline struct outside_slot *outside_slot(struct file *f)
 {
-	struct inode *inode = BPF_CORE_READ(f, f_inode);
-	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	struct dentry *d;
+	/* Fibonacci hashing: the top bits of the product mix all bits of the address. */
+	__u32 index = ((__u64)f * 0x9e3779b97f4a7c15ULL) >> 54;
+
+	return bpf_map_lookup_elem(&outside_files, &index);
+}
+
+/* How many levels below the watched root an open file is, or -1; cache: use outside_files. */
+static __always_inline int file_depth(struct file *f, bool cache)
+{
+	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
+	struct outside_slot *slot = outside_slot(f);
+	__u64 *counter = name_change_counter();
+	__u64 name_changes;
+	__u32 dev;
 	int depth;
 
-	if (dev != root_dev)
-		return false;
-	d = BPF_CORE_READ(f, f_path.dentry);
-	depth = root_depth((__u64)d, dev);
-	if (depth < 0)
-		return false;
+	if (!counter || !slot)
+		return -1;
+	/* Read before the walk: a rename during it makes the new entry stale at once. */
+	name_changes = *counter;
+	if (cache && slot->file == (__u64)f && slot->dentry == (__u64)d && slot->name_changes == name_changes)
+		return -1;
+	dev = BPF_CORE_READ(d, d_sb, s_dev);
+	depth = dev == root_dev ? root_depth((__u64)d, dev) : -1;
+	if (depth < 0 && cache) {
+		slot->file = (__u64)f;
+		slot->dentry = (__u64)d;
+		slot->name_changes = name_changes;
+	}
+	return depth;
+}
+
+/* Fills side 0 from an open file depth levels below the watched root. */
+static __always_inline void put_file(struct record *r, __u32 *off, struct file *f, int depth)
+{
+	struct inode *inode = BPF_CORE_READ(f, f_inode);
+
 	r->hdr.flags |= F_SIDE0 | F_FILE;
-	r->hdr.dev = dev;
+	r->hdr.dev = BPF_CORE_READ(inode, i_sb, s_dev);
 	r->hdr.ino = BPF_CORE_READ(inode, i_ino);
 	if (BPF_CORE_READ(inode, i_nlink) == 0)
 		r->hdr.flags |= F_UNLINKED;
-	put_chain(r, off, ITEM_NAME0, (__u64)d, depth);
-	return true;
+	put_chain(r, off, ITEM_NAME0, (__u64)BPF_CORE_READ(f, f_path.dentry), depth);
 }
 
 /* Does the path at data[pos..pos+n) name the root or something under it, read from prefix[from..]? */
@@ -509,6 +645,10 @@ static __always_inline bool decode(long nr, struct pt_regs *regs, struct op *op)
 	op->dirfd[0] = AT_FDCWD;
 	op->dirfd[1] = AT_FDCWD;
 	switch (nr) {
+	case NR_close:
+		op->code = OP_CLOSED;
+		op->a = di;
+		return true;
 	case NR_write:
 	case NR_writev:
 		op->code = OP_WRITE;
@@ -550,7 +690,7 @@ static __always_inline bool decode(long nr, struct pt_regs *regs, struct op *op)
 		op->a = nr == NR_open ? si : nr == NR_openat ? dx : nr == NR_creat ? O_CREAT | O_TRUNC : 0;
 		if (nr == NR_openat2 && bpf_probe_read_user(&op->a, sizeof(op->a), (void *)dx))
 			return false;
-		return op->a & (O_CREAT | O_TRUNC);
+		return op->a & (O_CREAT | O_TRUNC | O_WRONLY | O_RDWR);
 	case NR_fsync:
 	case NR_fdatasync:
 		op->code = OP_FSYNC;
@@ -759,35 +899,117 @@ static __always_inline void write_range(struct record *r, const struct op *op, s
 	r->hdr.b = ret;
 }
 
-/* Fills the record for an fd-based call and the new file of an open. */
-static __always_inline bool fd_call(struct record *r, __u32 *off, struct op *op, struct file *f, long ret)
+/* Cheap checks of an fd-based call's file before the walk; an open may become OP_TRUNCATE_OPEN. */
+static __always_inline bool fd_wanted(struct op *op, struct file *f, long ret)
 {
 	switch (op->code) {
 	case OP_WRITE:
-		if (ret == 0 || !is_regular(f))
-			return false;
-		break;
+		/* Whether it is a regular file is checked after the cached "outside" test. */
+		return ret > 0;
 	case OP_CREATE:
 		if (BPF_CORE_READ(f, f_mode) & FMODE_CREATED)
-			break;
-		if (!(op->a & O_TRUNC) || !is_regular(f))
+			return true;
+		if (!is_regular(f))
 			return false;
-		r->hdr.op = OP_TRUNCATE_OPEN;
-		break;
+		if (op->a & O_TRUNC)
+			op->code = OP_TRUNCATE_OPEN;
+		else if (BPF_CORE_READ(f, f_mode) & FMODE_WRITE)
+			op->code = OP_OPEN_WRITE;
+		else
+			return false;
+		return true;
 	}
-	if (!file_side(r, off, f))
-		return false;
-	if (op->code == OP_WRITE)
-		write_range(r, op, f, ret);
 	return true;
+}
+
+/* How many references the file has; 0 once the last one was dropped. */
+static __always_inline __s64 references(struct file *f)
+{
+	__s64 n;
+
+	if (bpf_core_field_exists(f->f_ref)) {
+		/* file_ref_t holds references - 1, and goes negative once released. */
+		n = BPF_CORE_READ(f, f_ref.refcnt.counter);
+		return n < 0 ? 0 : n + 1;
+	}
+	return BPF_CORE_READ((struct file___pre_6_13 *)f, f_count.counter);
+}
+
+/* Reports that a file changed through an fd was closed, named by the dentry it was written through. */
+static __always_inline void report_closed(struct written_fd *seen, __u32 tgid)
+{
+	struct dentry *d = (struct dentry *)seen->dentry;
+	struct record *r;
+	__u32 off = 0;
+	int depth;
+
+	depth = root_depth(seen->dentry, seen->dev);
+	if (depth < 0)
+		return; /* moved out of the root since */
+	r = new_record(OP_CLOSED, tgid);
+	if (!r)
+		return;
+	r->hdr.flags |= F_SIDE0 | F_FILE;
+	r->hdr.dev = seen->dev;
+	r->hdr.ino = seen->ino;
+	/* Once unlinked the dentry may have been freed and reused: trust it only while it holds the inode. */
+	if (BPF_CORE_READ(d, d_inode, i_ino) != seen->ino || BPF_CORE_READ(d, d_inode, i_nlink) == 0)
+		r->hdr.flags |= F_UNLINKED;
+	else
+		put_chain(r, &off, ITEM_NAME0, seen->dentry, depth);
+	emit(r, off);
+}
+
+/* Notes that the process can write a watched file through fd, for the report of its close. */
+static __always_inline void remember_fd(struct task_struct *task, int fd, struct file *f)
+{
+	struct fd_key key = { .files = (__u64)task->files, .fd = fd };
+	struct written_fd *known = bpf_map_lookup_elem(&written_fds, &key);
+	struct written_fd seen = {};
+
+	if (known && known->file == (__u64)f)
+		return;
+	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE))
+		return;
+	seen.file = (__u64)f;
+	seen.dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
+	seen.ino = BPF_CORE_READ(f, f_inode, i_ino);
+	seen.dev = BPF_CORE_READ(f, f_inode, i_sb, s_dev);
+	bpf_map_update_elem(&written_fds, &key, &seen, BPF_ANY);
+}
+
+/* close(fd) succeeded: report it when the fd could write a watched file and this was the last reference. */
+static __always_inline int closed_fd(struct task_struct *task, int fd)
+{
+	struct fd_key key = { .files = (__u64)task->files, .fd = fd };
+	struct written_fd *w = bpf_map_lookup_elem(&written_fds, &key);
+	struct written_fd seen;
+	__u32 tgid;
+
+	if (!w)
+		return 0;
+	seen = *w;
+	bpf_map_delete_elem(&written_fds, &key);
+	/*
+	 * struct file is SLAB_TYPESAFE_BY_RCU: freed, it is still a struct file, with no
+	 * references until it is reused; reused, it has references again and is skipped.
+	 */
+	if (references((struct file *)seen.file) != 0)
+		return 0;
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!ignored(tgid))
+		report_closed(&seen, tgid);
+	return 0;
 }
 
 /* Everything after decoding, verified once for all syscalls (see put_chain). */
 __noinline int handle_exit(struct op *op, long ret)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct file *f = NULL;
 	struct record *r;
 	__u32 tgid, off = 0;
+	int depth = -1;
 	bool in0, in1;
 
 	if (!op)
@@ -795,19 +1017,33 @@ __noinline int handle_exit(struct op *op, long ret)
 	/* ia32 syscalls have other numbers; they are not tracked. */
 	if (task->thread_info.status & TS_COMPAT)
 		return 0;
+	if (op->code == OP_CLOSED)
+		return closed_fd(task, op->a);
+	/* fd-based calls are filtered first: they are most of the calls, and most are outside. */
+	if (op->fd_is_ret)
+		op->fd = ret;
+	if (op->fd >= 0) {
+		f = fd_file(task, op->fd);
+		if (!f || !fd_wanted(op, f, ret))
+			return 0;
+		depth = file_depth(f, op->code == OP_WRITE);
+		if (depth < 0 || (op->code == OP_WRITE && !is_regular(f)))
+			return 0;
+	}
 	tgid = bpf_get_current_pid_tgid() >> 32;
 	if (ignored(tgid))
+		return 0;
+	if (f && writes_through_fd(op->code))
+		remember_fd(task, op->fd, f);
+	if (op->code == OP_OPEN_WRITE)
 		return 0;
 	r = new_record(op->code, tgid);
 	if (!r)
 		return 0;
-	if (op->fd_is_ret)
-		op->fd = ret;
-	if (op->fd >= 0) {
-		struct file *f = fd_file(task, op->fd);
-
-		if (!f || !fd_call(r, &off, op, f, ret))
-			return 0;
+	if (f) {
+		put_file(r, &off, f, depth);
+		if (op->code == OP_WRITE)
+			write_range(r, op, f, ret);
 	} else {
 		in0 = path_side(r, &off, 0, op->dirfd[0], op->path[0]);
 		in1 = op->path[1] && path_side(r, &off, 1, op->dirfd[1], op->path[1]);
@@ -839,88 +1075,87 @@ __noinline int handle_exit(struct op *op, long ret)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(filesync_exit, struct pt_regs *regs, long ret)
 {
+	long nr = regs->orig_ax;
 	struct op op = {};
 
-	if (ret < 0 || !decode(regs->orig_ax, regs, &op))
+	if (changes_names(nr))
+		count_name_change();
+	if (ret < 0 || !decode(nr, regs, &op))
 		return 0;
 	return handle_exit(&op, ret);
 }
 
-/* Reports a file closed for the last time when it was open for writing. */
-static __always_inline void report_closed(struct file *f, __u32 tgid)
-{
-	struct record *r;
-	__u32 off = 0;
-	__s64 refs;
-
-	if (!(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || !is_regular(f))
-		return;
-	if (bpf_core_field_exists(f->f_ref))
-		refs = BPF_CORE_READ(f, f_ref.refcnt.counter) + 1;
-	else
-		refs = BPF_CORE_READ((struct file___pre_6_13 *)f, f_count.counter);
-	if (refs != 1)
-		return; /* other fds or processes still hold it */
-	r = new_record(OP_CLOSED, tgid);
-	if (r && file_side(r, &off, f))
-		emit(r, off);
-}
-
-SEC("tp_btf/sys_enter")
-int BPF_PROG(filesync_enter, struct pt_regs *regs, long id)
-{
-	struct task_struct *task;
-	struct file *f;
-	__u32 tgid;
-
-	if (id != NR_close)
-		return 0;
-	task = bpf_get_current_task_btf();
-	if (task->thread_info.status & TS_COMPAT)
-		return 0;
-	tgid = bpf_get_current_pid_tgid() >> 32;
-	if (ignored(tgid))
-		return 0;
-	f = fd_file(task, regs->di);
-	if (f)
-		report_closed(f, tgid);
-	return 0;
-}
-
 struct reap_ctx {
-	struct file **fds;
+	__u64 files;
+	__u64 fds;      /* struct file ** */
+	__u64 open_fds; /* unsigned long * */
 	__u32 tgid;
+	__u32 pad;
 };
 
-static long reap_fd(__u32 i, struct reap_ctx *c)
+/* Reports fd when the exiting process held a watched file open for writing alone through it. */
+__noinline int reap_fd(struct reap_ctx *c, __u32 fd)
 {
+	struct fd_key key = { .fd = fd };
+	struct record *r;
 	struct file *f = NULL;
+	__u32 off = 0;
+	int depth;
 
-	bpf_probe_read_kernel(&f, sizeof(f), &c->fds[i]);
-	if (f)
-		report_closed(f, c->tgid);
+	if (!c)
+		return 0;
+	key.files = c->files;
+	bpf_map_delete_elem(&written_fds, &key);
+	bpf_probe_read_kernel(&f, sizeof(f), (struct file **)c->fds + fd);
+	if (!f || !(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || !is_regular(f) || references(f) != 1)
+		return 0;
+	depth = file_depth(f, false);
+	if (depth < 0)
+		return 0;
+	r = new_record(OP_CLOSED, c->tgid);
+	if (!r)
+		return 0;
+	put_file(r, &off, f, depth);
+	emit(r, off);
 	return 0;
 }
 
-/* A process exiting closes its fds without close(): report those it held alone. */
+/* One word of the open-fd bitmap: only open fds cost more than a shift. */
+static long reap_word(__u32 w, struct reap_ctx *c)
+{
+	unsigned long word = 0;
+
+	bpf_probe_read_kernel(&word, sizeof(word), (unsigned long *)c->open_fds + w);
+	for (__u32 bit = 0; bit < 64; bit++) {
+		if (!(word >> bit))
+			break;
+		if (word & (1UL << bit))
+			reap_fd(c, w * 64 + bit);
+	}
+	return 0;
+}
+
+/* A process exiting closes its fds without close(): report the watched files it held alone for writing. */
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(filesync_reap, struct task_struct *p)
 {
 	struct reap_ctx c;
 	struct fdtable *fdt;
-	__u32 n;
+	__u32 words;
 
-	c.tgid = BPF_CORE_READ(p, tgid);
+	c.tgid = p->tgid;
 	if (ignored(c.tgid))
 		return 0;
 	/* A files_struct shared with another thread or a vfork child stays open. */
-	if (BPF_CORE_READ(p, files, count.counter) != 1)
+	if (p->files->count.counter != 1)
 		return 0;
-	fdt = BPF_CORE_READ(p, files, fdt);
-	c.fds = BPF_CORE_READ(fdt, fd);
-	n = BPF_CORE_READ(fdt, max_fds);
-	if (n > REAP_MAX_FDS)
-		n = REAP_MAX_FDS;
-	bpf_loop(n, reap_fd, &c, 0);
+	c.files = (__u64)p->files;
+	fdt = p->files->fdt;
+	c.fds = (__u64)fdt->fd;
+	c.open_fds = (__u64)fdt->open_fds;
+	words = fdt->max_fds / 64;
+	if (words > REAP_MAX_FDS / 64)
+		words = REAP_MAX_FDS / 64;
+	bpf_loop(words, reap_word, &c, 0);
 	return 0;
 }

@@ -299,12 +299,16 @@ fn watch_prints_each_change_as_a_json_line() {
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("watch did not start its watcher within 10 s");
-    let writer = Command::new("sh")
+    let mut writer = Command::new("sh")
         .args(["-c", "printf hello > watched.txt"])
         .current_dir(tmp.path())
         .spawn()
         .expect("run a writer");
     let writer_pid = writer.id();
+    assert!(
+        wait_child(&mut writer, Duration::from_secs(5)).is_some_and(|s| s.success()),
+        "the writer failed"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut seen = Vec::new();
     let found = loop {

@@ -7,8 +7,9 @@
 //! fills its maps, and turns its records into [`Change`]s on a thread of its own.
 //!
 //! What it cannot see (io_uring, writes through `mmap`, writes by the kernel itself, files
-//! deeper than 32 directories below the root, paths reached through a symlink from outside
+//! more than 31 levels below the root, paths reached through a symlink from outside
 //! the root, 32-bit processes) is left to the reconcile scan, like every lost record.
+//! `ebpf/README.md` has the design, the record format and the measured costs.
 
 use std::ffi::OsStr;
 use std::io;
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramError};
-use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
+use aya::{Btf, Ebpf, EbpfLoader};
 
 use super::{CaptureError, Sink, WatchSpec, Watcher, WatcherKind};
 use crate::change::{AttrChange, Change, ChangeKind, FileId, Source, TimeChange};
@@ -32,17 +33,18 @@ use crate::change::{AttrChange, Change, ChangeKind, FileId, Source, TimeChange};
 /// matches the source.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!("../../ebpf/watcher.bpf.o");
 
-/// Programs and the tracepoints they attach to.
-const PROGRAMS: [(&str, &str); 3] = [
+/// Programs and the tracepoints they attach to. There is deliberately no sys_enter
+/// program: a second program on every syscall of the machine costs more than all the
+/// filtering (see ebpf/README.md).
+const PROGRAMS: [(&str, &str); 2] = [
     ("filesync_exit", "sys_exit"),
-    ("filesync_enter", "sys_enter"),
     ("filesync_reap", "sched_process_exit"),
 ];
 
 /// How long the reader waits for records before it looks at the stop flag again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Records handled between two looks at the stop flag while the ring stays full.
-const STOP_CHECK_EVERY: usize = 1024;
+/// Records handled between two looks at the stop flag and the drop counter.
+const BATCH: usize = 1024;
 
 /// Must match `PREFIX_MAX` in watcher.bpf.c.
 const PREFIX_MAX: usize = 512;
@@ -104,7 +106,9 @@ pub fn start(spec: &WatchSpec, sink: Sink) -> Result<Box<dyn Watcher>, CaptureEr
                 Ok(loaded) => {
                     // The receiver only goes away if start() itself is gone.
                     let _ = ready_tx.send(Ok(()));
-                    loaded.run(&Resolver::new(thread_spec.root), &*sink, &stop);
+                    let resolver =
+                        Resolver::new(thread_spec.root, layout.kernel_dev, layout.st_dev);
+                    loaded.run(&resolver, &*sink, &stop);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -167,6 +171,8 @@ fn unavailable(reason: impl Into<String>) -> CaptureError {
 struct RootLayout {
     /// `sb->s_dev` of the root.
     kernel_dev: u32,
+    /// `st_dev` of the root, which `FileId`s use.
+    st_dev: u64,
     /// The root first, then its ancestors, as `watched_dirs` entries.
     dirs: Vec<(DirKey, DirVal)>,
     prefix: Prefix,
@@ -179,6 +185,8 @@ impl RootLayout {
             source,
         };
         let meta = std::fs::metadata(root).map_err(io_error)?;
+        // Read once: the mount table does not change between the root and its ancestors.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         if !meta.is_dir() {
             return Err(io_error(io::Error::new(
                 io::ErrorKind::NotADirectory,
@@ -202,7 +210,7 @@ impl RootLayout {
         prefix.bytes[..text.len()].copy_from_slice(text);
         prefix.len = text.len() as u32;
 
-        let root_dev = kernel_dev(meta.dev());
+        let root_dev = superblock_dev(&mountinfo, root, meta.dev());
         let mut dirs = vec![(
             DirKey {
                 dev: root_dev,
@@ -225,7 +233,7 @@ impl RootLayout {
             };
             dirs.push((
                 DirKey {
-                    dev: kernel_dev(meta.dev()),
+                    dev: superblock_dev(&mountinfo, ancestor, meta.dev()),
                     pad: 0,
                     ino: meta.ino(),
                 },
@@ -237,10 +245,72 @@ impl RootLayout {
         }
         Ok(Self {
             kernel_dev: root_dev,
+            st_dev: meta.dev(),
             dirs,
             prefix,
         })
     }
+}
+
+/// `sb->s_dev` of the file system holding `path`, which is what the program compares.
+/// /proc/self/mountinfo states it; `st_dev` can differ (btrfs gives each subvolume its own),
+/// and is only the fallback when no mount matches.
+fn superblock_dev(mountinfo: &str, path: &Path, st_dev: u64) -> u32 {
+    match mount_dev(mountinfo, path) {
+        Some((major, minor)) => (major << 20) | (minor & 0xf_ffff),
+        None => kernel_dev(st_dev),
+    }
+}
+
+/// `major:minor` of the mount that holds `path`: the deepest mount point above it, the
+/// last listed when several are stacked on one point (that one is on top).
+fn mount_dev(mountinfo: &str, path: &Path) -> Option<(u32, u32)> {
+    let mut best: Option<(usize, (u32, u32))> = None;
+    for line in mountinfo.lines() {
+        // "36 35 98:0 /mnt1 /mnt2 rw,noatime ...": id, parent, major:minor, root, mount point.
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(dev), Some(point)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        let Some((major, minor)) = dev.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse(), minor.parse()) else {
+            continue;
+        };
+        let point = PathBuf::from(OsStr::from_bytes(&unescape_mount_point(point)));
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let depth = point.components().count();
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, (major, minor)));
+        }
+    }
+    best.map(|(_, dev)| dev)
+}
+
+/// mountinfo writes space, tab, newline and backslash in a mount point as `\ooo` octal.
+fn unescape_mount_point(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(((d[0] - b'0') << 6) | ((d[1] - b'0') << 3) | (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `st_dev` as the kernel stores it in `sb->s_dev`: `MAJOR << 20 | MINOR`.
@@ -248,7 +318,7 @@ fn kernel_dev(st_dev: u64) -> u32 {
     (libc::major(st_dev) << 20) | (libc::minor(st_dev) & 0xf_ffff)
 }
 
-/// `sb->s_dev` back in `st_dev` form, so that a `FileId` matches what `stat` says.
+/// `sb->s_dev` back in `st_dev` form.
 fn user_dev(kernel_dev: u32) -> u64 {
     libc::makedev(kernel_dev >> 20, kernel_dev & 0xf_ffff)
 }
@@ -263,6 +333,7 @@ struct Loaded {
 
 impl Loaded {
     fn load(spec: &WatchSpec, layout: &RootLayout) -> Result<Self, CaptureError> {
+        let started = std::time::Instant::now();
         let btf = Btf::from_sys_fs().map_err(|e| {
             unavailable(format!(
                 "the kernel has no usable BTF ({}); boot a kernel built with CONFIG_DEBUG_INFO_BTF=y",
@@ -321,8 +392,9 @@ impl Loaded {
         let ring = take_map(&mut ebpf, "events")?;
         let drops = take_map(&mut ebpf, "drops")?;
         tracing::info!(
-            "eBPF watcher active on {}: {}",
+            "eBPF watcher active on {} (loaded in {} ms): {}",
             spec.root.display(),
+            started.elapsed().as_millis(),
             attached.join(", ")
         );
         Ok(Self {
@@ -341,14 +413,7 @@ impl Loaded {
                 sink.record(resolver.rescan());
                 return;
             }
-            let mut handled = 0;
-            while let Some(item) = self.ring.next() {
-                resolver.report(&item, sink);
-                handled += 1;
-                if handled % STOP_CHECK_EVERY == 0 && stop.load(Ordering::Relaxed) {
-                    return;
-                }
-            }
+            // Before the backlog, so that a rescan is asked for at once, not after it.
             match self.dropped() {
                 Ok(dropped) if dropped > dropped_before => {
                     tracing::warn!(
@@ -364,6 +429,11 @@ impl Loaded {
                     sink.record(resolver.rescan());
                     return;
                 }
+            }
+            // A bounded batch: then the stop flag and the drop counter are looked at again.
+            for _ in 0..BATCH {
+                let Some(item) = self.ring.next() else { break };
+                resolver.report(&item, sink);
             }
         }
     }
@@ -417,13 +487,17 @@ fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-/// An error and its sources on one line.
+/// An error and its sources on one line; aya's messages often repeat their source, so a
+/// source already in the text is not added again.
 fn one_line(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = s.source();
     }
     text.replace('\n', " ")
@@ -444,9 +518,6 @@ fn permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn load_error(e: &(dyn std::error::Error + 'static)) -> CaptureError {
-    if let Some(EbpfError::ProgramError(p)) = e.downcast_ref::<EbpfError>() {
-        return program_error("(relocation)", p);
-    }
     if permission_denied(e) {
         return unavailable(format!(
             "the kernel refused to create the eBPF maps ({}); run as root or with CAP_BPF and CAP_PERFMON",
@@ -620,11 +691,26 @@ enum Place {
 /// Turns records into changes relative to the root.
 struct Resolver {
     root: PathBuf,
+    /// The root's `sb->s_dev` and `st_dev`: a `FileId` holds the latter, like `stat`.
+    root_kernel_dev: u32,
+    root_st_dev: u64,
 }
 
 impl Resolver {
-    fn new(root: PathBuf) -> Self {
-        Self { root }
+    fn new(root: PathBuf, root_kernel_dev: u32, root_st_dev: u64) -> Self {
+        Self {
+            root,
+            root_kernel_dev,
+            root_st_dev,
+        }
+    }
+
+    fn file_dev(&self, kernel_dev: u32) -> u64 {
+        if kernel_dev == self.root_kernel_dev {
+            self.root_st_dev
+        } else {
+            user_dev(kernel_dev)
+        }
     }
 
     fn rescan(&self) -> Change {
@@ -684,7 +770,7 @@ impl Resolver {
 
     fn change(&self, record: &Record<'_>) -> Option<Change> {
         let file = record.has(F_FILE).then(|| FileId {
-            dev: user_dev(record.dev),
+            dev: self.file_dev(record.dev),
             ino: record.ino,
         });
         let change = |path: Option<PathBuf>, kind| Change {
@@ -892,7 +978,33 @@ mod tests {
     }
 
     fn resolver() -> Resolver {
-        Resolver::new(PathBuf::from("/srv/data"))
+        Resolver::new(
+            PathBuf::from("/srv/data"),
+            0x0fe0_0001,
+            libc::makedev(254, 1),
+        )
+    }
+
+    #[test]
+    fn the_deepest_and_topmost_mount_gives_the_superblock() {
+        let mountinfo = concat!(
+            "22 1 254:1 / / rw,relatime - ext4 /dev/vda1 rw\n",
+            "30 22 0:41 / /srv rw - btrfs /dev/vdb rw\n",
+            "31 30 0:52 / /srv/my\\040data rw - tmpfs tmpfs rw\n",
+            "32 30 0:53 / /srv/my\\040data rw - tmpfs tmpfs rw\n",
+            "garbage line\n",
+        );
+        let dev = |p: &str| mount_dev(mountinfo, Path::new(p));
+        assert_eq!(dev("/srv/my data/x"), Some((0, 53)));
+        assert_eq!(dev("/srv/other"), Some((0, 41)));
+        // A name that merely starts like a mount point is not under it.
+        assert_eq!(dev("/srvx"), Some((254, 1)));
+        assert_eq!(superblock_dev(mountinfo, Path::new("/srv"), 0), 41);
+        assert_eq!(
+            superblock_dev("", Path::new("/srv"), libc::makedev(8, 2)),
+            (8 << 20) | 2
+        );
+        assert_eq!(unescape_mount_point("a\\134b\\011\\9"), b"a\\b\t\\9");
     }
 
     #[test]

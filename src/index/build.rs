@@ -67,13 +67,21 @@ pub fn record_for(
         _ => None,
     };
     let xattr_digest = xattr_digest(&proc_path).map_err(io_err)?;
+    let (mtime_ns, ctime_ns) = stat_times(&st);
+    // An update that says the content is untouched cannot be taken at its word when the
+    // size or mtime moved: something wrote unseen (through mmap, say), so hash it all.
+    let dirty = match (dirty, previous) {
+        (Some([]), Some(prev)) if prev.size != st.st_size as u64 || prev.mtime_ns != mtime_ns => {
+            None
+        }
+        _ => dirty,
+    };
     let block_hashes = match kind {
         FileKind::File => {
             hash_blocks(&proc_path, st.st_size as u64, previous, dirty).map_err(io_err)?
         }
         _ => Vec::new(),
     };
-    let (mtime_ns, ctime_ns) = stat_times(&st);
     Ok(Some(FileRecord {
         kind,
         size: st.st_size as u64,
