@@ -113,7 +113,9 @@ mount_fs() {
 	log "mounting $src at $mnt (-o ${OPTS[$cfg]})"
 	# setsid: a Ctrl-C aimed at this script must not kill the daemon before
 	# the cleanup handler has unmounted cleanly.
+	# The index lives in the work dir too, so the run leaves nothing in /var/lib/filesync.
 	setsid "$BIN" mount "$src" "$mnt" --foreground -o "${OPTS[$cfg]}" \
+		-o "state_dir=$WORK/state-$cfg" \
 		</dev/null >"$WORK/out/daemon-$cfg.log" 2>&1 &
 	PID[$cfg]=$!
 	for ((i = 0; i < MOUNT_WAIT * 10; i++)); do

@@ -332,7 +332,13 @@ fn run_demo() -> anyhow::Result<()> {
         .arg("mount")
         .arg(&backing)
         .arg(&mounted)
-        .args(["--foreground", "-o", "log=warn"])
+        .arg("--foreground")
+        .arg("-o")
+        // Everything the demo makes stays under its temporary folder.
+        .arg(format!(
+            "log=warn,telemetry=off,state_dir={}",
+            folders.top.join("state").display()
+        ))
         .spawn()
         .context("cannot start the mount daemon")?;
     folders.daemon = Some(daemon);

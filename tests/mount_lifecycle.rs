@@ -125,8 +125,18 @@ fn background_mode_detaches_once_mounted() {
         }
     }
     let _guard = Guard(&mnt);
+    // The detached daemon keeps its index and log in the test's temp dir, not the host's.
+    let options = format!(
+        "state_dir={},log_file={},telemetry=off",
+        tmp.path().join("state").display(),
+        tmp.path().join("daemon.log").display()
+    );
     let out = run(
-        Command::new(BIN).arg("mount").arg(&src).arg(&mnt),
+        Command::new(BIN)
+            .arg("mount")
+            .arg(&src)
+            .arg(&mnt)
+            .args(["-o", &options]),
         Duration::from_secs(15),
     );
     out.expect_ok("filesync mount without --foreground");

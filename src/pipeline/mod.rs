@@ -20,6 +20,7 @@ pub mod scanner;
 pub mod update;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,12 +148,19 @@ fn actor_builder(graph: &mut Graph) -> ActorBuilder {
     graph.actor_builder().with_mcpu_avg().with_load_avg()
 }
 
-/// The graph, with steady_state's telemetry server on `telemetry` or off. The server writes
-/// `logs/graph.dot` relative to the working directory, so the process works in `workdir`,
-/// a private folder of ours, rather than wherever it was started.
+/// The graph, with steady_state's telemetry server on `telemetry` or off. steady_state
+/// writes `logs/graph.dot` and `../output_logs` relative to the working directory, so the
+/// process works in `workdir/telemetry`: both stay inside `workdir`, a private folder of
+/// ours, rather than wherever the process was started.
 fn new_graph(telemetry: Option<SocketAddr>, workdir: &Path) -> Graph {
-    if let Err(err) = std::env::set_current_dir(workdir) {
-        tracing::warn!("cannot work in {}: {err}", workdir.display());
+    let graph_dir = workdir.join("telemetry");
+    let entered = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&graph_dir)
+        .and_then(|()| std::env::set_current_dir(&graph_dir));
+    if let Err(err) = entered {
+        tracing::warn!("cannot work in {}: {err}", graph_dir.display());
     }
     if let Some(address) = telemetry {
         // steady_state reads its listening address from the environment when the server
