@@ -251,9 +251,11 @@ struct {
  * costs the rest of the machine). A direct-mapped cache per CPU, indexed by the struct
  * file address: per CPU, so that no other CPU can tear an entry; an array, because its
  * lookup is inlined, where a hash lookup cost as much as a probe read. An entry holds
- * while the slot names the same file, the file still has the same dentry, and no
- * rename, unlink or rmdir happened anywhere since (name_changes): each can move a file
- * in or out. Only "outside" is cached; a watched file is walked on every write, to name
+ * while the slot names the same file, the file still has the same dentry and inode
+ * number, and no rename, unlink or rmdir happened anywhere since (name_changes): each
+ * can move a file in or out. The inode number matters because a dentry can be evicted
+ * without any unlink and its memory reused for a new file (with a struct file at a
+ * reused address too): the new file cannot have the number of a file still linked. Only "outside" is cached; a watched file is walked on every write, to name
  * it exactly.
  */
 #define OUTSIDE_SLOTS 1024 /* the hash below keeps 10 bits */
@@ -261,6 +263,7 @@ struct {
 struct outside_slot {
 	__u64 file;
 	__u64 dentry;
+	__u64 ino;
 	__u64 name_changes;
 };
 
@@ -525,6 +528,7 @@ static __always_inline struct outside_slot *outside_slot(struct file *f)
 static __always_inline int file_depth(struct file *f, bool cache)
 {
 	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
+	__u64 ino = BPF_CORE_READ(f, f_inode, i_ino);
 	struct outside_slot *slot = outside_slot(f);
 	__u64 *counter = name_change_counter();
 	__u64 name_changes;
@@ -535,13 +539,15 @@ static __always_inline int file_depth(struct file *f, bool cache)
 		return -1;
 	/* Read before the walk: a rename during it makes the new entry stale at once. */
 	name_changes = *counter;
-	if (cache && slot->file == (__u64)f && slot->dentry == (__u64)d && slot->name_changes == name_changes)
+	if (cache && slot->file == (__u64)f && slot->dentry == (__u64)d && slot->ino == ino &&
+	    slot->name_changes == name_changes)
 		return -1;
 	dev = BPF_CORE_READ(d, d_sb, s_dev);
 	depth = dev == root_dev ? root_depth((__u64)d, dev) : -1;
 	if (depth < 0 && cache) {
 		slot->file = (__u64)f;
 		slot->dentry = (__u64)d;
+		slot->ino = ino;
 		slot->name_changes = name_changes;
 	}
 	return depth;
