@@ -127,24 +127,7 @@ pub struct Change {
     pub pid: Option<u32>,
 }
 
-/// Where change records go. Later issues plug the replication pipeline in here.
+/// Where change records go: the capture queue of the actor graph, or a test's collector.
 pub trait ChangeSink: Send + Sync {
     fn record(&self, change: Change);
-}
-
-/// A sink that logs every change at debug level: the default until replication exists.
-#[derive(Debug, Default)]
-pub struct LogSink;
-
-impl ChangeSink for LogSink {
-    fn record(&self, change: Change) {
-        tracing::debug!(
-            path = ?change.path,
-            file = ?change.file,
-            kind = ?change.kind,
-            source = ?change.source,
-            pid = change.pid,
-            "change"
-        );
-    }
 }

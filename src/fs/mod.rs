@@ -21,9 +21,7 @@ use std::time::SystemTime;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps, CWD};
 pub use rustix::io::Errno;
 
-pub use crate::change::{
-    AttrChange, Change, ChangeKind, ChangeSink, FileId, LogSink, Source, TimeChange,
-};
+pub use crate::change::{AttrChange, Change, ChangeKind, ChangeSink, FileId, Source, TimeChange};
 pub use dir::DirEntry;
 pub use file::Opened;
 use handle::HandleTable;
