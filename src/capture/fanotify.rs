@@ -16,12 +16,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use super::inotify::{
-    appeared, array, change, describe, gone_kind, io_error, name_before_nul, rescan, spawn, sysctl,
-    walk, EventStream,
+    appeared, array, change, describe, each_event, gone_kind, io_error, malformed, name_before_nul,
+    rescan, spawn, sysctl, walk, EventStream, Framing,
 };
 use super::{CaptureError, Sink, WatchSpec, Watcher, WatcherKind};
 use crate::change::{AttrChange, ChangeKind, Source};
@@ -441,21 +441,12 @@ impl EventStream for Fanotify {
         self.fd.as_fd()
     }
 
-    fn process(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            let Some((event, rest)) = parse_event(bytes) else {
-                tracing::error!(
-                    len = bytes.len(),
-                    "malformed fanotify event: dropping the rest of the read, asking for a full rescan"
-                );
-                self.sink.record(rescan(Source::Fanotify));
-                return;
-            };
-            self.event(event);
-            bytes = rest;
+    fn process(&mut self, bytes: &[u8]) {
+        let stop = self.stop.clone();
+        if let Framing::Malformed { left } =
+            each_event(bytes, &stop, parse_event, |event| self.event(event))
+        {
+            malformed(&self.sink, Source::Fanotify, left);
         }
     }
 

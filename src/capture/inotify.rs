@@ -365,21 +365,12 @@ impl EventStream for Inotify {
         self.fd.as_fd()
     }
 
-    fn process(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            let Some((event, rest)) = parse_event(bytes) else {
-                tracing::error!(
-                    len = bytes.len(),
-                    "malformed inotify event: dropping the rest of the read, asking for a full rescan"
-                );
-                self.sink.record(rescan(Source::Inotify));
-                break;
-            };
-            self.event(event);
-            bytes = rest;
+    fn process(&mut self, bytes: &[u8]) {
+        let stop = self.stop.clone();
+        match each_event(bytes, &stop, parse_event, |event| self.event(event)) {
+            Framing::Stopped => return,
+            Framing::Malformed { left } => malformed(&self.sink, Source::Inotify, left),
+            Framing::Done => {}
         }
         self.report_watch_limit();
     }
@@ -426,6 +417,48 @@ const STOP_WAIT: Duration = Duration::from_millis(200);
 const READ_BUFFER: usize = 64 * 1024;
 
 /// One kernel event stream, read by the thread [`spawn`] starts.
+/// How the events of one read(2) were handed on.
+pub(super) enum Framing {
+    Done,
+    /// The watcher is stopping; the rest of the read was left.
+    Stopped,
+    /// An event could not be framed; the `left` bytes from it on were dropped.
+    Malformed {
+        left: usize,
+    },
+}
+
+/// Hands each event of one read(2) to `handle`, in order, until the watcher stops. A
+/// malformed event ends the read: nothing after it can be framed.
+pub(super) fn each_event<'a, E>(
+    mut bytes: &'a [u8],
+    stop: &AtomicBool,
+    parse: impl Fn(&'a [u8]) -> Option<(E, &'a [u8])>,
+    mut handle: impl FnMut(E),
+) -> Framing {
+    while !bytes.is_empty() {
+        if stop.load(Ordering::Acquire) {
+            return Framing::Stopped;
+        }
+        let Some((event, rest)) = parse(bytes) else {
+            return Framing::Malformed { left: bytes.len() };
+        };
+        handle(event);
+        bytes = rest;
+    }
+    Framing::Done
+}
+
+/// A read that could not be framed lost events: log it and ask for a full rescan.
+pub(super) fn malformed(sink: &Sink, source: Source, left: usize) {
+    tracing::error!(
+        len = left,
+        ?source,
+        "malformed watcher event: dropping the rest of the read, asking for a full rescan"
+    );
+    sink.record(rescan(source));
+}
+
 pub(super) trait EventStream: Send + 'static {
     /// The descriptor to poll and read.
     fn fd(&self) -> BorrowedFd<'_>;
