@@ -250,9 +250,8 @@ fn run_watch(folder: &Path, options: &[String], config_file: Option<&Path>) -> a
     let watcher = capture::start_watcher(&spec, Arc::new(sink), settings.watcher)?;
     let workdir = WatchWorkdir::create()?;
     let running = Pipeline::watch(queue, settings.telemetry, &workdir.0);
-    if let Some(address) = settings.telemetry {
-        tracing::info!("live actor graph at http://{address}");
-    }
+    // Registered after the graph exists: steady_state installs a SIGINT handler of its own
+    // that replaces any installed before it, while signal-hook chains to earlier ones.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot handle signals")?;
     signals.forever().next();
     if let Some(watcher) = watcher {

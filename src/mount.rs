@@ -265,9 +265,6 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         telemetry: plan.settings.telemetry,
         workdir: state_dir.clone(),
     });
-    if let Some(address) = plan.settings.telemetry {
-        tracing::info!("live actor graph at http://{address}");
-    }
     let cache = if watcher.is_some() {
         CachePolicy::WATCHED
     } else {
