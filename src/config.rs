@@ -41,6 +41,12 @@
 //! | `watcher=KIND` | `[capture] watcher` | | `auto`, `ebpf`, `fanotify`, `inotify` or `scan` (no live watcher, only the periodic scan); `auto` tries eBPF, then fanotify, then inotify | `auto` |
 //! | `debounce_us=N` | `[capture] debounce_us` | | whole microseconds 0 to 1000000: how long the coalescer waits for more changes to a file before passing its update on; 0 does not wait | 1000 (1 ms) |
 //! | `telemetry=off\|ADDRESS:PORT` | `[telemetry] listen` | | `off`, or an IP address and a port from 1 to 65535 (`127.0.0.1:9900`, `[::1]:9900`) where the telemetry page is served. The default binds it to localhost only; any other address (such as `0.0.0.0:9900`) is accepted but exposes the page to everyone who can reach that address | `127.0.0.1:9900` |
+//! | `peer=ID[@HOST:PORT]` | `[replication] peers` (a list of the same strings) | | a node ID as `filesync id` prints it, optionally with the address to dial; may be given several times, peers from every source are combined | none |
+//! | `listen=ADDRESS:PORT` | `[replication] listen` | | `off`, or an IP address and port where peers may connect (`0.0.0.0:7878` for every interface) | `off` |
+//! | `mode=MODE` | `[replication] mode` | | `sendreceive`, `sendonly` or `receiveonly` (local writes through the mount fail with `EROFS`) | `sendreceive` |
+//! | `durability=LEVEL` | `[replication] durability` | | `async` (an `fsync` returns once local data is durable) or `sync` (also waits until every connected peer has it durably) | `async` |
+//! | `key=PATH` | `[replication] key` | | an absolute path to this node's key (`filesync keygen`) | `/etc/filesync/node.key` |
+//! | `compression=LEVEL` | `[replication] compression` | | `off` or a zstd level from 1 to 19 | 3 |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -70,6 +76,14 @@
 //!
 //! [telemetry]
 //! listen = "127.0.0.1:9900"  # or "off"
+//!
+//! [replication]
+//! peers = ["7QJVEH5-UEI5XBM-3ZCWMDW-EXAMPLE@10.0.0.2:7878"]  # IDs from `filesync id`
+//! listen = "off"             # or "0.0.0.0:7878"
+//! mode = "sendreceive"       # or "sendonly", "receiveonly"
+//! durability = "async"       # or "sync"
+//! key = "/etc/filesync/node.key"
+//! compression = 3            # zstd level, or "off"
 //! ```
 //!
 //! # Mount options
@@ -112,7 +126,8 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
-     passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, config";
+     passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, peer, \
+     listen, mode, durability, key, compression, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -173,6 +188,17 @@ const EXPECT_LOG: &str = "a tracing filter such as 'info' or 'filesync=debug'";
 const EXPECT_PATH: &str = "an absolute path (one starting with '/')";
 const EXPECT_WATCHER: &str = "auto, ebpf, fanotify, inotify or scan";
 const EXPECT_DEBOUNCE: &str = "whole microseconds from 0 to 1000000";
+const EXPECT_PEER: &str = "a node ID as 'filesync id' prints it, optionally followed by \
+     @HOST:PORT, such as ID@10.0.0.2:7878";
+const EXPECT_LISTEN: &str = "off, or an IP address and a port from 1 to 65535 such as \
+     0.0.0.0:7878 or 127.0.0.1:7878";
+const EXPECT_MODE: &str = "sendreceive, sendonly or receiveonly";
+const EXPECT_DURABILITY: &str = "async or sync";
+const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
+/// Where the node key is when none is named.
+pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
+/// The zstd level when none is given: fast, and most of the gain.
+const DEFAULT_COMPRESSION: i32 = 3;
 const EXPECT_TELEMETRY: &str = "off, or an IP address and a port from 1 to 65535 such as \
      127.0.0.1:9900 or [::1]:9900";
 
@@ -267,6 +293,71 @@ pub enum ConfigError {
     },
 }
 
+/// A configured peer, as written: the ID is checked against its checksum when the mount
+/// starts, and the address resolved then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The peer's node ID (its public key), as `filesync id` prints it.
+    pub id: String,
+    /// `HOST:PORT` to dial; `None` when the peer connects to us.
+    pub address: Option<String>,
+}
+
+/// Which way changes flow for this node's folder.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Send local changes and apply the peers'.
+    #[default]
+    SendReceive,
+    /// Send local changes; ignore the peers'.
+    SendOnly,
+    /// Apply the peers' changes; local writes through the mount fail with `EROFS`.
+    ReceiveOnly,
+}
+
+impl Mode {
+    /// Whether local changes are sent to peers.
+    pub fn sends(self) -> bool {
+        self != Mode::ReceiveOnly
+    }
+
+    /// Whether the peers' changes are applied here.
+    pub fn receives(self) -> bool {
+        self != Mode::SendOnly
+    }
+}
+
+/// When an `fsync` on the mount returns.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the data is durable here; peers get it at once, asynchronously.
+    #[default]
+    Async,
+    /// Once every connected peer has also made it durable.
+    Sync,
+}
+
+/// How this node replicates, after every source is merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replication {
+    pub peers: Vec<PeerSpec>,
+    /// Where peers may connect; `None` accepts no connections.
+    pub listen: Option<SocketAddr>,
+    pub mode: Mode,
+    pub durability: Durability,
+    /// This node's private key file.
+    pub key: PathBuf,
+    /// The zstd level; `None` sends everything uncompressed.
+    pub compression: Option<i32>,
+}
+
+impl Replication {
+    /// Whether this mount talks to any peer at all.
+    pub fn is_enabled(&self) -> bool {
+        !self.peers.is_empty() || self.listen.is_some()
+    }
+}
+
 /// Standard mount flags that reach the kernel's mount call. `None` keeps the default, which
 /// for FUSE mounts is `nodev`, `nosuid`, `exec`, `relatime` and asynchronous writes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +438,18 @@ pub struct MountOptions {
     pub debounce: Option<Duration>,
     /// `telemetry=off|ADDRESS:PORT`: where to serve the telemetry page; `Some(None)` is `off`.
     pub telemetry: Option<Option<SocketAddr>>,
+    /// `peer=ID[@HOST:PORT]`, repeatable: the nodes this one replicates with.
+    pub peers: Vec<PeerSpec>,
+    /// `listen=off|ADDRESS:PORT`: where peers may connect; `Some(None)` is `off`.
+    pub listen: Option<Option<SocketAddr>>,
+    /// `mode=MODE`: whether this node sends, receives or both.
+    pub mode: Option<Mode>,
+    /// `durability=async|sync`: when an `fsync` on the mount returns.
+    pub durability: Option<Durability>,
+    /// `key=PATH`: this node's private key.
+    pub key: Option<PathBuf>,
+    /// `compression=off|LEVEL`: the zstd level; `Some(None)` is `off`.
+    pub compression: Option<Option<i32>>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -382,6 +485,12 @@ impl MountOptions {
             watcher: later.watcher.or(self.watcher),
             debounce: later.debounce.or(self.debounce),
             telemetry: later.telemetry.or(self.telemetry),
+            peers: merge_peers(self.peers, later.peers),
+            listen: later.listen.or(self.listen),
+            mode: later.mode.or(self.mode),
+            durability: later.durability.or(self.durability),
+            key: later.key.or(self.key),
+            compression: later.compression.or(self.compression),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -410,6 +519,19 @@ impl MountOptions {
             "debounce_us" => self.debounce = Some(check_debounce(needs("N")?, &origin)?),
             "telemetry" => {
                 self.telemetry = Some(check_telemetry(needs("off|ADDRESS:PORT")?, &origin)?);
+            }
+            "peer" => {
+                let peer = check_peer(needs("ID[@HOST:PORT]")?, &origin)?;
+                self.peers = merge_peers(std::mem::take(&mut self.peers), vec![peer]);
+            }
+            "listen" => self.listen = Some(check_listen(needs("off|ADDRESS:PORT")?, &origin)?),
+            "mode" => self.mode = Some(check_mode(needs("MODE")?, &origin)?),
+            "durability" => {
+                self.durability = Some(check_durability(needs("async|sync")?, &origin)?);
+            }
+            "key" => self.key = Some(check_absolute(needs("PATH")?, &origin)?),
+            "compression" => {
+                self.compression = Some(check_compression(needs("off|LEVEL")?, &origin)?);
             }
             "config" => self.config = Some(check_absolute(needs("PATH")?, &origin)?),
             "allow_other" => {
@@ -469,6 +591,8 @@ pub struct Settings {
     /// Where to serve the telemetry page; `None` is off. Any address is accepted, but only
     /// a loopback one (the default) keeps the page private.
     pub telemetry: Option<SocketAddr>,
+    /// Replication: peers, listening address, mode, durability, key and compression.
+    pub replication: Replication,
     /// The settings file actually read, if any, so it can be reported in the log.
     pub config_file: Option<PathBuf>,
     /// Standard mount flags for the kernel (mount options only).
@@ -682,6 +806,94 @@ fn check_telemetry(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<SocketAdd
     }
 }
 
+/// Check a peer: `ID` or `ID@HOST:PORT`. The ID's checksum is verified when the mount
+/// starts (it needs the identity module); here its shape and the address are checked.
+fn check_peer(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PeerSpec, ConfigError> {
+    let text = raw.text().ok_or_else(|| raw.invalid(origin, EXPECT_PEER))?;
+    let (id, address) = match text.split_once('@') {
+        Some((id, address)) => (id, Some(address)),
+        None => (text, None),
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let address_ok = address.is_none_or(|address| {
+        address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        })
+    });
+    if !id_ok || !address_ok {
+        return Err(raw.invalid(origin, EXPECT_PEER));
+    }
+    Ok(PeerSpec {
+        id: id.to_owned(),
+        address: address.map(str::to_owned),
+    })
+}
+
+/// Check a listening address: `off` (`None`) or an IP socket address with a non-zero port.
+fn check_listen(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    match raw.text() {
+        Some(text) if text.eq_ignore_ascii_case("off") => Ok(None),
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(address) if address.port() != 0 => Ok(Some(address)),
+            _ => Err(raw.invalid(origin, EXPECT_LISTEN)),
+        },
+        None => Err(raw.invalid(origin, EXPECT_LISTEN)),
+    }
+}
+
+/// Check a folder mode.
+fn check_mode(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Mode, ConfigError> {
+    let modes = [
+        ("sendreceive", Mode::SendReceive),
+        ("sendonly", Mode::SendOnly),
+        ("receiveonly", Mode::ReceiveOnly),
+    ];
+    raw.text()
+        .and_then(|text| {
+            modes
+                .into_iter()
+                .find(|(word, _)| text.eq_ignore_ascii_case(word))
+        })
+        .map(|(_, mode)| mode)
+        .ok_or_else(|| raw.invalid(origin, EXPECT_MODE))
+}
+
+/// Check a durability level.
+fn check_durability(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Durability, ConfigError> {
+    match raw.text() {
+        Some(text) if text.eq_ignore_ascii_case("async") => Ok(Durability::Async),
+        Some(text) if text.eq_ignore_ascii_case("sync") => Ok(Durability::Sync),
+        _ => Err(raw.invalid(origin, EXPECT_DURABILITY)),
+    }
+}
+
+/// Check a compression level: `off` (`None`) or a zstd level from 1 to 19.
+fn check_compression(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<i32>, ConfigError> {
+    if raw
+        .text()
+        .is_some_and(|text| text.eq_ignore_ascii_case("off"))
+    {
+        return Ok(None);
+    }
+    match raw.whole_number() {
+        Some(level @ 1..=19) => Ok(Some(level as i32)),
+        _ => Err(raw.invalid(origin, EXPECT_COMPRESSION)),
+    }
+}
+
+/// Peers from two sources: all of them, a later entry for the same ID replacing the
+/// earlier one (so a mount option can give an address the settings file lacks).
+fn merge_peers(earlier: Vec<PeerSpec>, later: Vec<PeerSpec>) -> Vec<PeerSpec> {
+    let mut peers = earlier;
+    for peer in later {
+        peers.retain(|known| known.id != peer.id);
+        peers.push(peer);
+    }
+    peers
+}
+
 /// Check a path that must be absolute, because a mount helper's working directory is unknown.
 fn check_absolute(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PathBuf, ConfigError> {
     match raw.text().map(Path::new) {
@@ -809,7 +1021,8 @@ fn is_ignored_standard_option(
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a settings file with [node], [sync], [mount], [capture] and [telemetry]"
+    expecting = "a settings file with [node], [sync], [mount], [capture], [telemetry] and \
+                 [replication]"
 )]
 struct SettingsFile {
     #[serde(default)]
@@ -822,6 +1035,8 @@ struct SettingsFile {
     capture: CaptureSection,
     #[serde(default)]
     telemetry: TelemetrySection,
+    #[serde(default)]
+    replication: ReplicationSection,
 }
 
 /// `[node]`: who this machine is.
@@ -883,6 +1098,22 @@ struct TelemetrySection {
     listen: Option<toml::Value>,
 }
 
+/// `[replication]`: peers and how changes travel to them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [replication] table with the keys peers, listen, mode, durability, key and \
+                 compression"
+)]
+struct ReplicationSection {
+    peers: Option<Vec<toml::Value>>,
+    listen: Option<toml::Value>,
+    mode: Option<toml::Value>,
+    durability: Option<toml::Value>,
+    key: Option<toml::Value>,
+    compression: Option<toml::Value>,
+}
+
 /// Check an optional value with `check`, naming `origin` if it is invalid.
 fn checked<T>(
     raw: Option<Raw<'_>>,
@@ -901,6 +1132,7 @@ impl SettingsFile {
         self.mount.apply_to(file, &mut layer)?;
         self.capture.apply_to(file, &mut layer)?;
         self.telemetry.apply_to(file, &mut layer)?;
+        self.replication.apply_to(file, &mut layer)?;
         Ok(layer)
     }
 }
@@ -981,6 +1213,31 @@ impl TelemetrySection {
     fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
         let listen = raw(&self.listen);
         layer.telemetry = checked(listen, key_in(file, "[telemetry].listen"), check_telemetry)?;
+        Ok(())
+    }
+}
+
+impl ReplicationSection {
+    /// Check `[replication]` and put its values into `layer`.
+    fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
+        let key = |name| key_in(file, name);
+        for peer in self.peers.iter().flatten() {
+            let peer = check_peer(Raw::Toml(peer), &key("[replication].peers"))?;
+            layer.peers = merge_peers(std::mem::take(&mut layer.peers), vec![peer]);
+        }
+        layer.listen = checked(raw(&self.listen), key("[replication].listen"), check_listen)?;
+        layer.mode = checked(raw(&self.mode), key("[replication].mode"), check_mode)?;
+        layer.durability = checked(
+            raw(&self.durability),
+            key("[replication].durability"),
+            check_durability,
+        )?;
+        layer.key = checked(raw(&self.key), key("[replication].key"), check_absolute)?;
+        layer.compression = checked(
+            raw(&self.compression),
+            key("[replication].compression"),
+            check_compression,
+        )?;
         Ok(())
     }
 }
@@ -1109,6 +1366,16 @@ impl Host {
             watcher: merged.watcher.flatten(),
             debounce: merged.debounce.unwrap_or(DEFAULT_DEBOUNCE),
             telemetry: merged.telemetry.unwrap_or(Some(DEFAULT_TELEMETRY)),
+            replication: Replication {
+                peers: merged.peers,
+                listen: merged.listen.flatten(),
+                mode: merged.mode.unwrap_or_default(),
+                durability: merged.durability.unwrap_or_default(),
+                key: merged
+                    .key
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_PATH)),
+                compression: merged.compression.unwrap_or(Some(DEFAULT_COMPRESSION)),
+            },
             config_file,
             kernel: merged.kernel,
         }
@@ -1263,6 +1530,14 @@ mod tests {
                 watcher: None,
                 debounce: Duration::from_millis(1),
                 telemetry: Some("127.0.0.1:9900".parse().expect("address")),
+                replication: Replication {
+                    peers: Vec::new(),
+                    listen: None,
+                    mode: Mode::SendReceive,
+                    durability: Durability::Async,
+                    key: PathBuf::from(DEFAULT_KEY_PATH),
+                    compression: Some(3),
+                },
                 config_file: None,
                 kernel: KernelFlags::default(),
             }
@@ -1611,6 +1886,75 @@ mod tests {
     }
 
     #[test]
+    fn replication_options() {
+        let parsed = MountOptions::parse(
+            "peer=AAAA-BBBB@10.0.0.2:7878,peer=CCCC,listen=0.0.0.0:7878,mode=receiveonly,\
+             durability=sync,key=/etc/k,compression=off,peer=AAAA-BBBB@[::1]:9",
+        )
+        .expect("valid options");
+        assert_eq!(
+            parsed.peers,
+            vec![
+                PeerSpec {
+                    id: "CCCC".to_owned(),
+                    address: None
+                },
+                PeerSpec {
+                    id: "AAAA-BBBB".to_owned(),
+                    address: Some("[::1]:9".to_owned())
+                },
+            ]
+        );
+        assert_eq!(
+            parsed.listen,
+            Some(Some("0.0.0.0:7878".parse().expect("address")))
+        );
+        assert_eq!(parsed.mode, Some(Mode::ReceiveOnly));
+        assert_eq!(parsed.durability, Some(Durability::Sync));
+        assert_eq!(parsed.key, Some(PathBuf::from("/etc/k")));
+        assert_eq!(parsed.compression, Some(None));
+        for bad in [
+            "peer=",
+            "peer=AB@host",
+            "peer=AB@host:0",
+            "peer=A/B",
+            "peer=AB@:77",
+            "listen=7878",
+            "listen=localhost:7878",
+            "mode=mirror",
+            "durability=always",
+            "key=relative",
+            "compression=20",
+            "compression=0",
+        ] {
+            let message = parse_error(bad);
+            let name = bad.split('=').next().unwrap_or(bad);
+            assert!(message.contains(name), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn replication_section_and_peers_from_every_source() {
+        let file =
+            "[replication]\npeers = [\"AAAA@10.0.0.1:1\", \"BBBB\"]\nlisten = \"127.0.0.1:7000\"\n\
+                    mode = \"sendonly\"\ndurability = \"sync\"\ncompression = 9\n";
+        let replication = settings("peer=BBBB@10.0.0.3:3", Some(file), &[]).replication;
+        assert_eq!(replication.peers.len(), 2);
+        assert_eq!(replication.peers[1].address.as_deref(), Some("10.0.0.3:3"));
+        assert_eq!(
+            replication.listen,
+            Some("127.0.0.1:7000".parse().expect("address"))
+        );
+        assert_eq!(replication.mode, Mode::SendOnly);
+        assert_eq!(replication.durability, Durability::Sync);
+        assert_eq!(replication.compression, Some(9));
+        assert!(replication.is_enabled());
+        let message = error("", Some("[replication]\nmode = \"both\"\n"), &[]);
+        assert_mentions(&message, &["[replication].mode", "sendreceive"]);
+        assert!(!settings("", None, &[]).replication.is_enabled());
+    }
+
+    #[test]
     fn parses_every_option() {
         let parsed = MountOptions::parse(
             "node_id=n-1,node_name=Node 1,sync_interval=10,allow_other,ro,passthrough=no,\
@@ -1636,6 +1980,7 @@ mod tests {
                 telemetry: Some(Some("[::1]:9901".parse().expect("address"))),
                 config: Some(PathBuf::from("/etc/f.toml")),
                 kernel: KernelFlags::default(),
+                ..MountOptions::default()
             }
         );
     }

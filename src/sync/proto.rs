@@ -206,14 +206,19 @@ pub enum Message {
     /// Receiver → sender: the directories whose digests differ.
     WantDirs(Vec<RelPath>),
     /// Sender → receiver: the entries of one wanted directory.
-    Listing { dir: RelPath, entries: Vec<Entry> },
+    Listing {
+        dir: RelPath,
+        entries: Vec<Entry>,
+    },
     /// Receiver → sender: the files that differ.
     WantFiles(Vec<Want>),
     /// Sender → receiver: every wanted file was sent; what follows is live.
     CaughtUp,
     Change(Change),
     /// Receiver → sender: every change up to `seq` is durable here.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// The other side made an error; the connection closes after it.
     Error(String),
 }
