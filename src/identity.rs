@@ -128,11 +128,13 @@ impl FromStr for NodeId {
         }
         let raw = data_encoding::BASE32_NOPAD
             .decode(compact.as_bytes())
-            .map_err(|_| NodeIdError::Checksum { text: shown.clone() })?;
+            .map_err(|_| NodeIdError::Checksum {
+                text: shown.clone(),
+            })?;
         let (key, check) = raw.split_at(raw.len().min(32));
-        let key: [u8; 32] = key
-            .try_into()
-            .map_err(|_| NodeIdError::Checksum { text: shown.clone() })?;
+        let key: [u8; 32] = key.try_into().map_err(|_| NodeIdError::Checksum {
+            text: shown.clone(),
+        })?;
         let id = NodeId(key);
         if check != id.check_code() {
             return Err(NodeIdError::Checksum { text: shown });
@@ -335,7 +337,10 @@ mod tests {
         assert_eq!(text.split('-').count(), ID_CHARS / GROUP_LEN);
         assert_eq!(text.parse::<NodeId>(), Ok(id));
         // Case and dashes do not matter when typing an ID.
-        assert_eq!(text.replace('-', "").to_lowercase().parse::<NodeId>(), Ok(id));
+        assert_eq!(
+            text.replace('-', "").to_lowercase().parse::<NodeId>(),
+            Ok(id)
+        );
     }
 
     #[test]

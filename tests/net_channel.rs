@@ -148,7 +148,10 @@ fn messages_flow_both_ways_and_a_close_is_clean() {
     let (listener, dialer, accepted) = connected_pair(&server, &client, |_| {});
     dialer.send(change(1, b"from the dialer".to_vec())).unwrap();
     accepted.send(Message::Ack { seq: 1 }).unwrap();
-    assert_eq!(expect_received(&accepted), change(1, b"from the dialer".to_vec()));
+    assert_eq!(
+        expect_received(&accepted),
+        change(1, b"from the dialer".to_vec())
+    );
     assert_eq!(expect_received(&dialer), Message::Ack { seq: 1 });
 
     // Queued right before closing, still delivered: close sends what is queued first.
@@ -178,7 +181,10 @@ fn messages_keep_flowing_across_many_rekeys() {
         dialer
     });
     for seq in 0..count {
-        assert_eq!(expect_received(&accepted), change(seq, vec![seq as u8; 100]));
+        assert_eq!(
+            expect_received(&accepted),
+            change(seq, vec![seq as u8; 100])
+        );
         accepted.send(Message::Ack { seq }).unwrap();
     }
     let dialer = sender.join().unwrap();
@@ -201,9 +207,7 @@ fn a_message_near_the_limit_arrives_whole() {
     dialer.send(big.clone()).unwrap();
     assert_eq!(expect_received(&accepted), big);
     // The link survives a message it refuses to send because it is too large.
-    dialer
-        .send(change(8, vec![0; proto::MAX_MESSAGE]))
-        .unwrap();
+    dialer.send(change(8, vec![0; proto::MAX_MESSAGE])).unwrap();
     dialer.send(Message::CaughtUp).unwrap();
     assert_eq!(expect_received(&accepted), Message::CaughtUp);
     dialer.close();
@@ -377,7 +381,10 @@ fn raw_client_connected() -> (Listener, RawPeer, Link) {
     let listener = Listener::bind(loopback(), config(&server, &[client.id()])).unwrap();
     let mut raw = RawPeer::connect(listener.local_addr(), &client);
     raw.introduce();
-    assert_eq!(raw.recv_plain(), Some(PROTOCOL_VERSION.to_be_bytes().to_vec()));
+    assert_eq!(
+        raw.recv_plain(),
+        Some(PROTOCOL_VERSION.to_be_bytes().to_vec())
+    );
     assert!(matches!(raw.recv_message(), Some(Message::Hello(_))));
     let link = accept(&listener);
     assert_eq!(expect_connected(&link).node_name, "raw");
@@ -387,7 +394,10 @@ fn raw_client_connected() -> (Listener, RawPeer, Link) {
 fn assert_dropped(link: &Link, raw: &mut RawPeer, expected: &str) {
     let (reason, clean) = expect_disconnected(link);
     assert!(!clean, "{reason}");
-    assert!(reason.contains(expected), "'{reason}' does not say '{expected}'");
+    assert!(
+        reason.contains(expected),
+        "'{reason}' does not say '{expected}'"
+    );
     assert!(raw.sees_end());
     assert!(!link.is_connected());
 }
@@ -464,7 +474,10 @@ fn another_protocol_version_is_named_on_both_sides() {
         NetError::Version { ours, theirs } => assert_eq!((ours, theirs), (PROTOCOL_VERSION, 999)),
         other => panic!("expected a version error, got {other}"),
     }
-    assert_eq!(raw.recv_plain(), Some(PROTOCOL_VERSION.to_be_bytes().to_vec()));
+    assert_eq!(
+        raw.recv_plain(),
+        Some(PROTOCOL_VERSION.to_be_bytes().to_vec())
+    );
     assert!(matches!(raw.recv_message(), Some(Message::Hello(_))));
     match raw.recv_message() {
         Some(Message::Error(text)) => assert!(text.contains("999"), "{text}"),
@@ -503,7 +516,11 @@ fn silent_peers_time_out() {
     };
     // A dialer meets a server that accepts and never answers.
     let silent = TcpListener::bind(loopback()).unwrap();
-    let dialer = Link::dial(server.id(), silent.local_addr().unwrap(), quick(&client, &[]));
+    let dialer = Link::dial(
+        server.id(),
+        silent.local_addr().unwrap(),
+        quick(&client, &[]),
+    );
     let (reason, clean) = expect_disconnected(&dialer);
     assert!(!clean);
     assert!(reason.contains("silent"), "{reason}");
@@ -529,7 +546,10 @@ fn a_connected_peer_that_goes_quiet_is_dropped() {
     let link = accept(&listener);
     expect_connected(&link);
     // Keepalives arrive while the raw peer sends nothing back, and are not events.
-    assert_eq!(raw.recv_plain(), Some(PROTOCOL_VERSION.to_be_bytes().to_vec()));
+    assert_eq!(
+        raw.recv_plain(),
+        Some(PROTOCOL_VERSION.to_be_bytes().to_vec())
+    );
     assert!(matches!(raw.recv_message(), Some(Message::Hello(_))));
     assert_eq!(raw.recv_message(), Some(Message::Keepalive));
     let (reason, clean) = expect_disconnected(&link);
@@ -621,7 +641,10 @@ fn key_files_of_the_wrong_size_or_missing_are_refused() {
     std::fs::write(&path, [1u8; 33]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let error = NodeKey::load(&path).unwrap_err();
-    assert!(matches!(error, IdentityError::WrongSize { len: 33, .. }), "{error}");
+    assert!(
+        matches!(error, IdentityError::WrongSize { len: 33, .. }),
+        "{error}"
+    );
     assert!(!error.to_string().contains('\n'));
 }
 

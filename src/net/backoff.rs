@@ -45,11 +45,11 @@ mod tests {
     #[test]
     fn delays_double_up_to_the_maximum_within_jitter() {
         let mut backoff = Backoff::new(MIN_DELAY, Duration::from_secs(1));
-        let ceilings = [100, 200, 400, 800, 1000, 1000];
+        let ceilings: [u128; 6] = [100, 200, 400, 800, 1000, 1000];
         for ceiling in ceilings {
             let delay = backoff.next_delay().as_millis();
             assert!(
-                (u128::from(ceiling) / 2..=u128::from(ceiling)).contains(&delay),
+                (ceiling / 2..=ceiling).contains(&delay),
                 "{delay} ms outside [{}, {ceiling}]",
                 ceiling / 2
             );

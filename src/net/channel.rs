@@ -194,7 +194,9 @@ impl ChannelReceiver {
             .get(..len)
             .and_then(|bytes| <[u8; 2]>::try_from(bytes).ok())
             .map(u16::from_be_bytes)
-            .ok_or(NetError::Malformed("the first message is not a protocol version"))
+            .ok_or(NetError::Malformed(
+                "the first message is not a protocol version",
+            ))
     }
 
     /// Reads and decrypts one frame into `self.plaintext`; returns the plaintext length.
@@ -250,7 +252,9 @@ pub(crate) fn establish(
     let local = cfg.key.id();
     // A dialer refused by the other side sees the connection end right here.
     let refused = |e: NetError| match e {
-        NetError::PeerClosed | NetError::Truncated if initiator => NetError::RefusedByPeer { local },
+        NetError::PeerClosed | NetError::Truncated if initiator => {
+            NetError::RefusedByPeer { local }
+        }
         NetError::Io(e)
             if initiator
                 && matches!(

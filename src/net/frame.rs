@@ -72,7 +72,9 @@ pub(crate) fn read_frame(
     read_exact(stream, &mut header, deadline, at_boundary)?;
     let len = usize::from(u16::from_be_bytes(header));
     if len < TAG_LEN {
-        return Err(NetError::Malformed("a frame shorter than its authentication tag"));
+        return Err(NetError::Malformed(
+            "a frame shorter than its authentication tag",
+        ));
     }
     frame.resize(len, 0);
     read_exact(stream, frame, deadline, false)
@@ -100,7 +102,9 @@ fn read_exact(
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(NetError::Io(e)),
         }

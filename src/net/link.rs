@@ -361,10 +361,7 @@ fn run_connection(ctx: &Context, established: Established) -> (String, bool) {
     drop(ended);
     let _ = socket.shutdown(std::net::Shutdown::Both);
     let _ = writer.join();
-    let error = first_error
-        .lock()
-        .take()
-        .unwrap_or(NetError::PeerClosed);
+    let error = first_error.lock().take().unwrap_or(NetError::PeerClosed);
     let error = if ctx.shared.closing.load(Ordering::SeqCst) {
         NetError::ClosedHere
     } else {

@@ -153,7 +153,9 @@ pub enum NetError {
     },
     #[error("the peer took no data for {}s: it is stuck or the network is down", .waited.as_secs_f64())]
     WriteTimeout { waited: Duration },
-    #[error("Noise handshake failed ({0}): the peer is not a filesync node or its key does not match")]
+    #[error(
+        "Noise handshake failed ({0}): the peer is not a filesync node or its key does not match"
+    )]
     Handshake(String),
     #[error(
         "peer {peer} is not in this node's peer list: add it with -o peer={peer} or in the settings file"
@@ -177,7 +179,9 @@ pub enum NetError {
     Version { ours: u16, theirs: u16 },
     #[error("the peer refused the connection: {0}")]
     Remote(String),
-    #[error("a frame failed to decrypt (tampered with, replayed or reordered): connection dropped")]
+    #[error(
+        "a frame failed to decrypt (tampered with, replayed or reordered): connection dropped"
+    )]
     Decrypt,
     #[error("the peer announced a {len}-byte message, more than the {max}-byte limit: connection dropped")]
     Oversized { len: u64, max: usize },
@@ -187,7 +191,9 @@ pub enum NetError {
     Truncated,
     #[error("a message from the peer does not decode ({0}): connection dropped")]
     Decode(String),
-    #[error("a message is too large to send ({0}): split it into pieces of at most proto::MAX_CHUNK")]
+    #[error(
+        "a message is too large to send ({0}): split it into pieces of at most proto::MAX_CHUNK"
+    )]
     Encode(String),
     #[error("encryption failed ({0}): connection dropped")]
     Encrypt(String),

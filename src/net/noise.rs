@@ -20,7 +20,10 @@ const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 
 /// A snow builder for [`NOISE_PARAMS`] with this node's static key and our primitives.
-pub(crate) fn handshake(private_key: &[u8; 32], initiator: bool) -> Result<snow::HandshakeState, NetError> {
+pub(crate) fn handshake(
+    private_key: &[u8; 32],
+    initiator: bool,
+) -> Result<snow::HandshakeState, NetError> {
     let params: NoiseParams = NOISE_PARAMS
         .parse()
         .map_err(|e: snow::Error| NetError::Handshake(e.to_string()))?;
@@ -226,10 +229,14 @@ mod tests {
         let len_b = cipher_theirs.encrypt(7, b"ad", plain, &mut b);
         assert_eq!(a[..len_a], b[..len_b]);
         let mut back = [0u8; 64];
-        let n = cipher_ours.decrypt(7, b"ad", &b[..len_b], &mut back).unwrap();
+        let n = cipher_ours
+            .decrypt(7, b"ad", &b[..len_b], &mut back)
+            .unwrap();
         assert_eq!(&back[..n], plain);
         a[0] ^= 1;
-        assert!(cipher_ours.decrypt(7, b"ad", &a[..len_a], &mut back).is_err());
+        assert!(cipher_ours
+            .decrypt(7, b"ad", &a[..len_a], &mut back)
+            .is_err());
         cipher_ours.rekey();
         cipher_theirs.rekey();
         let len_a = cipher_ours.encrypt(8, b"", plain, &mut a);
