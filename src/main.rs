@@ -16,6 +16,7 @@ use signal_hook::iterator::Signals;
 
 use filesync::capture::{self, WatchSpec};
 use filesync::config::{self, MountOptions, Settings};
+use filesync::identity::{self, NodeKey};
 use filesync::install::{self, InstallPlan};
 use filesync::mount::{self, Detached, MountPlan};
 use filesync::pipeline::{self, Pipeline};
@@ -88,6 +89,32 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Make this node's key pair, store it (mode 0600) and print the node ID, which
+    /// peers list in their `-o peer=` options.
+    ///
+    /// Examples:
+    ///   filesync keygen
+    ///   filesync keygen --key /etc/filesync/other.key --force
+    #[command(verbatim_doc_comment)]
+    Keygen {
+        /// Where to store the key.
+        #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
+        key: PathBuf,
+        /// Replace an existing key; the node then gets a new ID.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this node's ID (its public key, with a check code against typos).
+    ///
+    /// Examples:
+    ///   filesync id
+    ///   filesync id --key /etc/filesync/other.key
+    #[command(verbatim_doc_comment)]
+    Id {
+        /// The key file written by `filesync keygen`.
+        #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
+        key: PathBuf,
+    },
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
@@ -117,6 +144,8 @@ fn main() -> ExitCode {
         } => run_watch(&folder, &options, config.as_deref()),
         Command::Install { root } => run_install(root, false),
         Command::Uninstall { root } => run_install(root, true),
+        Command::Keygen { key, force } => run_keygen(&key, force),
+        Command::Id { key } => run_id(&key),
         Command::Demo => run_demo(),
     };
     match result {
@@ -292,6 +321,17 @@ fn run_install(root: PathBuf, remove: bool) -> anyhow::Result<()> {
     } else {
         install::install(&plan)?;
     }
+    Ok(())
+}
+
+fn run_keygen(key_path: &Path, force: bool) -> anyhow::Result<()> {
+    let key = NodeKey::create(key_path, force)?;
+    println!("{}", key.id());
+    Ok(())
+}
+
+fn run_id(key_path: &Path) -> anyhow::Result<()> {
+    println!("{}", NodeKey::load(key_path)?.id());
     Ok(())
 }
 

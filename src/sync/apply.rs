@@ -1,1 +1,1670 @@
-//! (being written)
+//! The receiving side: applying a peer's [`Change`]s to the backing folder so that a crash
+//! at any instant leaves every file either as it was or as it should become, and the index
+//! advancing only once the data is durable.
+//!
+//! How each kind of change is made safe:
+//! - **New and small files, deltas, whole files** are built in a temporary file in the
+//!   target's directory (`O_TMPFILE`, so a crash leaves no name behind), given their
+//!   metadata, fsync'd, and then put in place in one step (`linkat` for a new name,
+//!   `rename` over an old one), and the directory is fsync'd. A reader sees the old file
+//!   or the new one, never a half-written one.
+//! - **Large files** (from [`SMALL_FILE`] bytes, or with more than one hard link, which a
+//!   rename would split) are patched in place under the redo [`Journal`]: the ranges are
+//!   journaled and fsync'd first, then written, the file fsync'd, the journal emptied.
+//!   [`Applier::open`] replays a complete record left by a crash and drops a torn one. The
+//!   cost follows the size of the change, not of the file. While a patch is written a
+//!   reader of that file can see part of it; that is the price of not copying the file.
+//! - **Whole-file transfers** arrive in pieces into a partial file in the state directory
+//!   (`partial/<BLAKE3 of the path>.data`, with a `.head` naming the path and the
+//!   version), fsync'd every [`CHECKPOINT`] bytes; the target is untouched until the last
+//!   piece. The version identity is [`version_id`] of the size and mtime the sender
+//!   announced (the receiver cannot know the content hash before it has the content), so
+//!   [`Applier::want`] reports `resume: Some((version_id, bytes held))` and the sender
+//!   resumes when its file still has that size and mtime.
+//! - **Names** (directories, symlinks, device nodes, links, removals, renames) are single
+//!   `*at()` calls, followed by an fsync of the directories involved. A symlink or device
+//!   node is created under a temporary name and renamed over the old entry.
+//!
+//! Every path is checked by [`safe_path::checked`] and resolved from the folder's
+//! descriptor without following symlinks ([`safe_path::open_parent`]); nothing here joins
+//! path strings onto the folder's path.
+//!
+//! The few temporary names this module creates (for symlinks, device nodes, and replacing
+//! an existing file) start with [`TEMP_PREFIX`]; the one in use is noted in
+//! `<state dir>/pending-temp` before it is created, and [`Applier::open`] removes it if a
+//! crash left it behind.
+//!
+//! Known limits: a delta or whole-file transfer replaces the file's inode, so other hard
+//! links to it keep the old content (the sender's change for those names fixes them). A
+//! delta reads the current file through a memory map: a local process truncating that
+//! file at the same moment would crash the daemon (receive-only mounts refuse local
+//! writes, so only a process writing to the backing folder directly can do this).
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fast_rsync::{Signature, SignatureOptions};
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, XattrFlags, CWD,
+    UTIME_OMIT,
+};
+use rustix::io::Errno;
+
+use super::journal::{Found, Journal, JournalError};
+use super::proto::{Change, Codec, FileData, Hash, Meta, Op, Payload, RelPath, Want};
+use super::safe_path::{self, Parent, PathError, ResolveError};
+use crate::index::{record_for, FileRecord, Index, IndexError, BLOCK_SIZE};
+
+/// Files from this size on are patched in place under the journal rather than copied.
+pub const SMALL_FILE: u64 = 1024 * 1024;
+
+/// A whole-file transfer is made durable (and resumable) every this many bytes.
+pub const CHECKPOINT: u64 = 32 * BLOCK_SIZE;
+
+/// Names of the temporary entries the applier creates in the folder start with this.
+pub const TEMP_PREFIX: &str = ".filesync-tmp.";
+
+const PENDING_TEMP: &str = "pending-temp";
+const PARTIAL_DIR: &str = "partial";
+const PARTIAL_MAGIC: &[u8; 8] = b"FSPART01";
+/// Offset of the durable-length field in a partial's head.
+const HEAD_DURABLE_AT: u64 = 8 + 32;
+
+/// Deepest directory tree a removal descends into (it holds one descriptor per level).
+const MAX_TREE_DEPTH: usize = 512;
+/// The most entries one removal deletes; a tree that keeps growing while it is removed
+/// stops it here instead of looping forever.
+const MAX_TREE_ENTRIES: u64 = 1 << 32;
+
+/// Signatures describe at most about this many blocks, so that a [`Want`] stays far below
+/// [`MAX_MESSAGE`](super::proto::MAX_MESSAGE) even for large files (16 bytes per block: 256 KiB).
+const SIGNATURE_BLOCKS: u64 = 16 * 1024;
+const SIGNATURE_MIN_BLOCK: u64 = 2048;
+const SIGNATURE_MAX_BLOCK: u64 = 1024 * 1024;
+/// Bytes of MD4 kept per block; matches are verified by BLAKE3 afterwards anyway.
+const SIGNATURE_STRONG_BYTES: u32 = 12;
+
+/// Why a change could not be applied. Each leaves the folder as it was, except where
+/// noted: the integrator can retry, ask for the whole file, or resynchronise the path.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("refused path {path:?} from the peer: {reason}; nothing was changed (the sender must send paths inside the folder)")]
+    BadPath { path: String, reason: PathError },
+    #[error("cannot open {path:?}: {source}; check that it exists, is a directory and is accessible")]
+    Setup { path: PathBuf, source: io::Error },
+    #[error("{path:?}: {what} failed: {source}; check the backing folder's permissions and free space")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("{path:?}: payload still encoded as {codec:?}; decompress it before applying")]
+    Encoded { path: PathBuf, codec: Codec },
+    #[error("{path:?}: malformed change ({reason}); ask the sender for the whole file")]
+    BadPayload { path: PathBuf, reason: String },
+    #[error("{path:?}: the local content is not the delta's base; ask the sender for the whole file")]
+    BaseMismatch { path: PathBuf },
+    #[error("{path:?}: the result does not match the sender's block hashes; ask the sender for the whole file")]
+    Diverged { path: PathBuf },
+    #[error("{path:?} is not here but the change needs it; ask the sender for the whole file or directory")]
+    Missing { path: PathBuf },
+    #[error("{path:?}: whole-file piece at offset {offset} does not continue the {held} bytes held for this version; call want() and resume from what it reports")]
+    OutOfOrder { path: PathBuf, offset: u64, held: u64 },
+    #[error("{path:?}: data is durable but the index was not updated: {source}")]
+    Index { path: PathBuf, source: IndexError },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// What [`Applier::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Relative paths whose state changed (for cache invalidation): the change's path(s),
+    /// directories created on the way, and removed paths (their subtrees implied).
+    pub paths: Vec<PathBuf>,
+    /// True when the change is in place, durable and recorded in the index, so it may be
+    /// acknowledged. False only for a non-final whole-file piece, which is staged (durable
+    /// at checkpoints) while the target stays untouched.
+    pub durable: bool,
+}
+
+/// The identity of a file version for resuming a whole-file transfer: BLAKE3 of the
+/// announced size and mtime. The sender compares it with the same function of its file.
+pub fn version_id(size: u64, mtime_ns: i64) -> Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"filesync version\0");
+    hasher.update(&size.to_le_bytes());
+    hasher.update(&mtime_ns.to_le_bytes());
+    *hasher.finalize().as_bytes()
+}
+
+/// Applies received changes to one backing folder. One applier per folder; changes are
+/// applied one at a time, in order.
+pub struct Applier {
+    /// The backing folder, `O_PATH | O_DIRECTORY`.
+    root: OwnedFd,
+    state_dir: PathBuf,
+    /// `<state dir>/partial`, `O_RDONLY | O_DIRECTORY`.
+    partial_dir: OwnedFd,
+    index: Arc<Index>,
+    /// Ownership is applied only when running as root.
+    as_root: bool,
+    journal: Journal,
+    pending_temp: File,
+    /// Whether the "cannot set this xattr" notice was logged (once per applier).
+    xattr_skip_logged: bool,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("state_dir", &self.state_dir)
+            .field("as_root", &self.as_root)
+            .finish()
+    }
+}
+
+/// How the index learns about a change once it is durable.
+#[derive(Default)]
+struct Outcome {
+    /// Tombstoned first, subtrees included.
+    removed: Vec<PathBuf>,
+    /// Then read back from disk, each with the record whose block hashes may be reused and
+    /// the ranges that changed (`None`: hash everything).
+    changed: Vec<(PathBuf, Option<FileRecord>, Option<Vec<(u64, u64)>>)>,
+}
+
+/// A temporary file that becomes the target.
+enum Temp {
+    /// `O_TMPFILE`: no name until it is linked in.
+    Unnamed(File),
+    /// Where `O_TMPFILE` is not supported: a [`TEMP_PREFIX`] name in the same directory.
+    Named(File, OsString),
+}
+
+impl Temp {
+    fn file(&self) -> &File {
+        match self {
+            Temp::Unnamed(f) | Temp::Named(f, _) => f,
+        }
+    }
+}
+
+fn io_err<'a, E: Into<io::Error>>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(E) -> ApplyError + 'a {
+    move |e| ApplyError::Io {
+        path: path.to_path_buf(),
+        what,
+        source: e.into(),
+    }
+}
+
+fn bad_path(path: &[u8], reason: PathError) -> ApplyError {
+    ApplyError::BadPath {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason,
+    }
+}
+
+fn checked(path: &RelPath) -> Result<PathBuf, ApplyError> {
+    safe_path::checked(path).map_err(|reason| bad_path(&path.0, reason))
+}
+
+fn resolve_err<'a>(
+    rel: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(ResolveError) -> ApplyError + 'a {
+    move |e| match e {
+        ResolveError::Unsafe(reason) => bad_path(rel.as_os_str().as_bytes(), reason),
+        ResolveError::Io(source) => ApplyError::Io {
+            path: rel.to_path_buf(),
+            what,
+            source,
+        },
+    }
+}
+
+fn proc_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn timestamps(mtime_ns: i64) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+        },
+    }
+}
+
+/// The raw bytes of a payload; compressed payloads must have been decoded before.
+fn raw<'a>(rel: &Path, payload: &'a Payload) -> Result<&'a [u8], ApplyError> {
+    if payload.codec != Codec::Raw {
+        return Err(ApplyError::Encoded {
+            path: rel.to_path_buf(),
+            codec: payload.codec,
+        });
+    }
+    if payload.raw_len as usize != payload.bytes.len() {
+        return Err(ApplyError::BadPayload {
+            path: rel.to_path_buf(),
+            reason: format!(
+                "payload says {} bytes but carries {}",
+                payload.raw_len,
+                payload.bytes.len()
+            ),
+        });
+    }
+    Ok(&payload.bytes)
+}
+
+/// Largest file offset accepted (what `off_t` holds).
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+fn check_extent(rel: &Path, offset: u64, len: usize) -> Result<(), ApplyError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= MAX_OFFSET => Ok(()),
+        _ => Err(ApplyError::BadPayload {
+            path: rel.to_path_buf(),
+            reason: format!("range at {offset} of {len} bytes lies beyond the largest file"),
+        }),
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Checks the `blocks` the sender hashed against what the file will hold once `ranges`
+/// are written over `old` (of `old_size` bytes) and it is cut or extended to `size`:
+/// computed before anything is written, so a mismatch changes nothing.
+fn check_blocks(
+    rel: &Path,
+    old: Option<&File>,
+    old_size: u64,
+    ranges: &[(u64, &[u8])],
+    size: u64,
+    blocks: &[(u64, Hash)],
+) -> Result<(), ApplyError> {
+    let diverged = || ApplyError::Diverged {
+        path: rel.to_path_buf(),
+    };
+    let mut buf = Vec::new();
+    for (index, hash) in blocks {
+        let start = index.checked_mul(BLOCK_SIZE).ok_or_else(diverged)?;
+        if start >= size {
+            return Err(diverged());
+        }
+        let end = (start + BLOCK_SIZE).min(size);
+        buf.clear();
+        buf.resize((end - start) as usize, 0);
+        if let Some(old) = old {
+            let old_end = end.min(old_size);
+            if old_end > start {
+                read_full(old, &mut buf[..(old_end - start) as usize], start)
+                    .map_err(io_err(rel, "reading the file"))?;
+            }
+        }
+        for (offset, data) in ranges {
+            let range_end = offset + data.len() as u64;
+            let from = (*offset).max(start);
+            let to = range_end.min(end);
+            if from < to {
+                let src = &data[(from - offset) as usize..(to - offset) as usize];
+                buf[(from - start) as usize..(to - start) as usize].copy_from_slice(src);
+            }
+        }
+        if blake3::hash(&buf).as_bytes() != hash {
+            return Err(diverged());
+        }
+    }
+    Ok(())
+}
+
+fn write_ranges(file: &File, ranges: &[(u64, &[u8])], size: u64) -> io::Result<()> {
+    for (offset, data) in ranges {
+        file.write_all_at(data, *offset)?;
+    }
+    file.set_len(size)
+}
+
+/// Copies the first `len` bytes of `from` into `to` (a reflink where the filesystem can).
+fn copy_prefix(from: &File, to: &File, len: u64) -> io::Result<()> {
+    let (mut off_in, mut off_out) = (0u64, 0u64);
+    while off_in < len {
+        let want = usize::try_from(len - off_in).unwrap_or(usize::MAX).min(1 << 30);
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                return copy_by_reading(from, to, off_in, len);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_reading(from: &File, to: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < len {
+        let want = ((len - at) as usize).min(buf.len());
+        let got = read_full(from, &mut buf[..want], at)?;
+        if got == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..got], at)?;
+        at += got as u64;
+    }
+    Ok(())
+}
+
+/// The content of `file` (`len` bytes) for reading in place.
+fn map(file: &File, len: u64) -> io::Result<Content> {
+    if len == 0 {
+        return Ok(Content::Empty);
+    }
+    // SAFETY: the map is only read. The backing folder of a receiving node is written by
+    // this applier alone (its mount refuses local writes); see the module notes.
+    let map = unsafe { memmap2::Mmap::map(file)? };
+    Ok(Content::Mapped(map))
+}
+
+enum Content {
+    Empty,
+    Mapped(memmap2::Mmap),
+}
+
+impl Content {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Content::Empty => &[],
+            Content::Mapped(m) => m,
+        }
+    }
+}
+
+fn signature_options(len: u64) -> SignatureOptions {
+    let block = len
+        .div_ceil(SIGNATURE_BLOCKS)
+        .max(SIGNATURE_MIN_BLOCK)
+        .next_power_of_two()
+        .min(SIGNATURE_MAX_BLOCK);
+    SignatureOptions {
+        block_size: block as u32,
+        crypto_hash_size: SIGNATURE_STRONG_BYTES,
+    }
+}
+
+/// An xattr call target: a readable descriptor, or the procfs path of an `O_PATH` one.
+enum XattrTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Proc(PathBuf),
+}
+
+impl XattrTarget<'_> {
+    fn list(&self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrTarget::Fd(fd) => rustix::fs::flistxattr(fd, buf),
+            XattrTarget::Proc(p) => rustix::fs::listxattr(p, buf),
+        }
+    }
+
+    fn set(&self, name: &OsStr, value: &[u8]) -> rustix::io::Result<()> {
+        match self {
+            XattrTarget::Fd(fd) => rustix::fs::fsetxattr(fd, name, value, XattrFlags::empty()),
+            XattrTarget::Proc(p) => rustix::fs::setxattr(p, name, value, XattrFlags::empty()),
+        }
+    }
+
+    fn remove(&self, name: &OsStr) -> rustix::io::Result<()> {
+        match self {
+            XattrTarget::Fd(fd) => rustix::fs::fremovexattr(fd, name),
+            XattrTarget::Proc(p) => rustix::fs::removexattr(p, name),
+        }
+    }
+
+    /// The attribute names, or none where the filesystem has no xattrs.
+    fn names(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut buf = vec![0u8; 1024];
+        for _ in 0..8 {
+            match self.list(&mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf
+                        .split(|&b| b == 0)
+                        .filter(|n| !n.is_empty())
+                        .map(<[u8]>::to_vec)
+                        .collect());
+                }
+                Err(Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+                Err(Errno::NOTSUP) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Errno::RANGE.into())
+    }
+}
+
+/// Namespaces whose attributes belong to the local system (labels, ACLs, trusted data):
+/// kept when the sender does not list them, skipped with a notice when they cannot be set.
+fn is_system_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"security.") || name.starts_with(b"system.") || name.starts_with(b"trusted.")
+}
+
+impl Applier {
+    /// Opens the applier for the backing folder `root`, with its journal, partial
+    /// transfers and notes in `state_dir` (created if missing; keep it outside the
+    /// folder, on the same filesystem for whole-file transfers to finish by rename).
+    /// Rolls forward an in-place patch a crash interrupted, drops a torn one, removes a
+    /// temporary entry a crash left in the folder, and partial transfers whose head is
+    /// damaged.
+    pub fn open(root: &Path, state_dir: &Path, index: Arc<Index>) -> Result<Applier, ApplyError> {
+        let setup = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source: io::Error| ApplyError::Setup { path, source }
+        };
+        let root_fd = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| setup(root)(e.into()))?;
+        std::fs::create_dir_all(state_dir).map_err(setup(state_dir))?;
+        let partial_path = state_dir.join(PARTIAL_DIR);
+        match std::fs::create_dir(&partial_path) {
+            Ok(()) => File::open(state_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(setup(state_dir))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(setup(&partial_path)(e)),
+        }
+        let partial_dir = rustix::fs::open(
+            &partial_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| setup(&partial_path)(e.into()))?;
+        let pending_path = state_dir.join(PENDING_TEMP);
+        let pending_temp = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&pending_path)
+            .map_err(setup(&pending_path))?;
+        let journal = Journal::open(state_dir)?;
+        let mut applier = Applier {
+            root: root_fd,
+            state_dir: state_dir.to_path_buf(),
+            partial_dir,
+            index,
+            as_root: rustix::process::geteuid().is_root(),
+            journal,
+            pending_temp,
+            xattr_skip_logged: false,
+        };
+        applier.roll_forward()?;
+        applier.remove_pending_temp()?;
+        applier.sweep_partials();
+        Ok(applier)
+    }
+
+    /// Finishes the in-place patch the journal holds, if a crash interrupted one.
+    fn roll_forward(&mut self) -> Result<(), ApplyError> {
+        let record = match self.journal.take()? {
+            Found::Complete(record) => record,
+            Found::Empty | Found::Discarded => return Ok(()),
+        };
+        let rel = checked(&RelPath(record.path.as_os_str().as_bytes().to_vec()))?;
+        let opened = safe_path::open_beneath(
+            self.root.as_fd(),
+            &rel,
+            OFlags::RDWR | OFlags::NONBLOCK,
+        );
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(path = ?rel, error = %e, "the journaled file is gone; dropping its patch");
+                self.journal.clear()?;
+                return Ok(());
+            }
+        };
+        let file = File::from(fd);
+        let size_before = file.metadata().map_err(io_err(&rel, "stat"))?.len();
+        let ranges: Vec<(u64, &[u8])> = record
+            .ranges
+            .iter()
+            .map(|(offset, data)| (*offset, data.as_slice()))
+            .collect();
+        write_ranges(&file, &ranges, record.size).map_err(io_err(&rel, "replaying the journal"))?;
+        file.sync_all().map_err(io_err(&rel, "fsync"))?;
+        self.journal.clear()?;
+        tracing::info!(path = ?rel, ranges = ranges.len(), "rolled forward an interrupted patch");
+        let dirty = dirty_ranges(&ranges, size_before, record.size);
+        let previous = self.live_record(&rel)?;
+        self.commit(Outcome {
+            removed: Vec::new(),
+            changed: vec![(rel, previous, Some(dirty))],
+        })?;
+        Ok(())
+    }
+
+    /// Removes the temporary entry a crash may have left between its creation and its
+    /// rename.
+    fn remove_pending_temp(&mut self) -> Result<(), ApplyError> {
+        let pending = std::fs::read(self.state_dir.join(PENDING_TEMP)).unwrap_or_default();
+        if !pending.is_empty() {
+            let name_ok = pending
+                .rsplit(|&b| b == b'/')
+                .next()
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX.as_bytes()));
+            if let (true, Ok(rel)) = (name_ok, safe_path::checked(&RelPath(pending))) {
+                if let Ok(parent) = safe_path::open_parent(self.root.as_fd(), &rel, false) {
+                    match rustix::fs::unlinkat(&parent.dir, parent.name.as_os_str(), AtFlags::empty()) {
+                        Ok(()) => tracing::info!(path = ?rel, "removed a temporary entry left by a crash"),
+                        Err(Errno::NOENT) => {}
+                        Err(e) => tracing::warn!(path = ?rel, error = %e, "cannot remove a temporary entry left by a crash"),
+                    }
+                }
+            }
+        }
+        self.pending_temp
+            .set_len(0)
+            .map_err(io_err(&self.state_dir, "clearing pending-temp"))
+    }
+
+    /// Removes partial-transfer files whose other half is missing or whose head is damaged.
+    fn sweep_partials(&self) {
+        let Ok(mut dir) = rustix::fs::Dir::read_from(&self.partial_dir) else {
+            return;
+        };
+        let mut names = Vec::new();
+        while let Some(Ok(entry)) = dir.read() {
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        }
+        for name in names {
+            let stem = name
+                .strip_suffix(b".data")
+                .or_else(|| name.strip_suffix(b".head"));
+            let keep = stem.is_some_and(|stem| {
+                let head = [stem, b".head"].concat();
+                let data = [stem, b".data"].concat();
+                names_exist(&self.partial_dir, &data) && self.read_head_named(&head).is_some()
+            });
+            if !keep {
+                let _ = rustix::fs::unlinkat(&self.partial_dir, OsStr::from_bytes(&name), AtFlags::empty());
+                tracing::info!(name = %String::from_utf8_lossy(&name), "removed a stale partial transfer file");
+            }
+        }
+    }
+
+    /// Applies one change. On `Ok` the change is durable and the index updated (see
+    /// [`Applied::durable`]); on `Err` the folder is as before, except for an in-place
+    /// patch whose writing failed (its journal finishes it on the next open) and
+    /// directories created for the path.
+    pub fn apply(&mut self, change: &Change) -> Result<Applied, ApplyError> {
+        let rel = checked(&change.path)?;
+        let (outcome, durable) = match &change.op {
+            Op::File {
+                meta,
+                size,
+                data,
+                blocks,
+            } => match data {
+                FileData::Whole { offset, data, last } => {
+                    match self.apply_whole(&rel, meta, *size, *offset, data, *last, blocks)? {
+                        Some(outcome) => (outcome, true),
+                        None => (Outcome::default(), false),
+                    }
+                }
+                data => (self.apply_file(&rel, meta, *size, data, blocks)?, true),
+            },
+            Op::Dir { meta } => (self.apply_dir(&rel, meta)?, true),
+            Op::Symlink { target, meta } => (self.apply_symlink(&rel, target, meta)?, true),
+            Op::Special { mode, rdev, meta } => (self.apply_special(&rel, *mode, *rdev, meta)?, true),
+            Op::Link { existing } => {
+                let existing = checked(existing)?;
+                (self.apply_link(&rel, &existing)?, true)
+            }
+            Op::Remove => (self.apply_remove(&rel)?, true),
+            Op::Rename { to, exchange } => {
+                let to = checked(to)?;
+                (self.apply_rename(&rel, &to, *exchange)?, true)
+            }
+        };
+        let paths = self.commit(outcome)?;
+        tracing::trace!(seq = change.seq, path = ?rel, "change applied");
+        Ok(Applied { paths, durable })
+    }
+
+    /// What the sender needs to send `path` cheaply: a signature of our current file (for
+    /// a delta) and how much of an interrupted whole-file transfer we hold.
+    pub fn want(&self, path: &RelPath) -> Result<Want, ApplyError> {
+        let rel = checked(path)?;
+        let signature = match safe_path::open_beneath(
+            self.root.as_fd(),
+            &rel,
+            OFlags::RDONLY | OFlags::NONBLOCK,
+        ) {
+            Ok(fd) => {
+                let file = File::from(fd);
+                let meta = file.metadata().map_err(io_err(&rel, "stat"))?;
+                if meta.is_file() {
+                    let content = map(&file, meta.len()).map_err(io_err(&rel, "mapping"))?;
+                    let bytes = content.bytes();
+                    let hash = *blake3::hash(bytes).as_bytes();
+                    let signature = Signature::calculate(bytes, signature_options(meta.len()));
+                    Some((hash, signature.into_serialized()))
+                } else {
+                    None
+                }
+            }
+            Err(ResolveError::Unsafe(reason)) => return Err(bad_path(path.0.as_slice(), reason)),
+            Err(ResolveError::Io(_)) => None,
+        };
+        let resume = self
+            .read_head(&rel)
+            .filter(|head| head.durable > 0)
+            .map(|head| (head.version, head.durable));
+        Ok(Want {
+            path: path.clone(),
+            signature,
+            resume,
+        })
+    }
+
+    fn parent(&self, rel: &Path, create: bool) -> Result<Parent, ApplyError> {
+        safe_path::open_parent(self.root.as_fd(), rel, create).map_err(resolve_err(rel, "resolving the path"))
+    }
+
+    fn live_record(&self, rel: &Path) -> Result<Option<FileRecord>, ApplyError> {
+        let record = self.index.get(rel).map_err(|source| ApplyError::Index {
+            path: rel.to_path_buf(),
+            source,
+        })?;
+        Ok(record.filter(FileRecord::is_live))
+    }
+
+    /// Records a durable change in the index; returns the paths it touched.
+    fn commit(&mut self, outcome: Outcome) -> Result<Vec<PathBuf>, ApplyError> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut seen = HashSet::new();
+        if !outcome.removed.is_empty() {
+            self.index
+                .tombstone_batch(outcome.removed.clone(), now_ns())
+                .map_err(|source| ApplyError::Index {
+                    path: outcome.removed[0].clone(),
+                    source,
+                })?;
+            for path in outcome.removed {
+                if seen.insert(path.clone()) {
+                    paths.push(path);
+                }
+            }
+        }
+        let mut records = Vec::new();
+        for (path, previous, dirty) in outcome.changed {
+            let record = record_for(self.root.as_fd(), &path, previous.as_ref(), dirty.as_deref())
+                .map_err(|source| ApplyError::Index {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Some(record) = record {
+                records.push((path.clone(), record));
+            }
+            if seen.insert(path.clone()) {
+                paths.push(path);
+            }
+        }
+        if let Some(first) = records.first().map(|(p, _)| p.clone()) {
+            self.index
+                .put_batch(records)
+                .map_err(|source| ApplyError::Index { path: first, source })?;
+        }
+        Ok(paths)
+    }
+
+    /// Adds the directories `parent` created to `outcome`.
+    fn note_created(outcome: &mut Outcome, parent: &Parent) {
+        for dir in &parent.created {
+            outcome.changed.push((dir.clone(), None, None));
+        }
+    }
+
+    /// Removes whatever is at `name` in `dir` (a whole tree for a directory), never
+    /// following symlinks. Returns whether something was there.
+    fn remove_entry(&self, dir: BorrowedFd<'_>, name: &OsStr, rel: &Path) -> Result<bool, ApplyError> {
+        match safe_path::type_at(dir, name).map_err(io_err(rel, "stat"))? {
+            None => Ok(false),
+            Some(FileType::Directory) => {
+                remove_tree(dir, name).map_err(io_err(rel, "removing the directory tree"))?;
+                Ok(true)
+            }
+            Some(_) => {
+                match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => return Err(io_err(rel, "unlink")(e)),
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Notes the temporary entry about to be made at `rel`'s parent, so that a crash
+    /// before its rename does not leave it behind. Not fsync'd: a process crash keeps it
+    /// (the page cache survives), and after a power loss a stray entry is at worst found by
+    /// the next scan.
+    fn temp_name(&mut self, rel: &Path) -> Result<OsString, ApplyError> {
+        let name = OsString::from(format!("{TEMP_PREFIX}{:016x}", fastrand::u64(..)));
+        let noted = rel.parent().unwrap_or(Path::new("")).join(&name);
+        let bytes = noted.as_os_str().as_bytes();
+        self.pending_temp
+            .set_len(0)
+            .and_then(|()| self.pending_temp.write_all_at(bytes, 0))
+            .map_err(io_err(&self.state_dir, "noting a temporary name"))?;
+        Ok(name)
+    }
+
+    fn create_temp(&mut self, parent: &Parent, rel: &Path) -> Result<Temp, ApplyError> {
+        match rustix::fs::openat(
+            &parent.dir,
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => return Ok(Temp::Unnamed(File::from(fd))),
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
+            Err(e) => return Err(io_err(rel, "creating a temporary file")(e)),
+        }
+        let name = self.temp_name(rel)?;
+        let fd = rustix::fs::openat(
+            &parent.dir,
+            name.as_os_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io_err(rel, "creating a temporary file"))?;
+        Ok(Temp::Named(File::from(fd), name))
+    }
+
+    /// Puts a complete, fsync'd temporary file in place of `parent.name` and makes that
+    /// durable.
+    fn place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
+        let name = parent.name.as_os_str();
+        match temp {
+            Temp::Named(_, temp_name) => {
+                rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
+                    .map_err(io_err(rel, "rename"))?;
+            }
+            Temp::Unnamed(file) => {
+                let source = proc_path(file.as_fd());
+                match rustix::fs::linkat(CWD, &source, &parent.dir, name, AtFlags::SYMLINK_FOLLOW) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST) => {
+                        let temp_name = self.temp_name(rel)?;
+                        rustix::fs::linkat(
+                            CWD,
+                            &source,
+                            &parent.dir,
+                            temp_name.as_os_str(),
+                            AtFlags::SYMLINK_FOLLOW,
+                        )
+                        .map_err(io_err(rel, "link"))?;
+                        rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
+                            .map_err(io_err(rel, "rename"))?;
+                    }
+                    Err(e) => return Err(io_err(rel, "link")(e)),
+                }
+            }
+        }
+        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
+    }
+
+    /// Opens the regular file at `parent.name` for patching, removing anything else that
+    /// is there (a type change). `None` when there is no file.
+    fn existing_file(&self, parent: &Parent, rel: &Path, outcome: &mut Outcome) -> Result<Option<File>, ApplyError> {
+        let name = parent.name.as_os_str();
+        match safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))? {
+            None => return Ok(None),
+            Some(FileType::RegularFile) => {}
+            Some(_) => {
+                self.remove_entry(parent.dir.as_fd(), name, rel)?;
+                outcome.removed.push(rel.to_path_buf());
+                return Ok(None);
+            }
+        }
+        let fd = rustix::fs::openat(
+            &parent.dir,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(rel, "open"))?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(io_err(rel, "stat"))?;
+        if !meta.is_file() {
+            return Err(ApplyError::Io {
+                path: rel.to_path_buf(),
+                what: "open",
+                source: io::Error::other("replaced by a non-file while being opened"),
+            });
+        }
+        Ok(Some(file))
+    }
+
+    /// A regular file's content and metadata, for every [`FileData`] but `Whole`.
+    fn apply_file(
+        &mut self,
+        rel: &Path,
+        meta: &Meta,
+        size: u64,
+        data: &FileData,
+        blocks: &[(u64, Hash)],
+    ) -> Result<Outcome, ApplyError> {
+        if size > MAX_OFFSET {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: format!("size {size} is beyond the largest file"),
+            });
+        }
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let previous = self.live_record(rel)?;
+        let existing = self.existing_file(&parent, rel, &mut outcome)?;
+        let old = match &existing {
+            Some(file) => Some((file, file.metadata().map_err(io_err(rel, "stat"))?)),
+            None => None,
+        };
+        let old_size = old.as_ref().map_or(0, |(_, m)| std::os::unix::fs::MetadataExt::size(m));
+        let dirty = match data {
+            FileData::Unchanged => {
+                let Some((file, _)) = old else {
+                    return Err(ApplyError::Missing {
+                        path: rel.to_path_buf(),
+                    });
+                };
+                check_blocks(rel, Some(file), old_size, &[], size, blocks)?;
+                file.set_len(size).map_err(io_err(rel, "truncate"))?;
+                self.set_meta_fd(file.as_fd(), rel, meta)?;
+                file.sync_all().map_err(io_err(rel, "fsync"))?;
+                Some(dirty_ranges(&[], old_size, size))
+            }
+            FileData::Ranges(ranges) => {
+                let ranges = ranges
+                    .iter()
+                    .map(|r| {
+                        let bytes = raw(rel, &r.data)?;
+                        check_extent(rel, r.offset, bytes.len())?;
+                        Ok((r.offset, bytes))
+                    })
+                    .collect::<Result<Vec<_>, ApplyError>>()?;
+                check_blocks(rel, old.as_ref().map(|(f, _)| *f), old_size, &ranges, size, blocks)?;
+                match old {
+                    Some((file, m))
+                        if old_size >= SMALL_FILE || std::os::unix::fs::MetadataExt::nlink(&m) > 1 =>
+                    {
+                        self.journal.write(rel, size, &ranges)?;
+                        write_ranges(file, &ranges, size).map_err(io_err(rel, "write"))?;
+                        self.set_meta_fd(file.as_fd(), rel, meta)?;
+                        file.sync_all().map_err(io_err(rel, "fsync"))?;
+                        self.journal.clear()?;
+                    }
+                    _ => {
+                        let temp = self.create_temp(&parent, rel)?;
+                        if let Some((file, _)) = old {
+                            copy_prefix(file, temp.file(), old_size.min(size))
+                                .map_err(io_err(rel, "copying into the temporary file"))?;
+                        }
+                        write_ranges(temp.file(), &ranges, size).map_err(io_err(rel, "write"))?;
+                        self.finish_temp(&parent, rel, temp, meta)?;
+                    }
+                }
+                Some(dirty_ranges(&ranges, old_size, size))
+            }
+            FileData::Delta { base, delta } => {
+                let delta = raw(rel, delta)?;
+                let Some((file, _)) = old else {
+                    return Err(ApplyError::BaseMismatch {
+                        path: rel.to_path_buf(),
+                    });
+                };
+                let content = map(file, old_size).map_err(io_err(rel, "mapping"))?;
+                if blake3::hash(content.bytes()).as_bytes() != base {
+                    return Err(ApplyError::BaseMismatch {
+                        path: rel.to_path_buf(),
+                    });
+                }
+                let limit = usize::try_from(size).map_err(|_| ApplyError::BadPayload {
+                    path: rel.to_path_buf(),
+                    reason: format!("size {size} does not fit in memory addresses"),
+                })?;
+                let temp = self.create_temp(&parent, rel)?;
+                let mut out = BufWriter::new(temp.file());
+                fast_rsync::apply_limited(content.bytes(), delta, &mut out, limit).map_err(|e| {
+                    ApplyError::BadPayload {
+                        path: rel.to_path_buf(),
+                        reason: format!("delta does not apply: {e}"),
+                    }
+                })?;
+                out.flush().map_err(io_err(rel, "write"))?;
+                drop(out);
+                let written = temp.file().metadata().map_err(io_err(rel, "stat"))?.len();
+                if written != size {
+                    return Err(ApplyError::BadPayload {
+                        path: rel.to_path_buf(),
+                        reason: format!("delta gives {written} bytes, the file has {size}"),
+                    });
+                }
+                check_blocks(rel, Some(temp.file()), size, &[], size, blocks)?;
+                self.finish_temp(&parent, rel, temp, meta)?;
+                None
+            }
+            FileData::Whole { .. } => {
+                return Err(ApplyError::BadPayload {
+                    path: rel.to_path_buf(),
+                    reason: "a whole-file piece reached the patch path".into(),
+                })
+            }
+        };
+        outcome.changed.push((rel.to_path_buf(), previous, dirty));
+        Ok(outcome)
+    }
+
+    /// Gives a complete temporary file its metadata, makes it durable and puts it in place.
+    fn finish_temp(&mut self, parent: &Parent, rel: &Path, temp: Temp, meta: &Meta) -> Result<(), ApplyError> {
+        self.set_meta_fd(temp.file().as_fd(), rel, meta)?;
+        temp.file().sync_all().map_err(io_err(rel, "fsync"))?;
+        self.place(parent, rel, temp)
+    }
+
+    /// One piece of a whole-file transfer. `Some` once the last piece put the file in place.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_whole(
+        &mut self,
+        rel: &Path,
+        meta: &Meta,
+        size: u64,
+        offset: u64,
+        piece: &Payload,
+        last: bool,
+        blocks: &[(u64, Hash)],
+    ) -> Result<Option<Outcome>, ApplyError> {
+        let bytes = raw(rel, piece)?;
+        check_extent(rel, offset, bytes.len())?;
+        let (data_name, head_name) = partial_names(rel);
+        if offset == 0 && last {
+            // The whole file in one piece (most files): straight into a temporary file
+            // next to the target, without the partial's bookkeeping.
+            let _ = rustix::fs::unlinkat(&self.partial_dir, data_name.as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&self.partial_dir, head_name.as_str(), AtFlags::empty());
+            return self.whole_in_one(rel, meta, size, bytes, blocks).map(Some);
+        }
+        let version = version_id(size, meta.mtime_ns);
+        let data_path = self.state_dir.join(PARTIAL_DIR).join(&data_name);
+        let mut durable = 0;
+        if offset == 0 {
+            self.start_partial(rel, version, &data_name, &head_name)?;
+        } else {
+            let head = self.read_head(rel);
+            let held = head.as_ref().map_or(0, |h| h.durable);
+            let len = std::fs::metadata(&data_path).map_or(0, |m| m.len());
+            match head {
+                Some(head) if head.version == version && offset <= len => durable = head.durable,
+                _ => {
+                    return Err(ApplyError::OutOfOrder {
+                        path: rel.to_path_buf(),
+                        offset,
+                        held,
+                    })
+                }
+            }
+        }
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(io_err(rel, "opening the partial file"))?;
+        let end = offset + bytes.len() as u64;
+        data.write_all_at(bytes, offset)
+            .and_then(|()| data.set_len(end))
+            .map_err(io_err(rel, "writing the partial file"))?;
+        if !last {
+            if end - durable.min(end) >= CHECKPOINT {
+                data.sync_data().map_err(io_err(rel, "fsync of the partial file"))?;
+                let now_durable = end / BLOCK_SIZE * BLOCK_SIZE;
+                self.write_head_durable(&head_name, now_durable)
+                    .map_err(io_err(rel, "updating the partial head"))?;
+            }
+            return Ok(None);
+        }
+        if end != size {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: format!("the last piece ends at {end}, the file has {size} bytes"),
+            });
+        }
+        check_blocks(rel, Some(&data), size, &[], size, blocks)?;
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let name = parent.name.as_os_str();
+        if !matches!(
+            safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?,
+            None | Some(FileType::RegularFile)
+        ) {
+            self.remove_entry(parent.dir.as_fd(), name, rel)?;
+            outcome.removed.push(rel.to_path_buf());
+        }
+        self.set_meta_fd(data.as_fd(), rel, meta)?;
+        data.sync_all().map_err(io_err(rel, "fsync"))?;
+        match rustix::fs::renameat(&self.partial_dir, data_name.as_str(), &parent.dir, name) {
+            Ok(()) => rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?,
+            Err(Errno::XDEV) => {
+                let temp = self.create_temp(&parent, rel)?;
+                copy_prefix(&data, temp.file(), size).map_err(io_err(rel, "copying into the folder"))?;
+                self.finish_temp(&parent, rel, temp, meta)?;
+                let _ = rustix::fs::unlinkat(&self.partial_dir, data_name.as_str(), AtFlags::empty());
+            }
+            Err(e) => return Err(io_err(rel, "rename into place")(e)),
+        }
+        let _ = rustix::fs::unlinkat(&self.partial_dir, head_name.as_str(), AtFlags::empty());
+        outcome.changed.push((rel.to_path_buf(), None, None));
+        Ok(Some(outcome))
+    }
+
+    fn whole_in_one(
+        &mut self,
+        rel: &Path,
+        meta: &Meta,
+        size: u64,
+        bytes: &[u8],
+        blocks: &[(u64, Hash)],
+    ) -> Result<Outcome, ApplyError> {
+        if bytes.len() as u64 != size {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: format!("the only piece has {} bytes, the file {size}", bytes.len()),
+            });
+        }
+        check_blocks(rel, None, 0, &[(0, bytes)], size, blocks)?;
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let name = parent.name.as_os_str();
+        if !matches!(
+            safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?,
+            None | Some(FileType::RegularFile)
+        ) {
+            self.remove_entry(parent.dir.as_fd(), name, rel)?;
+            outcome.removed.push(rel.to_path_buf());
+        }
+        let temp = self.create_temp(&parent, rel)?;
+        temp.file()
+            .write_all_at(bytes, 0)
+            .map_err(io_err(rel, "write"))?;
+        self.finish_temp(&parent, rel, temp, meta)?;
+        outcome.changed.push((rel.to_path_buf(), None, None));
+        Ok(outcome)
+    }
+
+    /// Starts (or restarts) a whole-file transfer: an empty data file and a durable head.
+    fn start_partial(&self, rel: &Path, version: Hash, data_name: &str, head_name: &str) -> Result<(), ApplyError> {
+        let dir = self.state_dir.join(PARTIAL_DIR);
+        let err = io_err(rel, "starting a partial file");
+        let result = (|| -> io::Result<()> {
+            let create = |name: &str| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(dir.join(name))
+            };
+            create(data_name)?;
+            let head = create(head_name)?;
+            let path = rel.as_os_str().as_bytes();
+            let mut buf = Vec::with_capacity(8 + 32 + 8 + 4 + path.len());
+            buf.extend_from_slice(PARTIAL_MAGIC);
+            buf.extend_from_slice(&version);
+            buf.extend_from_slice(&0u64.to_le_bytes());
+            buf.extend_from_slice(&(path.len() as u32).to_le_bytes());
+            buf.extend_from_slice(path);
+            head.write_all_at(&buf, 0)?;
+            head.sync_all()?;
+            rustix::fs::fsync(&self.partial_dir)?;
+            Ok(())
+        })();
+        result.map_err(err)
+    }
+
+    /// Records that the first `durable` bytes of a partial are fsync'd. One aligned 8-byte
+    /// write, not fsync'd: if it is lost, an older (smaller) durable length remains.
+    fn write_head_durable(&self, head_name: &str, durable: u64) -> io::Result<()> {
+        let head = OpenOptions::new()
+            .write(true)
+            .open(self.state_dir.join(PARTIAL_DIR).join(head_name))?;
+        head.write_all_at(&durable.to_le_bytes(), HEAD_DURABLE_AT)
+    }
+
+    fn read_head(&self, rel: &Path) -> Option<PartialHead> {
+        let (_, head_name) = partial_names(rel);
+        self.read_head_named(head_name.as_bytes())
+            .filter(|head| head.path == rel.as_os_str().as_bytes())
+    }
+
+    fn read_head_named(&self, name: &[u8]) -> Option<PartialHead> {
+        let path = self.state_dir.join(PARTIAL_DIR).join(OsStr::from_bytes(name));
+        let bytes = std::fs::read(path).ok()?;
+        let rest = bytes.strip_prefix(PARTIAL_MAGIC.as_slice())?;
+        let version: Hash = rest.get(..32)?.try_into().ok()?;
+        let durable = u64::from_le_bytes(rest.get(32..40)?.try_into().ok()?);
+        let len = u32::from_le_bytes(rest.get(40..44)?.try_into().ok()?) as usize;
+        let path = rest.get(44..)?;
+        (path.len() == len).then(|| PartialHead {
+            version,
+            durable,
+            path: path.to_vec(),
+        })
+    }
+
+    fn apply_dir(&mut self, rel: &Path, meta: &Meta) -> Result<Outcome, ApplyError> {
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let name = parent.name.as_os_str();
+        let previous = self.live_record(rel)?;
+        let existing = safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?;
+        if existing != Some(FileType::Directory) {
+            if existing.is_some() {
+                self.remove_entry(parent.dir.as_fd(), name, rel)?;
+                outcome.removed.push(rel.to_path_buf());
+            }
+            match rustix::fs::mkdirat(&parent.dir, name, Mode::from_raw_mode(meta.mode & 0o7777)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_err(rel, "mkdir")(e)),
+            }
+        }
+        let dir = safe_path::open_dir_at(parent.dir.as_fd(), name).map_err(resolve_err(rel, "open"))?;
+        self.set_meta_fd(dir.as_fd(), rel, meta)?;
+        rustix::fs::fsync(&dir).map_err(io_err(rel, "fsync"))?;
+        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        outcome.changed.push((rel.to_path_buf(), previous, None));
+        Ok(outcome)
+    }
+
+    fn apply_symlink(&mut self, rel: &Path, target: &[u8], meta: &Meta) -> Result<Outcome, ApplyError> {
+        if target.is_empty() || target.contains(&0) || target.len() >= 4096 {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: "symlink target is empty, too long or contains NUL".into(),
+            });
+        }
+        self.replace_with(rel, meta, |dir, temp| {
+            rustix::fs::symlinkat(OsStr::from_bytes(target), dir, temp)
+        })
+    }
+
+    fn apply_special(&mut self, rel: &Path, mode: u32, rdev: u64, meta: &Meta) -> Result<Outcome, ApplyError> {
+        let file_type = FileType::from_raw_mode(mode);
+        if !matches!(
+            file_type,
+            FileType::Fifo | FileType::Socket | FileType::CharacterDevice | FileType::BlockDevice
+        ) {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: format!("mode {mode:o} is not a fifo, socket or device"),
+            });
+        }
+        self.replace_with(rel, meta, |dir, temp| {
+            rustix::fs::mknodat(dir, temp, file_type, Mode::from_raw_mode(0o600), rdev)
+        })
+    }
+
+    /// Creates an entry under a temporary name with `make`, gives it `meta`, and renames
+    /// it over `rel` (removing a directory in the way first).
+    fn replace_with(
+        &mut self,
+        rel: &Path,
+        meta: &Meta,
+        make: impl FnOnce(BorrowedFd<'_>, &OsStr) -> rustix::io::Result<()>,
+    ) -> Result<Outcome, ApplyError> {
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let name = parent.name.as_os_str();
+        if safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?
+            == Some(FileType::Directory)
+        {
+            self.remove_entry(parent.dir.as_fd(), name, rel)?;
+            outcome.removed.push(rel.to_path_buf());
+        }
+        let temp = self.temp_name(rel)?;
+        make(parent.dir.as_fd(), temp.as_os_str()).map_err(io_err(rel, "create"))?;
+        let result = self
+            .set_meta_at(parent.dir.as_fd(), temp.as_os_str(), rel, meta)
+            .and_then(|()| {
+                rustix::fs::renameat(&parent.dir, temp.as_os_str(), &parent.dir, name)
+                    .map_err(io_err(rel, "rename"))
+            });
+        if let Err(e) = result {
+            let _ = rustix::fs::unlinkat(&parent.dir, temp.as_os_str(), AtFlags::empty());
+            return Err(e);
+        }
+        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        outcome.changed.push((rel.to_path_buf(), None, None));
+        Ok(outcome)
+    }
+
+    fn apply_link(&mut self, rel: &Path, existing: &Path) -> Result<Outcome, ApplyError> {
+        let source = match safe_path::open_parent(self.root.as_fd(), existing, false) {
+            Ok(p) => p,
+            Err(ResolveError::Io(_)) => {
+                return Err(ApplyError::Missing {
+                    path: existing.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(resolve_err(existing, "resolving the path")(e)),
+        };
+        let source_stat = match rustix::fs::statat(&source.dir, source.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => {
+                return Err(ApplyError::Missing {
+                    path: existing.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(io_err(existing, "stat")(e)),
+        };
+        if FileType::from_raw_mode(source_stat.st_mode) == FileType::Directory {
+            return Err(ApplyError::BadPayload {
+                path: rel.to_path_buf(),
+                reason: "a hard link to a directory".into(),
+            });
+        }
+        let mut outcome = Outcome::default();
+        let parent = self.parent(rel, true)?;
+        Self::note_created(&mut outcome, &parent);
+        let name = parent.name.as_os_str();
+        match rustix::fs::statat(&parent.dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_dev == source_stat.st_dev && st.st_ino == source_stat.st_ino => {}
+            Ok(_) => {
+                self.remove_entry(parent.dir.as_fd(), name, rel)?;
+                outcome.removed.push(rel.to_path_buf());
+                self.link(&source, &parent, rel)?;
+            }
+            Err(Errno::NOENT) => self.link(&source, &parent, rel)?,
+            Err(e) => return Err(io_err(rel, "stat")(e)),
+        }
+        let previous = self.live_record(existing)?;
+        outcome.changed.push((rel.to_path_buf(), previous.clone(), Some(Vec::new())));
+        outcome.changed.push((existing.to_path_buf(), previous, Some(Vec::new())));
+        Ok(outcome)
+    }
+
+    fn link(&self, source: &Parent, parent: &Parent, rel: &Path) -> Result<(), ApplyError> {
+        rustix::fs::linkat(
+            &source.dir,
+            source.name.as_os_str(),
+            &parent.dir,
+            parent.name.as_os_str(),
+            AtFlags::empty(),
+        )
+        .map_err(io_err(rel, "link"))?;
+        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
+    }
+
+    fn apply_remove(&mut self, rel: &Path) -> Result<Outcome, ApplyError> {
+        let outcome = Outcome {
+            removed: vec![rel.to_path_buf()],
+            changed: Vec::new(),
+        };
+        let parent = match safe_path::open_parent(self.root.as_fd(), rel, false) {
+            Ok(p) => p,
+            // A missing parent: the path is already gone.
+            Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(outcome),
+            Err(e) => return Err(resolve_err(rel, "resolving the path")(e)),
+        };
+        if self.remove_entry(parent.dir.as_fd(), parent.name.as_os_str(), rel)? {
+            rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        }
+        Ok(outcome)
+    }
+
+    fn apply_rename(&mut self, from: &Path, to: &Path, exchange: bool) -> Result<Outcome, ApplyError> {
+        let mut outcome = Outcome::default();
+        if from == to {
+            return Ok(outcome);
+        }
+        let missing = |path: &Path| ApplyError::Missing {
+            path: path.to_path_buf(),
+        };
+        let source = match safe_path::open_parent(self.root.as_fd(), from, false) {
+            Ok(p) => p,
+            Err(ResolveError::Io(_)) => return Err(missing(from)),
+            Err(e) => return Err(resolve_err(from, "resolving the path")(e)),
+        };
+        let from_name = source.name.as_os_str();
+        if safe_path::type_at(source.dir.as_fd(), from_name)
+            .map_err(io_err(from, "stat"))?
+            .is_none()
+        {
+            return Err(missing(from));
+        }
+        let target = self.parent(to, true)?;
+        Self::note_created(&mut outcome, &target);
+        let to_name = target.name.as_os_str();
+        // What the index knew below both names, to carry block hashes over to the new paths.
+        let moved_from = self.known_subtree(from)?;
+        let moved_to = if exchange { self.known_subtree(to)? } else { Vec::new() };
+        let flags = if exchange {
+            RenameFlags::EXCHANGE
+        } else {
+            RenameFlags::empty()
+        };
+        match rustix::fs::renameat_with(&source.dir, from_name, &target.dir, to_name, flags) {
+            Ok(()) => {}
+            Err(Errno::NOENT) if exchange => return Err(missing(to)),
+            Err(Errno::NOTEMPTY | Errno::EXIST | Errno::ISDIR | Errno::NOTDIR) if !exchange => {
+                // What is at `to` cannot be replaced by a rename (a type change, or a
+                // directory that is not empty here): remove it, then move.
+                self.remove_entry(target.dir.as_fd(), to_name, to)?;
+                rustix::fs::renameat(&source.dir, from_name, &target.dir, to_name)
+                    .map_err(io_err(from, "rename"))?;
+            }
+            Err(e) => return Err(io_err(from, "rename")(e)),
+        }
+        rustix::fs::fsync(&target.dir).map_err(io_err(to, "fsync of the directory"))?;
+        if !same_dir(&source.dir, &target.dir) {
+            rustix::fs::fsync(&source.dir).map_err(io_err(from, "fsync of the directory"))?;
+        }
+        outcome.removed.push(from.to_path_buf());
+        outcome.removed.push(to.to_path_buf());
+        for (old, record) in moved_from {
+            outcome.changed.push((rebase(&old, from, to), record, Some(Vec::new())));
+        }
+        for (old, record) in moved_to {
+            outcome.changed.push((rebase(&old, to, from), record, Some(Vec::new())));
+        }
+        if !outcome.changed.iter().any(|(p, _, _)| p == to) {
+            outcome.changed.push((to.to_path_buf(), None, None));
+        }
+        if exchange && !outcome.changed.iter().any(|(p, _, _)| p == from) {
+            outcome.changed.push((from.to_path_buf(), None, None));
+        }
+        Ok(outcome)
+    }
+
+    /// The live records of `path` and everything below it, as the index has them.
+    fn known_subtree(&self, path: &Path) -> Result<Vec<(PathBuf, Option<FileRecord>)>, ApplyError> {
+        let index_err = |source| ApplyError::Index {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut out = vec![(path.to_path_buf(), self.live_record(path)?)];
+        for (child, record) in self.index.subtree(path).map_err(index_err)? {
+            if record.is_live() {
+                out.push((child, Some(record)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets ownership (as root), mode, xattrs and mtime through a readable descriptor of
+    /// a file or directory. Mode comes after ownership, which clears set-id bits.
+    fn set_meta_fd(&mut self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<(), ApplyError> {
+        if self.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+            )
+            .map_err(io_err(rel, "chown"))?;
+        }
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777)).map_err(io_err(rel, "chmod"))?;
+        if let Some(xattrs) = &meta.xattrs {
+            self.sync_xattrs(&XattrTarget::Fd(fd), rel, xattrs)?;
+        }
+        rustix::fs::futimens(fd, &timestamps(meta.mtime_ns)).map_err(io_err(rel, "setting the mtime"))
+    }
+
+    /// The same for the entry `name` in `dir` that cannot be opened for reading (a
+    /// symlink, a device node, a fifo): never follows it.
+    fn set_meta_at(&mut self, dir: BorrowedFd<'_>, name: &OsStr, rel: &Path, meta: &Meta) -> Result<(), ApplyError> {
+        if self.as_root {
+            rustix::fs::chownat(
+                dir,
+                name,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io_err(rel, "chown"))?;
+        }
+        let handle = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .map_err(io_err(rel, "open"))?;
+        let st = rustix::fs::fstat(&handle).map_err(io_err(rel, "stat"))?;
+        // A symlink has no mode of its own, and user xattrs are not allowed on it.
+        if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+            let path = proc_path(handle.as_fd());
+            rustix::fs::chmodat(CWD, &path, Mode::from_raw_mode(meta.mode & 0o7777), AtFlags::empty())
+                .map_err(io_err(rel, "chmod"))?;
+            if let Some(xattrs) = &meta.xattrs {
+                self.sync_xattrs(&XattrTarget::Proc(path), rel, xattrs)?;
+            }
+        }
+        rustix::fs::utimensat(dir, name, &timestamps(meta.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err(rel, "setting the mtime"))
+    }
+
+    /// Makes the attributes exactly `wanted`, except the local system's own namespaces,
+    /// which are kept when not listed and skipped (with one notice) when they cannot be set.
+    fn sync_xattrs(
+        &mut self,
+        target: &XattrTarget<'_>,
+        rel: &Path,
+        wanted: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), ApplyError> {
+        let present = target.names().map_err(io_err(rel, "listing xattrs"))?;
+        for name in &present {
+            if is_system_xattr(name) || wanted.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            match target.remove(OsStr::from_bytes(name)) {
+                Ok(()) | Err(Errno::NODATA) => {}
+                Err(e) => return Err(io_err(rel, "removing an xattr")(e)),
+            }
+        }
+        for (name, value) in wanted {
+            if name.is_empty() || name.contains(&0) {
+                return Err(ApplyError::BadPayload {
+                    path: rel.to_path_buf(),
+                    reason: "an xattr name is empty or contains NUL".into(),
+                });
+            }
+            match target.set(OsStr::from_bytes(name), value) {
+                Ok(()) => {}
+                Err(Errno::PERM | Errno::NOTSUP | Errno::ACCESS | Errno::INVAL) if is_system_xattr(name) => {
+                    let name = String::from_utf8_lossy(name);
+                    if self.xattr_skip_logged {
+                        tracing::debug!(path = ?rel, xattr = %name, "skipped an xattr this system does not let us set");
+                    } else {
+                        self.xattr_skip_logged = true;
+                        tracing::warn!(path = ?rel, xattr = %name, "skipping system/security xattrs this system does not let us set (logged once)");
+                    }
+                }
+                Err(e) => return Err(io_err(rel, "setting an xattr")(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A partial transfer's head: which version of which path it holds, and how much of it is
+/// durable.
+struct PartialHead {
+    version: Hash,
+    durable: u64,
+    path: Vec<u8>,
+}
+
+/// The data and head file names of `rel`'s partial transfer.
+fn partial_names(rel: &Path) -> (String, String) {
+    let key = data_encoding::HEXLOWER.encode(blake3::hash(rel.as_os_str().as_bytes()).as_bytes());
+    (format!("{key}.data"), format!("{key}.head"))
+}
+
+fn names_exist(dir: &OwnedFd, name: &[u8]) -> bool {
+    rustix::fs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW).is_ok()
+}
+
+/// The ranges a patch changed, as [`record_for`] wants them: the written ranges, and the
+/// point from which a size change moved block extents.
+fn dirty_ranges(ranges: &[(u64, &[u8])], old_size: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut dirty: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|(_, data)| !data.is_empty())
+        .map(|(offset, data)| (*offset, data.len() as u64))
+        .collect();
+    dirty.push((old_size.min(size), 0));
+    dirty
+}
+
+/// `path` (which is `from` or below it) moved to `to`.
+fn rebase(path: &Path, from: &Path, to: &Path) -> PathBuf {
+    match path.strip_prefix(from) {
+        Ok(rest) if rest.as_os_str().is_empty() => to.to_path_buf(),
+        Ok(rest) => to.join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+fn same_dir(a: &OwnedFd, b: &OwnedFd) -> bool {
+    match (rustix::fs::fstat(a), rustix::fs::fstat(b)) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
+/// Removes the directory `name` in `parent` and everything below it, descending by
+/// descriptor and never following a symlink. Holds one descriptor per level, at most
+/// [`MAX_TREE_DEPTH`].
+fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    struct Level {
+        dir: OwnedFd,
+        name: OsString,
+        subdirs: Vec<OsString>,
+    }
+    let open_level = |parent: BorrowedFd<'_>, name: &OsStr| -> io::Result<Level> {
+        let dir = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut subdirs = Vec::new();
+        let mut listing = rustix::fs::Dir::read_from(&dir)?;
+        let mut files = Vec::new();
+        while let Some(entry) = listing.read() {
+            let entry = entry?;
+            let entry_name = entry.file_name().to_bytes();
+            if entry_name == b"." || entry_name == b".." {
+                continue;
+            }
+            let entry_name = OsStr::from_bytes(entry_name).to_os_string();
+            let kind = match entry.file_type() {
+                FileType::Unknown => safe_path::type_at(dir.as_fd(), &entry_name)?,
+                known => Some(known),
+            };
+            match kind {
+                Some(FileType::Directory) => subdirs.push(entry_name),
+                Some(_) => files.push(entry_name),
+                None => {}
+            }
+        }
+        for file in files {
+            match rustix::fs::unlinkat(&dir, file.as_os_str(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Level {
+            dir,
+            name: name.to_os_string(),
+            subdirs,
+        })
+    };
+    let mut stack = vec![open_level(parent, name)?];
+    let mut steps: u64 = 0;
+    loop {
+        let depth = stack.len();
+        let Some(top) = stack.last_mut() else {
+            break;
+        };
+        steps += 1;
+        if steps > MAX_TREE_ENTRIES {
+            return Err(io::Error::other("the directory tree keeps growing while it is removed"));
+        }
+        if let Some(sub) = top.subdirs.pop() {
+            if depth >= MAX_TREE_DEPTH {
+                return Err(io::Error::other(format!(
+                    "the directory tree is deeper than {MAX_TREE_DEPTH} levels"
+                )));
+            }
+            let level = open_level(top.dir.as_fd(), &sub)?;
+            stack.push(level);
+            continue;
+        }
+        let done = stack.pop();
+        if let Some(done) = done {
+            let parent_fd = stack.last().map_or(parent, |p| p.dir.as_fd());
+            // Entries added since the listing make this fail with ENOTEMPTY: list again.
+            match rustix::fs::unlinkat(parent_fd, done.name.as_os_str(), AtFlags::REMOVEDIR) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::NOTEMPTY) => {
+                    let again = open_level(parent_fd, &done.name)?;
+                    stack.push(again);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
