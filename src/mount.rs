@@ -16,6 +16,7 @@ use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{spawn_invalidator, CachePolicy, FuseAdapter};
 use crate::index::{Index, IndexError};
 use crate::pipeline::indexer::Indexer;
+use crate::pipeline::replication::{self, ReplicationError, ReplicationPlan};
 use crate::pipeline::scanner::ScanJob;
 use crate::pipeline::{self, MountGraph, Pipeline, StopError};
 
@@ -68,6 +69,8 @@ pub enum MountError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Pipeline(#[from] StopError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 fn io_error<'a>(
@@ -87,6 +90,8 @@ pub struct MountPlan {
     pub source: PathBuf,
     pub mountpoint: PathBuf,
     pub settings: Settings,
+    /// The node key and peers, when the mount replicates.
+    pub replication: Option<ReplicationPlan>,
 }
 
 /// Checks everything that can be checked before mounting; changes nothing.
@@ -123,10 +128,12 @@ pub fn plan(source: &Path, mountpoint: &Path, settings: Settings) -> Result<Moun
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuseDevice);
     }
+    let replication = ReplicationPlan::check(&settings)?;
     Ok(MountPlan {
         source,
         mountpoint,
         settings,
+        replication,
     })
 }
 
@@ -184,7 +191,11 @@ fn fuse_config(plan: &MountPlan) -> Config {
         // with `allow_other` never lets one user past another's file modes.
         MountOption::DefaultPermissions,
     ];
-    options.push(if settings.read_only {
+    // A receive-only mirror refuses local writes with EROFS; peers' changes are applied to
+    // the backing folder directly.
+    let read_only =
+        settings.read_only || settings.replication.mode == crate::config::Mode::ReceiveOnly;
+    options.push(if read_only {
         MountOption::RO
     } else {
         MountOption::RW
@@ -220,8 +231,14 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     // Modes from the kernel already have the caller's umask applied; ours must not apply twice.
     rustix::process::umask(rustix::fs::Mode::empty());
     let running_as_root = rustix::process::geteuid().is_root();
+    let gate = replication::sync_gate();
     let options = OverlayOptions {
         create_as_caller: running_as_root && plan.settings.allow_other,
+        fsync_barrier: plan
+            .replication
+            .as_ref()
+            .filter(|replication| replication.is_sync())
+            .map(|_| gate.clone() as Arc<dyn crate::fs::FsyncBarrier>),
     };
     let (sink, queue) = pipeline::capture::queue();
     let overlay = OverlayFs::new(&plan.source, Arc::new(sink.clone()), options)
@@ -232,7 +249,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     let (stale_tx, stale_rx) = crossbeam_channel::unbounded();
     let behind_the_back: Arc<dyn ChangeSink> = Arc::new(TeeSink {
         queue: sink,
-        stale: stale_tx,
+        stale: stale_tx.clone(),
     });
     let state_dir = plan
         .settings
@@ -252,6 +269,15 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         ignore_pids: vec![std::process::id()],
     };
     let watcher = capture::start_watcher(&spec, behind_the_back.clone(), plan.settings.watcher)?;
+    // What peers change is applied by this process (so no watcher reports it back), and
+    // only the kernel's caches need to hear of it.
+    let applied: Arc<dyn ChangeSink> = Arc::new(StaleSink(stale_tx));
+    let replication = match &plan.replication {
+        Some(replication) => {
+            Some(replication.start(&plan.source, &state_dir, index.clone(), applied, gate)?)
+        }
+        None => None,
+    };
     let running = Pipeline::mount(MountGraph {
         queue,
         indexer: Indexer::new(index.clone(), root_fd),
@@ -264,6 +290,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         debounce: plan.settings.debounce,
         telemetry: plan.settings.telemetry,
         workdir: state_dir.clone(),
+        replication,
     });
     let cache = if watcher.is_some() {
         CachePolicy::WATCHED
@@ -314,6 +341,22 @@ impl ChangeSink for TeeSink {
         // Unbounded: the invalidator never makes a capture source wait.
         let _ = self.stale.send(change.clone());
         self.queue.record(change);
+    }
+}
+
+/// Sends changes applied from peers to the kernel cache invalidator only: a path whose
+/// file was replaced (temp file renamed over it) needs its entry dropped, one patched in
+/// place its inode's data.
+struct StaleSink(crossbeam_channel::Sender<crate::change::Change>);
+
+impl ChangeSink for StaleSink {
+    fn record(&self, change: crate::change::Change) {
+        let entry = crate::change::Change {
+            kind: crate::change::ChangeKind::Create,
+            ..change.clone()
+        };
+        let _ = self.0.send(entry);
+        let _ = self.0.send(change);
     }
 }
 

@@ -186,6 +186,8 @@ impl OverlayFs {
 
     pub fn fsync(&self, fh: u64, datasync: bool, caller: Caller) -> Result<()> {
         let handle = self.handles.file(fh)?;
+        let barrier = self.options.fsync_barrier.as_ref();
+        let ticket = barrier.map(|barrier| barrier.begin());
         if datasync {
             rustix::fs::fdatasync(handle.fd())?;
         } else {
@@ -193,6 +195,11 @@ impl OverlayFs {
         }
         let inode = self.inode(handle.ino)?;
         self.emit(&inode, None, ChangeKind::Fsync { datasync }, caller);
+        if let (Some(barrier), Some(ticket)) = (barrier, ticket) {
+            if let Some(path) = self.relative_path(inode.fd()) {
+                barrier.wait(&path, ticket)?;
+            }
+        }
         Ok(())
     }
 

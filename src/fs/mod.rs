@@ -64,6 +64,19 @@ pub enum Stale {
 pub struct OverlayOptions {
     /// Give files created by other users to those users (needs root and `allow_other`).
     pub create_as_caller: bool,
+    /// With `durability=sync`: what an `fsync` waits for once the data is durable here.
+    pub fsync_barrier: Option<Arc<dyn FsyncBarrier>>,
+}
+
+/// Makes an `fsync` on the mount wait for more than the local disk (with
+/// `durability=sync`: every connected peer). The core knows nothing of peers; it takes a
+/// ticket before the data is flushed and the change recorded, and waits on it after.
+pub trait FsyncBarrier: Send + Sync + std::fmt::Debug {
+    /// A ticket taken before the `fsync`'s change record is emitted.
+    fn begin(&self) -> u64;
+    /// Waits until what was recorded for `path` after `ticket` is durable everywhere it
+    /// must be; an error is returned to the caller of `fsync`.
+    fn wait(&self, path: &Path, ticket: u64) -> Result<()>;
 }
 
 /// The passthrough overlay over one backing folder.

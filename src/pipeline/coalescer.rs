@@ -232,25 +232,43 @@ pub async fn run(
     actor: SteadyActorShadow,
     changes: SteadyRx<Change>,
     updates: SteadyTx<Update>,
+    replica: Option<SteadyTx<Update>>,
     debounce: Duration,
 ) -> Result<(), Box<dyn Error>> {
-    let actor = actor.into_spotlight([&changes], [&updates]);
-    coalesce(actor, changes, updates, debounce).await
+    match replica {
+        Some(replica) => {
+            let actor = actor.into_spotlight([&changes], [&updates, &replica]);
+            coalesce(actor, changes, updates, Some(replica), debounce).await
+        }
+        None => {
+            let actor = actor.into_spotlight([&changes], [&updates]);
+            coalesce(actor, changes, updates, None, debounce).await
+        }
+    }
 }
 
+/// Coalesces changes into updates for the indexer and, with peers, for replication too.
 async fn coalesce<A: SteadyActor>(
     mut actor: A,
     changes: SteadyRx<Change>,
     updates: SteadyTx<Update>,
+    replica: Option<SteadyTx<Update>>,
     debounce: Duration,
 ) -> Result<(), Box<dyn Error>> {
     let mut changes = changes.acquire_guard().await;
     let mut updates = updates.acquire_guard().await;
+    let mut replica = match &replica {
+        Some(replica) => Some(replica.acquire_guard().await),
+        None => None,
+    };
     let mut coalescer = Coalescer::new(debounce);
     // With nothing pending, wake now and then anyway to take part in shutdown.
     let idle_wait = Duration::from_millis(100);
     while actor.is_running(|| {
-        changes.is_closed_and_empty() && coalescer.is_idle() && updates.mark_closed()
+        changes.is_closed_and_empty()
+            && coalescer.is_idle()
+            && updates.mark_closed()
+            && replica.as_mut().is_none_or(|replica| replica.mark_closed())
     }) {
         if actor.avail_units(&mut changes) == 0 {
             let wait = coalescer.next_due(Instant::now()).unwrap_or(idle_wait);
@@ -267,6 +285,11 @@ async fn coalesce<A: SteadyActor>(
             out.extend(coalescer.due(Instant::now()));
         }
         for update in out {
+            if let Some(replica) = replica.as_mut() {
+                actor
+                    .send_async(replica, update.clone(), SendSaturation::AwaitForRoom)
+                    .await;
+            }
             actor
                 .send_async(&mut updates, update, SendSaturation::AwaitForRoom)
                 .await;

@@ -6,18 +6,33 @@
 //! scanner  ────┘   (the scanner's findings re-enter through capture)
 //! ```
 //!
+//! With peers (issue 4) the coalesced updates also go to replication:
+//!
+//! ```text
+//! coalescer ─▶ encoder ─▶ compressor ─▶ sender ─▶ peers      (this node sends)
+//! peers ─▶ session ─▶ verifier ─▶ applier ─▶ sender (acks, requests)
+//!          session ─▶ encoder (files a peer asked for)
+//! ```
+//!
 //! `filesync watch` runs the short graph `capture ─▶ printer`.
 //!
 //! Every capture source reports into one queue ([`capture::queue`]), so each actor has one
 //! input and shutdown drains the graph front to back. steady_state's telemetry page shows
 //! the graph live at the configured address (default `http://127.0.0.1:9900`).
 
+pub mod applier;
 pub mod capture;
 pub mod coalescer;
+pub mod compressor;
+pub mod encoder;
 pub mod indexer;
 pub mod printer;
+pub mod replication;
 pub mod scanner;
+pub mod sender;
+pub mod session;
 pub mod update;
+pub mod verifier;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -26,12 +41,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
+use parking_lot::Mutex;
 use steady_state::actor_builder::ActorBuilder;
 use steady_state::{Graph, GraphBuilder, SoloAct};
 
 use crate::change::Change;
+use crate::sync::compress::CompressionPolicy;
+use crate::sync::durability::SyncGate;
+use crate::sync::encode::Encoder;
+use applier::Receiving;
 use indexer::{Indexer, ScanReason};
 use scanner::ScanJob;
+use session::Session;
 use update::Update;
 
 /// Everything the mount's graph works with.
@@ -44,7 +65,24 @@ pub struct MountGraph {
     pub telemetry: Option<SocketAddr>,
     /// A private folder the graph works in (the mount's state folder).
     pub workdir: PathBuf,
+    /// The replication actors, when the mount has peers or listens for them.
+    pub replication: Option<ReplicationGraph>,
 }
+
+/// What the replication actors work with.
+pub struct ReplicationGraph {
+    /// Whether local changes go to peers (`mode` is not `receiveonly`).
+    pub sends: bool,
+    pub encoder: Encoder,
+    pub compression: CompressionPolicy,
+    pub session: Session,
+    pub receiving: Receiving,
+    pub gate: Arc<SyncGate>,
+}
+
+/// How many messages a channel carrying file data holds: each may carry up to a chunk
+/// (1 MiB), so this bounds the memory a slow peer can make the node use.
+const DATA_CHANNEL_CAPACITY: usize = 64;
 
 /// How long a stopping graph may take to drain before it is abandoned.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +134,7 @@ impl Pipeline {
             debounce,
             telemetry,
             workdir,
+            replication,
         } = parts;
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
         let mut graph = new_graph(telemetry, &workdir);
@@ -112,8 +151,25 @@ impl Pipeline {
             move |actor| capture::run(actor, queue.clone(), changes_tx.clone()),
             SoloAct,
         );
+        let replica_tx = match replication {
+            Some(replication) => {
+                let (replica_tx, replica_rx) = channels.build::<Update>();
+                add_replication(&mut graph, replication, replica_rx);
+                Some(replica_tx)
+            }
+            None => None,
+        };
+        let actors = actor_builder(&mut graph);
         actors.with_name("coalescer").build(
-            move |actor| coalescer::run(actor, changes_rx.clone(), updates_tx.clone(), debounce),
+            move |actor| {
+                coalescer::run(
+                    actor,
+                    changes_rx.clone(),
+                    updates_tx.clone(),
+                    replica_tx.as_ref().map(|tx| tx.clone()),
+                    debounce,
+                )
+            },
             SoloAct,
         );
         actors.with_name("indexer").build(
@@ -142,6 +198,91 @@ impl Pipeline {
             .block_until_stopped(STOP_TIMEOUT)
             .map_err(|err| StopError(err.to_string()))
     }
+}
+
+/// The replication actors: `replica` carries the coalesced updates to send.
+fn add_replication(
+    graph: &mut Graph,
+    parts: ReplicationGraph,
+    replica: steady_state::LazySteadyRx<Update>,
+) {
+    let ReplicationGraph {
+        sends,
+        encoder,
+        compression,
+        session,
+        receiving,
+        gate,
+    } = parts;
+    let peers = session.peers.clone();
+    let encoder = Arc::new(Mutex::new(encoder));
+    let compression = Arc::new(compression);
+    let session = Arc::new(Mutex::new(session));
+    let receiving = Arc::new(Mutex::new(receiving));
+    let data = graph.channel_builder().with_capacity(DATA_CHANNEL_CAPACITY);
+    let (raw_tx, raw_rx) = data.build::<session::Outgoing>();
+    let (compressed_tx, compressed_rx) = data.build::<session::Outgoing>();
+    let (incoming_tx, incoming_rx) = data.build::<session::Incoming>();
+    let (checked_tx, checked_rx) = data.build::<verifier::Checked>();
+    let control = graph.channel_builder().with_capacity(CHANNEL_CAPACITY);
+    let (jobs_tx, jobs_rx) = control.build::<session::EncodeJob>();
+    let (replies_tx, replies_rx) = control.build::<session::Reply>();
+    let actors = actor_builder(graph);
+    actors.with_name("encoder").build(
+        move |actor| {
+            encoder::run(
+                actor,
+                replica.clone(),
+                jobs_rx.clone(),
+                raw_tx.clone(),
+                sends,
+                encoder.clone(),
+                gate.clone(),
+            )
+        },
+        SoloAct,
+    );
+    actors.with_name("compressor").build(
+        move |actor| {
+            compressor::run(
+                actor,
+                raw_rx.clone(),
+                compressed_tx.clone(),
+                compression.clone(),
+            )
+        },
+        SoloAct,
+    );
+    actors.with_name("sender").build(
+        move |actor| {
+            sender::run(
+                actor,
+                compressed_rx.clone(),
+                replies_rx.clone(),
+                peers.clone(),
+            )
+        },
+        SoloAct,
+    );
+    actors.with_name("session").build(
+        move |actor| session::run(actor, incoming_tx.clone(), jobs_tx.clone(), session.clone()),
+        SoloAct,
+    );
+    actors.with_name("verifier").build(
+        move |actor| verifier::run(actor, incoming_rx.clone(), checked_tx.clone()),
+        SoloAct,
+    );
+    actors.with_name("applier").build(
+        move |actor| {
+            applier::run(
+                actor,
+                checked_rx.clone(),
+                replies_tx.clone(),
+                receiving.clone(),
+            )
+        },
+        SoloAct,
+    );
 }
 
 fn actor_builder(graph: &mut Graph) -> ActorBuilder {

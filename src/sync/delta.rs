@@ -76,10 +76,10 @@ pub enum DeltaError {
 /// The `fast_rsync` options for a file of `size` bytes.
 pub fn signature_options(size: u64) -> SignatureOptions {
     let root = (size as f64).sqrt() as u64 / 2;
-    let block = root
-        .checked_next_power_of_two()
-        .unwrap_or(u64::MAX)
-        .clamp(u64::from(MIN_SIGNATURE_BLOCK), u64::from(MAX_SIGNATURE_BLOCK));
+    let block = root.checked_next_power_of_two().unwrap_or(u64::MAX).clamp(
+        u64::from(MIN_SIGNATURE_BLOCK),
+        u64::from(MAX_SIGNATURE_BLOCK),
+    );
     SignatureOptions {
         // Clamped to at most 64 Ki above, so the cast is exact.
         block_size: block as u32,
@@ -216,11 +216,9 @@ pub struct Delta {
 /// Checks a serialized signature and returns its block size.
 fn check_signature(signature: &[u8]) -> Result<u32, DeltaError> {
     let field = |at: usize| -> Result<u32, DeltaError> {
-        let bytes = signature
-            .get(at..at + 4)
-            .ok_or(DeltaError::BadSignature {
-                reason: "truncated header",
-            })?;
+        let bytes = signature.get(at..at + 4).ok_or(DeltaError::BadSignature {
+            reason: "truncated header",
+        })?;
         let mut word = [0u8; 4];
         word.copy_from_slice(bytes);
         Ok(u32::from_be_bytes(word))

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod compress;
 pub mod delta;
 pub mod digest;
+pub mod durability;
 pub mod encode;
 pub mod journal;
 pub mod proto;

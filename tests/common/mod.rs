@@ -7,6 +7,8 @@
 // it; without this every crate would warn about the helpers it does not call.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Read;

@@ -1,0 +1,268 @@
+//! The applier actor: applies verified changes from peers to the backing folder, crash-safely
+//! (see [`crate::sync::apply`]), acknowledges them once durable, shows them in the mount at
+//! once (cache invalidation), and drives the receiving side of catch-up: it compares the
+//! sender's directory digests and listings with the local index and asks for what differs.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use steady_state::*;
+
+use super::session::{Incoming, Reply};
+use super::verifier::Checked;
+use crate::change::{Change as LocalChange, ChangeKind, ChangeSink, Source};
+use crate::identity::NodeId;
+use crate::index::Index;
+use crate::sync::apply::{Applier, ApplyError};
+use crate::sync::digest;
+use crate::sync::proto::{Change, DirDigest, Entry, Message, Op, RelPath, Want};
+
+/// Catch-up with one peer, while its listings arrive.
+#[derive(Default)]
+struct CatchUp {
+    /// Listings asked for and not yet received.
+    dirs_pending: usize,
+    wants: Vec<Want>,
+    started: Option<Instant>,
+}
+
+/// What the applier works with.
+pub struct Receiving {
+    pub applier: Applier,
+    pub index: Arc<Index>,
+    /// Where applied paths are reported so the mount's caches drop them.
+    pub invalidate: Arc<dyn ChangeSink>,
+    /// Whether this node only mirrors (`mode=receiveonly`): then files the sender lacks are
+    /// removed during catch-up.
+    pub mirror: bool,
+    catch_up: HashMap<NodeId, CatchUp>,
+}
+
+impl Receiving {
+    pub fn new(
+        applier: Applier,
+        index: Arc<Index>,
+        invalidate: Arc<dyn ChangeSink>,
+        mirror: bool,
+    ) -> Receiving {
+        Receiving {
+            applier,
+            index,
+            invalidate,
+            mirror,
+            catch_up: HashMap::new(),
+        }
+    }
+}
+
+pub async fn run(
+    actor: SteadyActorShadow,
+    checked: SteadyRx<Checked>,
+    replies: SteadyTx<Reply>,
+    receiving: Arc<Mutex<Receiving>>,
+) -> Result<(), Box<dyn Error>> {
+    let actor = actor.into_spotlight([&checked], [&replies]);
+    apply(actor, checked, replies, receiving).await
+}
+
+// The state sits in a mutex only so a restarted actor finds it again; this actor alone
+// locks it, on its own thread, so holding it across awaits blocks no one.
+#[allow(clippy::await_holding_lock)]
+async fn apply<A: SteadyActor>(
+    mut actor: A,
+    checked: SteadyRx<Checked>,
+    replies: SteadyTx<Reply>,
+    receiving: Arc<Mutex<Receiving>>,
+) -> Result<(), Box<dyn Error>> {
+    let mut checked = checked.acquire_guard().await;
+    let mut replies = replies.acquire_guard().await;
+    let mut receiving = receiving.lock();
+    let idle_wait = Duration::from_millis(100);
+    while actor.is_running(|| checked.is_closed_and_empty() && replies.mark_closed()) {
+        let _woken = await_for_any!(
+            actor.wait_avail(&mut checked, 1),
+            actor.wait_timeout(idle_wait)
+        );
+        // One acknowledgement per peer per batch: the highest change made durable.
+        let mut acks: HashMap<NodeId, u64> = HashMap::new();
+        let mut out = Vec::new();
+        while let Some(item) = actor.try_take(&mut checked) {
+            match item {
+                Checked::Rejected { peer, reason } => out.push(Reply::Drop { peer, reason }),
+                Checked::Valid(Incoming { from, message }) => {
+                    out.extend(receiving.handle(from, message, &mut acks));
+                }
+            }
+        }
+        for (peer, seq) in acks {
+            out.push(Reply::Send {
+                to: peer,
+                message: Message::Ack { seq },
+            });
+        }
+        for reply in out {
+            actor
+                .send_async(&mut replies, reply, SendSaturation::AwaitForRoom)
+                .await;
+        }
+    }
+    Ok(())
+}
+
+impl Receiving {
+    fn handle(
+        &mut self,
+        from: NodeId,
+        message: Message,
+        acks: &mut HashMap<NodeId, u64>,
+    ) -> Vec<Reply> {
+        match message {
+            Message::Change(change) => {
+                let seq = change.seq;
+                let (durable, replies) = self.apply_change(from, &change);
+                if durable {
+                    let acked = acks.entry(from).or_insert(seq);
+                    *acked = (*acked).max(seq);
+                }
+                replies
+            }
+            Message::Summary(theirs) => self.start_catch_up(from, &theirs),
+            Message::Listing { dir, entries } => self.compare_listing(from, &dir, &entries),
+            Message::CaughtUp => {
+                if let Some(catch_up) = self.catch_up.remove(&from) {
+                    let took = catch_up.started.map(|s| s.elapsed()).unwrap_or_default();
+                    tracing::info!("caught up with peer {from} in {took:?}");
+                } else {
+                    tracing::debug!("peer {from} sent every file asked for");
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Applies one change; returns whether it is durable (may be acknowledged) and what
+    /// to tell the peer.
+    fn apply_change(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
+        match self.applier.apply(change) {
+            Ok(applied) => {
+                for path in applied.paths {
+                    self.invalidate.record(LocalChange {
+                        path: Some(path),
+                        file: None,
+                        kind: ChangeKind::Modified,
+                        source: Source::Fuse,
+                        pid: None,
+                    });
+                }
+                (applied.durable, Vec::new())
+            }
+            Err(
+                err @ (ApplyError::BaseMismatch { .. }
+                | ApplyError::Diverged { .. }
+                | ApplyError::Missing { .. }
+                | ApplyError::OutOfOrder { .. }),
+            ) => {
+                tracing::info!("{err}: asking peer {from} for it");
+                (true, self.ask_for(from, vec![change.path.clone()]))
+            }
+            Err(err) => {
+                tracing::warn!("cannot apply a change from peer {from}: {err}");
+                (false, Vec::new())
+            }
+        }
+    }
+
+    /// Asks `peer` for `paths`, with what we hold of each so it can send a delta or resume.
+    fn ask_for(&mut self, peer: NodeId, paths: Vec<RelPath>) -> Vec<Reply> {
+        let wants = paths.into_iter().map(|path| self.want(path)).collect();
+        vec![Reply::Send {
+            to: peer,
+            message: Message::WantFiles(wants),
+        }]
+    }
+
+    fn want(&self, path: RelPath) -> Want {
+        self.applier.want(&path).unwrap_or(Want {
+            path,
+            signature: None,
+            resume: None,
+        })
+    }
+
+    fn start_catch_up(&mut self, from: NodeId, theirs: &[DirDigest]) -> Vec<Reply> {
+        let ours = match digest::summarize(&self.index) {
+            Ok(ours) => ours,
+            Err(err) => {
+                tracing::warn!("cannot summarize the index for catch-up: {err}");
+                return Vec::new();
+            }
+        };
+        let dirs = digest::differing_dirs(&ours, theirs);
+        if dirs.is_empty() {
+            tracing::info!("in sync with peer {from}: every directory digest matches");
+            return Vec::new();
+        }
+        tracing::info!(
+            "catching up with peer {from}: {} directories differ",
+            dirs.len()
+        );
+        self.catch_up.insert(
+            from,
+            CatchUp {
+                dirs_pending: dirs.len(),
+                wants: Vec::new(),
+                started: Some(Instant::now()),
+            },
+        );
+        vec![Reply::Send {
+            to: from,
+            message: Message::WantDirs(dirs),
+        }]
+    }
+
+    fn compare_listing(&mut self, from: NodeId, dir: &RelPath, theirs: &[Entry]) -> Vec<Reply> {
+        let ours = digest::listing(&self.index, dir).unwrap_or_default();
+        let comparison = digest::compare(&ours, theirs);
+        let child = |name: &[u8]| {
+            let mut path = dir.0.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
+            RelPath(path)
+        };
+        if self.mirror {
+            for name in &comparison.extra {
+                let removal = Change {
+                    seq: 0,
+                    path: child(name),
+                    op: Op::Remove,
+                };
+                self.apply_change(from, &removal);
+            }
+        }
+        let wants: Vec<Want> = comparison
+            .fetch
+            .iter()
+            .map(|name| self.want(child(name)))
+            .collect();
+        let Some(catch_up) = self.catch_up.get_mut(&from) else {
+            return Vec::new();
+        };
+        catch_up.wants.extend(wants);
+        catch_up.dirs_pending = catch_up.dirs_pending.saturating_sub(1);
+        if catch_up.dirs_pending > 0 {
+            return Vec::new();
+        }
+        let wants = std::mem::take(&mut catch_up.wants);
+        tracing::info!("asking peer {from} for {} files", wants.len());
+        vec![Reply::Send {
+            to: from,
+            message: Message::WantFiles(wants),
+        }]
+    }
+}

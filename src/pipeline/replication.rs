@@ -1,0 +1,208 @@
+//! Setting up replication for a mount: checks done before mounting (the node key, each
+//! peer's ID and address), and the parts the replication actors work with once mounted.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::applier::Receiving;
+use super::session::Session;
+use super::ReplicationGraph;
+use crate::change::ChangeSink;
+use crate::config::{Mode, Replication, Settings};
+use crate::identity::{NodeId, NodeKey};
+use crate::index::Index;
+use crate::net::{Link, LinkConfig, Listener, PeerSet};
+use crate::sync::apply::Applier;
+use crate::sync::compress::CompressionPolicy;
+use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
+use crate::sync::encode::Encoder;
+use crate::sync::proto::Hello;
+
+/// A silent connection is probed this often, and dropped after three times as long.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long a peer may take to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Both directions of a connection rekey after this many messages.
+const REKEY_AFTER: u64 = 65_536;
+
+/// Why replication cannot start. One line each, saying what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("{0}")]
+    Key(String),
+    #[error("peer '{id}' is not a valid node ID ({reason}): copy it exactly as 'filesync id' prints it on that node")]
+    PeerId { id: String, reason: String },
+    #[error("cannot resolve the address {address} of peer {id}: {reason}; give HOST:PORT that resolves here")]
+    PeerAddress {
+        id: String,
+        address: String,
+        reason: String,
+    },
+    #[error("peer {0} is this node itself: list other nodes' IDs")]
+    SelfPeer(String),
+    #[error("cannot listen on {address}: {reason}; choose a free port or another address")]
+    Listen { address: SocketAddr, reason: String },
+    #[error("cannot prepare replication in {path}: {reason}")]
+    State { path: String, reason: String },
+}
+
+/// Replication checked before mounting.
+#[derive(Clone)]
+pub struct ReplicationPlan {
+    key: Arc<NodeKey>,
+    peers: Vec<(NodeId, Option<SocketAddr>)>,
+    settings: Replication,
+    node_name: String,
+}
+
+impl std::fmt::Debug for ReplicationPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationPlan")
+            .field("node", &self.key.id())
+            .field("peers", &self.peers)
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl ReplicationPlan {
+    /// `None` when the mount has no peers and does not listen.
+    pub fn check(settings: &Settings) -> Result<Option<ReplicationPlan>, ReplicationError> {
+        let replication = &settings.replication;
+        if !replication.is_enabled() {
+            return Ok(None);
+        }
+        let key = NodeKey::load(&replication.key)
+            .map_err(|err| ReplicationError::Key(err.to_string()))?;
+        let mut peers = Vec::new();
+        for spec in &replication.peers {
+            let id: NodeId = spec
+                .id
+                .parse()
+                .map_err(
+                    |err: crate::identity::NodeIdError| ReplicationError::PeerId {
+                        id: spec.id.clone(),
+                        reason: err.to_string(),
+                    },
+                )?;
+            if id == key.id() {
+                return Err(ReplicationError::SelfPeer(spec.id.clone()));
+            }
+            let address = match &spec.address {
+                Some(address) => Some(resolve(&spec.id, address)?),
+                None => None,
+            };
+            peers.push((id, address));
+        }
+        Ok(Some(ReplicationPlan {
+            key: Arc::new(key),
+            peers,
+            settings: replication.clone(),
+            node_name: settings.node_name.clone(),
+        }))
+    }
+
+    /// Whether an `fsync` on the mount waits for the peers.
+    pub fn is_sync(&self) -> bool {
+        self.settings.durability == crate::config::Durability::Sync
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.settings.mode
+    }
+
+    /// Opens what replication keeps (its state under `state_dir`), binds the listener and
+    /// starts dialing the peers.
+    pub fn start(
+        &self,
+        source: &Path,
+        state_dir: &Path,
+        index: Arc<Index>,
+        invalidate: Arc<dyn ChangeSink>,
+        gate: Arc<SyncGate>,
+    ) -> Result<ReplicationGraph, ReplicationError> {
+        let state = |reason: String| ReplicationError::State {
+            path: state_dir.display().to_string(),
+            reason,
+        };
+        let mode = self.settings.mode;
+        let hello = Hello {
+            node_name: self.node_name.clone(),
+            sends: mode.sends(),
+            receives: mode.receives(),
+        };
+        let allowed: PeerSet = self.peers.iter().map(|(id, _)| *id).collect();
+        let config = LinkConfig {
+            key: self.key.clone(),
+            allowed,
+            hello: hello.clone(),
+            keepalive: KEEPALIVE,
+            rekey_after: REKEY_AFTER,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        };
+        let listener = match self.settings.listen {
+            Some(address) => Some(Listener::bind(address, config.clone()).map_err(|err| {
+                ReplicationError::Listen {
+                    address,
+                    reason: err.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        let dialed: Vec<Link> = self
+            .peers
+            .iter()
+            .filter_map(|(id, address)| {
+                address.map(|address| Link::dial(*id, address, config.clone()))
+            })
+            .collect();
+        let mut encoder = Encoder::open(source, state_dir).map_err(|err| state(err.to_string()))?;
+        // Sequence numbers grow across restarts, so a peer's acknowledgements never go
+        // backwards: start from the clock.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        encoder.set_next_seq(u64::try_from(now.as_micros()).unwrap_or(u64::MAX / 2));
+        let applier = Applier::open(source, state_dir, index.clone())
+            .map_err(|err| state(err.to_string()))?;
+        let compression = match self.settings.compression {
+            Some(level) => CompressionPolicy::zstd(level),
+            None => CompressionPolicy::off(),
+        };
+        tracing::info!(
+            node = %self.key.id(),
+            peers = self.peers.len(),
+            listen = ?self.settings.listen,
+            ?mode,
+            "replication started"
+        );
+        Ok(ReplicationGraph {
+            sends: mode.sends(),
+            encoder,
+            compression,
+            session: Session::new(dialed, listener, index.clone(), gate.clone(), hello),
+            receiving: Receiving::new(applier, index, invalidate, mode == Mode::ReceiveOnly),
+            gate,
+        })
+    }
+}
+
+/// A new gate for `durability=sync`.
+pub fn sync_gate() -> Arc<SyncGate> {
+    Arc::new(SyncGate::new(SYNC_TIMEOUT))
+}
+
+fn resolve(id: &str, address: &str) -> Result<SocketAddr, ReplicationError> {
+    let error = |reason: String| ReplicationError::PeerAddress {
+        id: id.to_owned(),
+        address: address.to_owned(),
+        reason,
+    };
+    address
+        .to_socket_addrs()
+        .map_err(|err| error(err.to_string()))?
+        .next()
+        .ok_or_else(|| error("no address found".to_owned()))
+}

@@ -1,0 +1,361 @@
+//! The peer session actor (inbound half): owns the connections to peers — the links it
+//! dials and the ones its listener accepts — follows them coming and going, and routes
+//! what peers send: changes and catch-up data to the verifier, requests for directories
+//! and files to the index and the encoder, acknowledgements to the durability gate.
+//!
+//! Its outbound half, [`super::sender`], writes to the same links; both share the
+//! [`Peers`] table. Every connection starts with catch-up: the side that sends offers a
+//! digest of every directory (see [`crate::sync::digest`]); the receiving side asks for
+//! what differs.
+
+use std::error::Error;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Select;
+use parking_lot::Mutex;
+use steady_state::*;
+
+use crate::identity::NodeId;
+use crate::index::Index;
+use crate::net::{Link, LinkEvent, Listener};
+use crate::sync::digest;
+use crate::sync::durability::SyncGate;
+use crate::sync::proto::{Hello, Message, Want};
+
+/// A message for peers: `to` one peer, or `None` for every connected peer that receives.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub to: Option<NodeId>,
+    pub message: Message,
+}
+
+/// A message a peer sent.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub from: NodeId,
+    pub message: Message,
+}
+
+/// What the receiving side asks the session to do.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Send {
+        to: NodeId,
+        message: Message,
+    },
+    /// The peer sent something invalid: close its connection.
+    Drop {
+        peer: NodeId,
+        reason: String,
+    },
+}
+
+/// Files a peer asked for, for the encoder.
+#[derive(Debug, Clone)]
+pub struct EncodeJob {
+    pub peer: NodeId,
+    pub wants: Vec<Want>,
+}
+
+/// One link and what is known of the peer on its other end.
+struct PeerLink {
+    link: Arc<Link>,
+    /// Set while connected: the peer and its hello.
+    connected: Option<(NodeId, Hello)>,
+}
+
+/// The links of this node, shared by the session's two halves.
+#[derive(Default)]
+pub struct Peers {
+    links: Mutex<Vec<PeerLink>>,
+}
+
+impl Peers {
+    /// The connected links to send `to` (one peer, or every peer that receives).
+    pub fn targets(&self, to: Option<NodeId>) -> Vec<(NodeId, Arc<Link>)> {
+        self.links
+            .lock()
+            .iter()
+            .filter_map(|peer| {
+                let (id, hello) = peer.connected.as_ref()?;
+                let wanted = match to {
+                    Some(to) => *id == to,
+                    None => hello.receives,
+                };
+                wanted.then(|| (*id, peer.link.clone()))
+            })
+            .collect()
+    }
+
+    /// Closes the connection to `peer` (an accepted link is forgotten; a dialed one
+    /// reconnects after its backoff).
+    pub fn drop_peer(&self, peer: NodeId, reason: &str) {
+        tracing::warn!("dropping the connection to peer {peer}: {reason}");
+        let mut dropped = Vec::new();
+        self.links.lock().retain(|link| {
+            let matches = link.link.peer() == peer;
+            if matches {
+                dropped.push(link.link.clone());
+            }
+            !matches
+        });
+        close_in_background(dropped);
+    }
+
+    fn add(&self, link: Link) {
+        self.links.lock().push(PeerLink {
+            link: Arc::new(link),
+            connected: None,
+        });
+    }
+
+    fn event_sources(&self) -> Vec<Arc<Link>> {
+        self.links.lock().iter().map(|p| p.link.clone()).collect()
+    }
+
+    fn set_connected(&self, link: &Arc<Link>, state: Option<(NodeId, Hello)>) {
+        let mut links = self.links.lock();
+        if let Some(peer) = links.iter_mut().find(|p| Arc::ptr_eq(&p.link, link)) {
+            peer.connected = state;
+        }
+    }
+
+    fn close_all(&self) {
+        let links: Vec<Arc<Link>> = self.links.lock().drain(..).map(|peer| peer.link).collect();
+        for link in links {
+            if let Ok(link) = Arc::try_unwrap(link) {
+                link.close();
+            }
+        }
+    }
+}
+
+/// Closing a link flushes and waits for its threads; the session must not wait on that.
+fn close_in_background(links: Vec<Arc<Link>>) {
+    if links.is_empty() {
+        return;
+    }
+    let closing = std::thread::Builder::new()
+        .name("link-close".into())
+        .spawn(move || {
+            for link in links {
+                // The sender may still hold the link for a moment; then it closes on drop.
+                if let Ok(link) = Arc::try_unwrap(link) {
+                    link.close();
+                }
+            }
+        });
+    if let Err(err) = closing {
+        tracing::warn!("cannot start a thread to close links: {err}");
+    }
+}
+
+/// What the inbound half works with.
+pub struct Session {
+    pub peers: Arc<Peers>,
+    pub listener: Option<Listener>,
+    pub index: Arc<Index>,
+    pub gate: Arc<SyncGate>,
+    /// This node's own hello: whether it sends and receives.
+    pub hello: Hello,
+}
+
+impl Session {
+    pub fn new(
+        dialed: Vec<Link>,
+        listener: Option<Listener>,
+        index: Arc<Index>,
+        gate: Arc<SyncGate>,
+        hello: Hello,
+    ) -> Session {
+        let peers = Arc::new(Peers::default());
+        for link in dialed {
+            peers.add(link);
+        }
+        Session {
+            peers,
+            listener,
+            index,
+            gate,
+            hello,
+        }
+    }
+}
+
+pub async fn run(
+    actor: SteadyActorShadow,
+    incoming: SteadyTx<Incoming>,
+    jobs: SteadyTx<EncodeJob>,
+    session: Arc<Mutex<Session>>,
+) -> Result<(), Box<dyn Error>> {
+    let actor = actor.into_spotlight([], [&incoming, &jobs]);
+    receive(actor, incoming, jobs, session).await
+}
+
+/// How long the session blocks waiting for a peer before it looks at shutdown again.
+const POLL: Duration = Duration::from_millis(50);
+
+// The state sits in a mutex only so a restarted actor finds it again; this actor alone
+// locks it, on its own thread, so holding it across awaits blocks no one.
+#[allow(clippy::await_holding_lock)]
+async fn receive<A: SteadyActor>(
+    mut actor: A,
+    incoming: SteadyTx<Incoming>,
+    jobs: SteadyTx<EncodeJob>,
+    session: Arc<Mutex<Session>>,
+) -> Result<(), Box<dyn Error>> {
+    let mut incoming = incoming.acquire_guard().await;
+    let mut jobs = jobs.acquire_guard().await;
+    let session = session.lock();
+    while actor.is_running(|| incoming.mark_closed() && jobs.mark_closed()) {
+        let Some((link, event)) = next_event(&session) else {
+            continue;
+        };
+        match event {
+            LinkEvent::Connected { peer, addr, hello } => {
+                tracing::info!(
+                    "connected to peer {peer} ({}) at {addr}: it {}",
+                    hello.node_name,
+                    describe(&hello)
+                );
+                session
+                    .peers
+                    .set_connected(&link, Some((peer, hello.clone())));
+                if session.hello.sends && hello.receives {
+                    session.gate.connected(peer, 0);
+                    offer_summary(&session, &link, peer);
+                }
+            }
+            LinkEvent::Disconnected { reason, clean } => {
+                let peer = link.peer();
+                if clean {
+                    tracing::info!("peer {peer} disconnected: {reason}");
+                } else {
+                    tracing::warn!("connection to peer {peer} lost or refused: {reason}");
+                }
+                session.gate.disconnected(peer);
+                session.peers.set_connected(&link, None);
+            }
+            LinkEvent::Received(message) => {
+                let from = link.peer();
+                match message {
+                    Message::Change(_)
+                    | Message::Summary(_)
+                    | Message::Listing { .. }
+                    | Message::CaughtUp => {
+                        if session.hello.receives {
+                            let item = Incoming { from, message };
+                            actor
+                                .send_async(&mut incoming, item, SendSaturation::AwaitForRoom)
+                                .await;
+                        } else {
+                            session
+                                .peers
+                                .drop_peer(from, "it sent changes to a send-only node");
+                        }
+                    }
+                    Message::WantDirs(dirs) => answer_dirs(&session, &link, from, dirs),
+                    Message::WantFiles(wants) => {
+                        let job = EncodeJob { peer: from, wants };
+                        actor
+                            .send_async(&mut jobs, job, SendSaturation::AwaitForRoom)
+                            .await;
+                    }
+                    Message::Ack { seq } => session.gate.acked(from, seq),
+                    Message::Error(text) => {
+                        session
+                            .peers
+                            .drop_peer(from, &format!("it reported an error: {text}"));
+                    }
+                    Message::Hello(_) | Message::Keepalive => {
+                        session
+                            .peers
+                            .drop_peer(from, "it sent a hello in the middle of a session");
+                    }
+                }
+            }
+        }
+    }
+    session.peers.close_all();
+    Ok(())
+}
+
+/// Waits up to [`POLL`] for an event of any link, taking newly accepted links on the way.
+fn next_event(session: &Session) -> Option<(Arc<Link>, LinkEvent)> {
+    if let Some(listener) = &session.listener {
+        while let Ok(link) = listener.links().try_recv() {
+            session.peers.add(link);
+        }
+        while let Ok(rejection) = listener.rejections().try_recv() {
+            tracing::warn!(
+                "refused a connection from {}: {}",
+                rejection.addr,
+                rejection.error
+            );
+        }
+    }
+    let links = session.peers.event_sources();
+    let mut select = Select::new();
+    for link in &links {
+        select.recv(link.events());
+    }
+    let accepted = session
+        .listener
+        .as_ref()
+        .map(|l| (select.recv(l.links()), select.recv(l.rejections())));
+    let ready = select.ready_timeout(POLL).ok()?;
+    if accepted.is_some_and(|(links, rejections)| ready == links || ready == rejections) {
+        return None;
+    }
+    let link = links.get(ready)?;
+    let event = link.events().try_recv().ok()?;
+    Some((link.clone(), event))
+}
+
+fn describe(hello: &Hello) -> &'static str {
+    match (hello.sends, hello.receives) {
+        (true, true) => "sends and receives",
+        (true, false) => "only sends",
+        (false, true) => "only receives",
+        (false, false) => "neither sends nor receives",
+    }
+}
+
+/// Starts catch-up with a peer that receives: the digest of every directory.
+fn offer_summary(session: &Session, link: &Link, peer: NodeId) {
+    match digest::summarize(&session.index) {
+        Ok(summary) => {
+            if let Err(err) = link.send(Message::Summary(summary)) {
+                tracing::warn!("cannot offer catch-up to peer {peer}: {err}");
+            }
+        }
+        Err(err) => tracing::warn!("cannot summarize the index for peer {peer}: {err}"),
+    }
+}
+
+/// Sends the listing of each directory a peer asked for.
+fn answer_dirs(
+    session: &Session,
+    link: &Link,
+    peer: NodeId,
+    dirs: Vec<crate::sync::proto::RelPath>,
+) {
+    for dir in dirs {
+        let entries = match super::verifier::checked_dir(&dir)
+            .and_then(|()| digest::listing(&session.index, &dir).map_err(|err| err.to_string()))
+        {
+            Ok(entries) => entries,
+            Err(reason) => {
+                session
+                    .peers
+                    .drop_peer(peer, &format!("bad directory request: {reason}"));
+                return;
+            }
+        };
+        if let Err(err) = link.send(Message::Listing { dir, entries }) {
+            tracing::warn!("cannot send a listing to peer {peer}: {err}");
+            return;
+        }
+    }
+}

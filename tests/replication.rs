@@ -1,0 +1,369 @@
+//! Replication between two real nodes, each in its own network namespace joined by a veth
+//! pair: A (sends, dials B) and B (a receive-only mirror listening on its veth address).
+//! Every test makes its own namespaces and removes them, also on failure.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{assert_converge, netns_available, tree, wait_until, Net, Node, ADDR_B};
+use common::{run, sh};
+
+const PORT: u16 = 7878;
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A and B started as the issue describes: A dials B; B listens, only receives.
+fn pair_with(a_opts: &[&str], fill_a: impl FnOnce(&Path)) -> (Net, Node, Node) {
+    let net = Net::pair();
+    let mut a = Node::new("a", Some(&net.a));
+    let mut b = Node::new("b", Some(&net.b));
+    fill_a(a.src());
+    let mut b_opts = vec![
+        format!("listen={ADDR_B}:{PORT}"),
+        a.peer(),
+        "mode=receiveonly".to_owned(),
+    ];
+    b_opts.push("sync_interval=0".to_owned());
+    b.start(&b_opts);
+    let mut opts = vec![b.peer_at(&format!("{ADDR_B}:{PORT}"))];
+    opts.extend(a_opts.iter().map(|o| o.to_string()));
+    a.start(&opts);
+    (net, a, b)
+}
+
+fn pair() -> (Net, Node, Node) {
+    pair_with(&[], |_| {})
+}
+
+fn connected(b: &Node) -> bool {
+    b.log().contains("connected to peer")
+}
+
+#[test]
+fn every_operation_on_a_reaches_b() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, b) = pair();
+    assert!(
+        wait_until(CONVERGE, || connected(&b)),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
+    let m = a.mnt();
+    fs::write(m.join("created.txt"), b"hello\n").expect("create");
+    fs::write(m.join("overwritten.txt"), b"first version").expect("create");
+    fs::write(m.join("overwritten.txt"), b"second").expect("overwrite");
+    fs::write(m.join("appended.log"), b"one\n").expect("create");
+    let mut log = fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("appended.log"))
+        .expect("open");
+    log.write_all(b"two\n").expect("append");
+    drop(log);
+    fs::write(m.join("truncated.bin"), vec![7u8; 100_000]).expect("create");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("truncated.bin"))
+        .and_then(|f| f.set_len(1234))
+        .expect("truncate");
+    fs::write(m.join("old-name"), b"moving").expect("create");
+    fs::rename(m.join("old-name"), m.join("new-name")).expect("rename");
+    fs::write(m.join("deleted"), b"gone soon").expect("create");
+    fs::remove_file(m.join("deleted")).expect("unlink");
+    fs::create_dir_all(m.join("dir/sub")).expect("mkdir");
+    fs::write(m.join("dir/sub/deep.txt"), b"deep").expect("create");
+    fs::create_dir(m.join("removed-dir")).expect("mkdir");
+    fs::remove_dir(m.join("removed-dir")).expect("rmdir");
+    std::os::unix::fs::symlink("dir/sub/deep.txt", m.join("link")).expect("symlink");
+    fs::hard_link(m.join("created.txt"), m.join("hardlink.txt")).expect("link");
+    fs::set_permissions(m.join("created.txt"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    sh(m, "touch -m -d '2001-02-03 04:05:06.789' overwritten.txt && setfattr -n user.color -v blue created.txt")
+        .expect_ok("touch and setfattr");
+    assert_converge(a.src(), b.src(), CONVERGE);
+    assert_converge(a.mnt(), b.mnt(), CONVERGE);
+}
+
+#[test]
+fn the_mirror_refuses_local_writes_with_erofs() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, _a, b) = pair();
+    let err =
+        fs::write(b.mnt().join("local.txt"), b"x").expect_err("write on a receive-only mirror");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+}
+
+#[test]
+fn catch_up_sends_an_existing_tree_and_changes_behind_the_back() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, b) = pair_with(&[], |src| {
+        for d in 0..5 {
+            let dir = src.join(format!("d{d}"));
+            fs::create_dir(&dir).expect("mkdir");
+            for f in 0..20 {
+                fs::write(dir.join(format!("f{f}")), format!("{d}/{f}").repeat(100))
+                    .expect("write");
+            }
+        }
+        fs::write(src.join("big.bin"), common::Rng::new(1).bytes(3 << 20)).expect("write");
+    });
+    assert_converge(a.src(), b.src(), CONVERGE);
+    // Behind the mount's back, straight into A's backing folder.
+    fs::write(a.src().join("d0/behind.txt"), b"not through the mount").expect("write");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(a.src().join("big.bin"))
+        .expect("open");
+    f.write_all_at(b"patched in the middle", 1 << 20)
+        .expect("pwrite");
+    drop(f);
+    assert_converge(a.src(), b.src(), CONVERGE);
+    assert_converge(a.mnt(), b.mnt(), CONVERGE);
+}
+
+#[test]
+fn a_mirror_that_was_offline_catches_up_and_drops_what_a_deleted() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, mut b) = pair_with(&[], |src| {
+        fs::write(src.join("kept"), b"kept").expect("write");
+        fs::write(src.join("deleted-later"), b"x").expect("write");
+    });
+    assert_converge(a.src(), b.src(), CONVERGE);
+    b.stop();
+    fs::remove_file(a.mnt().join("deleted-later")).expect("unlink");
+    fs::write(a.mnt().join("written-while-away"), b"new").expect("write");
+    let b_opts = [
+        format!("listen={ADDR_B}:{PORT}"),
+        a.peer(),
+        "mode=receiveonly".to_owned(),
+    ];
+    b.start(&b_opts);
+    assert_converge(a.src(), b.src(), CONVERGE);
+}
+
+#[test]
+fn a_4k_change_in_a_1gib_file_sends_under_64k() {
+    if !netns_available() {
+        return;
+    }
+    let (net, a, b) = pair_with(&[], |src| {
+        let f = fs::File::create(src.join("huge.img")).expect("create");
+        f.set_len(1 << 30).expect("sparse 1 GiB");
+        f.write_all_at(b"start", 0).expect("write");
+    });
+    let same_size = || fs::metadata(b.src().join("huge.img")).is_ok_and(|m| m.len() == 1 << 30);
+    assert!(
+        wait_until(Duration::from_secs(120), || same_size()
+            && b.log().contains("caught up")),
+        "the 1 GiB file did not reach B:\n{}",
+        b.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = net.bytes_sent_by_a();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(a.mnt().join("huge.img"))
+        .expect("open");
+    let patch = common::Rng::new(9).bytes(4096);
+    f.write_all_at(&patch, 512 << 20)
+        .expect("pwrite 4 KiB in the middle");
+    drop(f);
+    let arrived = || {
+        let mut buf = vec![0u8; 4096];
+        fs::File::open(b.src().join("huge.img"))
+            .and_then(|f| f.read_exact_at(&mut buf, 512 << 20))
+            .is_ok_and(|()| buf == patch)
+    };
+    assert!(
+        wait_until(CONVERGE, arrived),
+        "the change did not reach B:\n{}",
+        b.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = net.bytes_sent_by_a() - before;
+    assert!(sent < 64 * 1024, "A sent {sent} bytes for a 4 KiB change");
+}
+
+#[test]
+fn fsync_with_durability_sync_returns_once_b_has_the_data() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, b) = pair_with(&["durability=sync"], |_| {});
+    assert!(
+        wait_until(CONVERGE, || connected(&b)),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
+    for round in 0..20 {
+        let body = format!("round {round}\n").repeat(1000);
+        let mut f = fs::File::create(a.mnt().join("synced.txt")).expect("create");
+        f.write_all(body.as_bytes()).expect("write");
+        f.sync_all().expect("fsync");
+        let on_b = fs::read(b.src().join("synced.txt")).unwrap_or_default();
+        assert_eq!(
+            on_b,
+            body.as_bytes(),
+            "B lacks round {round} right after fsync returned"
+        );
+    }
+}
+
+/// Reads `path` on B's mount over and over; a file that is there must be complete: its
+/// content is one of `versions`, never a torn mix or a prefix.
+fn watch_for_torn_reads(
+    path: &Path,
+    versions: Vec<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut complete_reads = 0;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            if let Ok(mut f) = fs::File::open(&path) {
+                let mut data = Vec::new();
+                if f.read_to_end(&mut data).is_ok() {
+                    assert!(
+                        versions.iter().any(|v| *v == data),
+                        "a reader on B saw {} bytes that are no complete version of {}",
+                        data.len(),
+                        path.display()
+                    );
+                    complete_reads += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        complete_reads
+    })
+}
+
+fn kill9_during_transfer(kill_receiver: bool) {
+    if !netns_available() {
+        return;
+    }
+    let data = common::Rng::new(77).bytes(96 << 20);
+    let (net, mut a, mut b) = pair_with(&["compression=off"], |_| {});
+    assert!(
+        wait_until(CONVERGE, || connected(&b)),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
+    let _ = &net;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = watch_for_torn_reads(&b.mnt().join("large.bin"), vec![data.clone()], stop.clone());
+    let mut f = fs::File::create(a.src().join("large.bin")).expect("create");
+    f.write_all(&data).expect("write");
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    drop(f);
+    // Part of the file is on its way when the daemon dies.
+    let partial = b.scratch().join("state");
+    wait_until(Duration::from_secs(60), || dir_bytes(&partial) > 8 << 20);
+    if kill_receiver {
+        b.kill9();
+        b.start(&[
+            format!("listen={ADDR_B}:{PORT}"),
+            a.peer(),
+            "mode=receiveonly".to_owned(),
+        ]);
+    } else {
+        a.kill9();
+        a.start(&[
+            b.peer_at(&format!("{ADDR_B}:{PORT}")),
+            "compression=off".to_owned(),
+        ]);
+    }
+    assert_converge(a.src(), b.src(), Duration::from_secs(120));
+    stop.store(true, Ordering::SeqCst);
+    reader
+        .join()
+        .expect("reader on B's mount saw only complete files");
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let out = run(
+        Command::new("du").args(["-sb"]).arg(dir),
+        Duration::from_secs(10),
+    );
+    out.stdout
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill9_of_the_receiver_mid_transfer_converges_without_torn_files() {
+    kill9_during_transfer(true);
+}
+
+#[test]
+fn kill9_of_the_sender_mid_transfer_converges_without_torn_files() {
+    kill9_during_transfer(false);
+}
+
+#[test]
+fn a_link_cut_for_30s_heals() {
+    if !netns_available() {
+        return;
+    }
+    let (net, a, b) = pair();
+    assert!(
+        wait_until(CONVERGE, || connected(&b)),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
+    net.cut();
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(30) {
+        fs::write(a.mnt().join(format!("offline-{n}")), format!("{n}")).expect("write");
+        n += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    net.heal();
+    assert_converge(a.src(), b.src(), Duration::from_secs(90));
+}
+
+#[test]
+fn a_peer_with_an_unknown_key_gets_nothing_in() {
+    if !netns_available() {
+        return;
+    }
+    let (net, a, b) = pair();
+    assert!(
+        wait_until(CONVERGE, || connected(&b)),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
+    // A stranger in A's namespace: B does not know its key.
+    let mut stranger = Node::new("stranger", Some(&net.a));
+    fs::write(stranger.src().join("intruder.txt"), b"let me in").expect("write");
+    stranger.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
+    assert!(
+        wait_until(CONVERGE, || b
+            .log()
+            .contains("not in this node's peer list")
+            || b.log().contains("unknown peer")
+            || b.log().contains("refus")),
+        "B did not refuse the stranger:\n{}",
+        b.log()
+    );
+    assert!(!b.src().join("intruder.txt").exists());
+    assert!(tree(b.src()).keys().all(|k| !k.contains("intruder")));
+    drop(a);
+}
