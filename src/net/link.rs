@@ -6,6 +6,10 @@
 //! keepalive whenever the queue stays empty for a keepalive period. Whichever half fails
 //! first names the reason; the other is stopped, and the link reports `Disconnected`.
 //!
+//! Events go through a bounded queue too: while the owner leaves it full, the link stops
+//! reading, TCP pushes back on the peer, and a peer that can send nothing for three
+//! keepalive periods drops the connection. Owners must keep reading events.
+//!
 //! A dialed link then waits (exponential backoff with jitter) and connects again; a link
 //! accepted by a [`Listener`] ends. Messages queued when a connection ends are dropped:
 //! the sync protocol acknowledges what it needs and resends after reconnecting.
@@ -124,7 +128,7 @@ impl Link {
         let (events_tx, events) = bounded(EVENT_QUEUE);
         let (stop, stop_rx) = bounded(0);
         let (done_tx, done) = bounded(0);
-        let close_bound = cfg.handshake_timeout + CLOSE_FLUSH * 2;
+        let close_bound = cfg.handshake_timeout.saturating_add(CLOSE_FLUSH * 2);
         let failure_events = events_tx.clone();
         let ctx = Context {
             shared: Arc::clone(&shared),
@@ -285,7 +289,7 @@ fn dial_loop(ctx: &Context, addr: SocketAddr) {
 }
 
 fn connect(ctx: &Context, addr: SocketAddr) -> Result<Established, NetError> {
-    let deadline = Deadline::after(ctx.cfg.handshake_timeout, "connection setup");
+    let deadline = Deadline::after(ctx.cfg.handshake_timeout, "during connection setup");
     let stream = TcpStream::connect_timeout(&addr, ctx.cfg.handshake_timeout)
         .map_err(|source| NetError::Connect { addr, source })?;
     *ctx.shared.socket.lock() = Some(stream.try_clone().map_err(NetError::Io)?);
@@ -327,7 +331,7 @@ fn run_connection(ctx: &Context, established: Established) -> (String, bool) {
                 ended: ended_rx,
                 stop: ctx.stop.clone(),
                 socket: writer_socket,
-                keepalive: ctx.cfg.keepalive,
+                keepalive: ctx.cfg.keepalive_period(),
                 first_error: Arc::clone(&first_error),
             };
             std::thread::Builder::new()
@@ -434,7 +438,7 @@ impl Writer {
     /// Sends what is queued, within [`CLOSE_FLUSH`], then ends this direction.
     fn finish(&mut self) {
         let flushed = self.sender.set_write_timeout(CLOSE_FLUSH).and_then(|()| {
-            let deadline = Deadline::after(CLOSE_FLUSH, "closing");
+            let deadline = Deadline::after(CLOSE_FLUSH, "while closing");
             while let Ok(message) = self.outgoing.try_recv() {
                 if deadline.expired() {
                     break;
@@ -602,7 +606,7 @@ impl Acceptor {
         let spawned = std::thread::Builder::new()
             .name(format!("accept-{addr}"))
             .spawn(move || {
-                let deadline = Deadline::after(cfg.handshake_timeout, "connection setup");
+                let deadline = Deadline::after(cfg.handshake_timeout, "during connection setup");
                 let result =
                     channel::establish(stream, false, &cfg, Expect::AnyOf(&cfg.allowed), deadline);
                 pending.fetch_sub(1, Ordering::SeqCst);
