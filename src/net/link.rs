@@ -48,6 +48,7 @@ const MAX_PENDING_HANDSHAKES: usize = 32;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// The listener's accept thread looks at its stop signal at least this often.
 const ACCEPT_POLL_MS: i32 = 1000;
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// State of a link shared by its handle and its threads.
 struct Shared {
@@ -581,8 +582,10 @@ impl Acceptor {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Such as too many open files: wait for the next poll round.
+                    // Such as too many open files. The connection stays pending, so poll
+                    // would report it again at once: pause instead of spinning.
                     tracing::warn!("cannot accept a connection: {e}");
+                    std::thread::sleep(ACCEPT_ERROR_PAUSE);
                     return;
                 }
             }
