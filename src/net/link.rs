@@ -480,6 +480,16 @@ impl Listener {
         let local_addr = listener.local_addr().map_err(bind_error)?;
         let (wake_rx, wake) =
             rustix::pipe::pipe().map_err(|e| bind_error(std::io::Error::from(e)))?;
+        if cfg.allowed.is_empty() {
+            tracing::warn!(
+                "listening on {local_addr} with no peers configured: every connection will be refused; add peers with -o peer=ID"
+            );
+        } else {
+            tracing::info!(
+                "listening for {} peer(s) on {local_addr}",
+                cfg.allowed.len()
+            );
+        }
         let (links_tx, links) = bounded(ACCEPTED_QUEUE);
         let (rejections_tx, rejections) = bounded(REJECTION_QUEUE);
         let acceptor = Acceptor {
@@ -494,7 +504,6 @@ impl Listener {
             .name(format!("listen-{}", local_addr.port()))
             .spawn(move || acceptor.run())
             .map_err(bind_error)?;
-        tracing::info!("listening for peers on {local_addr}");
         Ok(Listener {
             local_addr,
             links,
