@@ -145,7 +145,7 @@ pub(crate) struct ChannelReceiver {
 impl ChannelReceiver {
     /// The next message; each of its frames must arrive within `idle_limit`.
     pub(crate) fn recv(&mut self, idle_limit: Duration) -> Result<Message, NetError> {
-        self.recv_within(|| Deadline::after(idle_limit, "a message"))
+        self.recv_within(|| Deadline::after(idle_limit, "while connected"))
     }
 
     fn recv_within(&mut self, deadline: impl Fn() -> Deadline) -> Result<Message, NetError> {
@@ -381,4 +381,71 @@ fn read_handshake_frame(
         }
         other => other,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    fn config(key: &Arc<NodeKey>, allowed: &[NodeId]) -> LinkConfig {
+        LinkConfig::new(
+            Arc::clone(key),
+            allowed.iter().copied().collect(),
+            proto::Hello {
+                node_name: "test".into(),
+                sends: true,
+                receives: true,
+            },
+        )
+    }
+
+    /// Both ends of one established connection over 127.0.0.1.
+    fn pair() -> (Established, Established) {
+        let server = Arc::new(NodeKey::generate());
+        let client = Arc::new(NodeKey::generate());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_cfg = config(&server, &[client.id()]);
+        let responder = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let deadline = Deadline::after(Duration::from_secs(10), "test");
+            establish(
+                stream,
+                false,
+                &server_cfg,
+                Expect::AnyOf(&server_cfg.allowed),
+                deadline,
+            )
+            .unwrap()
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(10), "test");
+        let client_cfg = config(&client, &[]);
+        let initiator = establish(
+            stream,
+            true,
+            &client_cfg,
+            Expect::Peer(server.id()),
+            deadline,
+        )
+        .unwrap();
+        (initiator, responder.join().unwrap())
+    }
+
+    /// Messages whose encoding ends right before, at and after a frame boundary arrive
+    /// whole: the length prefix and the split are exact.
+    #[test]
+    fn messages_around_frame_boundaries_round_trip() {
+        let (mut a, mut b) = pair();
+        let boundary = MAX_PLAINTEXT - LENGTH_PREFIX;
+        let sizes = (boundary - 8..=boundary + 8)
+            .chain(boundary + MAX_PLAINTEXT - 8..=boundary + MAX_PLAINTEXT + 8);
+        for size in sizes {
+            let message = Message::Error("x".repeat(size));
+            a.sender.send(&message).unwrap();
+            assert_eq!(b.receiver.recv(Duration::from_secs(10)).unwrap(), message);
+        }
+    }
 }

@@ -26,11 +26,13 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     pub(crate) fn after(allowed: Duration, what: &'static str) -> Deadline {
-        Deadline {
-            at: Instant::now() + allowed,
-            allowed,
-            what,
-        }
+        let now = Instant::now();
+        // A configured timeout too large for the clock means "a very long time".
+        let at = now
+            .checked_add(allowed)
+            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(now);
+        Deadline { at, allowed, what }
     }
 
     pub(crate) fn allowed(&self) -> Duration {

@@ -6,6 +6,10 @@
 //! keepalive whenever the queue stays empty for a keepalive period. Whichever half fails
 //! first names the reason; the other is stopped, and the link reports `Disconnected`.
 //!
+//! Events go through a bounded queue too: while the owner leaves it full, the link stops
+//! reading, TCP pushes back on the peer, and a peer that can send nothing for three
+//! keepalive periods drops the connection. Owners must keep reading events.
+//!
 //! A dialed link then waits (exponential backoff with jitter) and connects again; a link
 //! accepted by a [`Listener`] ends. Messages queued when a connection ends are dropped:
 //! the sync protocol acknowledges what it needs and resends after reconnecting.
@@ -44,6 +48,7 @@ const MAX_PENDING_HANDSHAKES: usize = 32;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// The listener's accept thread looks at its stop signal at least this often.
 const ACCEPT_POLL_MS: i32 = 1000;
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// State of a link shared by its handle and its threads.
 struct Shared {
@@ -124,7 +129,7 @@ impl Link {
         let (events_tx, events) = bounded(EVENT_QUEUE);
         let (stop, stop_rx) = bounded(0);
         let (done_tx, done) = bounded(0);
-        let close_bound = cfg.handshake_timeout + CLOSE_FLUSH * 2;
+        let close_bound = cfg.handshake_timeout.saturating_add(CLOSE_FLUSH * 2);
         let failure_events = events_tx.clone();
         let ctx = Context {
             shared: Arc::clone(&shared),
@@ -285,7 +290,7 @@ fn dial_loop(ctx: &Context, addr: SocketAddr) {
 }
 
 fn connect(ctx: &Context, addr: SocketAddr) -> Result<Established, NetError> {
-    let deadline = Deadline::after(ctx.cfg.handshake_timeout, "connection setup");
+    let deadline = Deadline::after(ctx.cfg.handshake_timeout, "during connection setup");
     let stream = TcpStream::connect_timeout(&addr, ctx.cfg.handshake_timeout)
         .map_err(|source| NetError::Connect { addr, source })?;
     *ctx.shared.socket.lock() = Some(stream.try_clone().map_err(NetError::Io)?);
@@ -327,7 +332,7 @@ fn run_connection(ctx: &Context, established: Established) -> (String, bool) {
                 ended: ended_rx,
                 stop: ctx.stop.clone(),
                 socket: writer_socket,
-                keepalive: ctx.cfg.keepalive,
+                keepalive: ctx.cfg.keepalive_period(),
                 first_error: Arc::clone(&first_error),
             };
             std::thread::Builder::new()
@@ -434,7 +439,7 @@ impl Writer {
     /// Sends what is queued, within [`CLOSE_FLUSH`], then ends this direction.
     fn finish(&mut self) {
         let flushed = self.sender.set_write_timeout(CLOSE_FLUSH).and_then(|()| {
-            let deadline = Deadline::after(CLOSE_FLUSH, "closing");
+            let deadline = Deadline::after(CLOSE_FLUSH, "while closing");
             while let Ok(message) = self.outgoing.try_recv() {
                 if deadline.expired() {
                     break;
@@ -475,6 +480,16 @@ impl Listener {
         let local_addr = listener.local_addr().map_err(bind_error)?;
         let (wake_rx, wake) =
             rustix::pipe::pipe().map_err(|e| bind_error(std::io::Error::from(e)))?;
+        if cfg.allowed.is_empty() {
+            tracing::warn!(
+                "listening on {local_addr} with no peers configured: every connection will be refused; add peers with -o peer=ID"
+            );
+        } else {
+            tracing::info!(
+                "listening for {} peer(s) on {local_addr}",
+                cfg.allowed.len()
+            );
+        }
         let (links_tx, links) = bounded(ACCEPTED_QUEUE);
         let (rejections_tx, rejections) = bounded(REJECTION_QUEUE);
         let acceptor = Acceptor {
@@ -489,7 +504,6 @@ impl Listener {
             .name(format!("listen-{}", local_addr.port()))
             .spawn(move || acceptor.run())
             .map_err(bind_error)?;
-        tracing::info!("listening for peers on {local_addr}");
         Ok(Listener {
             local_addr,
             links,
@@ -577,8 +591,10 @@ impl Acceptor {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Such as too many open files: wait for the next poll round.
+                    // Such as too many open files. The connection stays pending, so poll
+                    // would report it again at once: pause instead of spinning.
                     tracing::warn!("cannot accept a connection: {e}");
+                    std::thread::sleep(ACCEPT_ERROR_PAUSE);
                     return;
                 }
             }
@@ -602,7 +618,7 @@ impl Acceptor {
         let spawned = std::thread::Builder::new()
             .name(format!("accept-{addr}"))
             .spawn(move || {
-                let deadline = Deadline::after(cfg.handshake_timeout, "connection setup");
+                let deadline = Deadline::after(cfg.handshake_timeout, "during connection setup");
                 let result =
                     channel::establish(stream, false, &cfg, Expect::AnyOf(&cfg.allowed), deadline);
                 pending.fetch_sub(1, Ordering::SeqCst);

@@ -44,6 +44,7 @@ pub const NOISE_PROLOGUE: &[u8] = b"filesync";
 /// Noise messages per direction between two rekeys.
 pub const DEFAULT_REKEY_AFTER: u64 = 65_536;
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+const MIN_KEEPALIVE: Duration = Duration::from_millis(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The nodes allowed to connect.
@@ -89,7 +90,9 @@ pub struct LinkConfig {
     /// A keepalive goes out after this much silence; a peer silent for three times this
     /// long is dropped.
     pub keepalive: Duration,
-    /// Noise messages per direction between two rekeys.
+    /// Noise messages per direction between two rekeys. Both ends rekey at the same count
+    /// without telling each other, so this is part of the protocol: two nodes must use the
+    /// same value ([`DEFAULT_REKEY_AFTER`]); only tests change it.
     pub rekey_after: u64,
     /// The whole connection setup (TCP connect, handshake, version, hello) must finish
     /// within this.
@@ -109,9 +112,14 @@ impl LinkConfig {
         }
     }
 
+    /// The keepalive period, kept above a floor so a zero cannot make a busy loop.
+    pub(crate) fn keepalive_period(&self) -> Duration {
+        self.keepalive.max(MIN_KEEPALIVE)
+    }
+
     /// How long a peer may stay silent (or refuse our data) before it is dropped.
     pub(crate) fn idle_limit(&self) -> Duration {
-        self.keepalive.saturating_mul(3)
+        self.keepalive_period().saturating_mul(3)
     }
 }
 
@@ -146,7 +154,7 @@ pub enum NetError {
     },
     #[error("connection failed: {0}")]
     Io(#[source] std::io::Error),
-    #[error("the peer stayed silent for {}s during {what}: it is stuck or not a filesync node", .waited.as_secs_f64())]
+    #[error("the peer stayed silent for {}s {what}: it is stuck or not a filesync node", .waited.as_secs_f64())]
     Timeout {
         what: &'static str,
         waited: Duration,
