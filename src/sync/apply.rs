@@ -53,8 +53,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use fast_rsync::{Signature, SignatureOptions};
 use rustix::fs::{
-    AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, XattrFlags, CWD,
-    UTIME_OMIT,
+    AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps, XattrFlags, CWD, UTIME_OMIT,
 };
 use rustix::io::Errno;
 
@@ -98,9 +97,13 @@ const SIGNATURE_STRONG_BYTES: u32 = 12;
 pub enum ApplyError {
     #[error("refused path {path:?} from the peer: {reason}; nothing was changed (the sender must send paths inside the folder)")]
     BadPath { path: String, reason: PathError },
-    #[error("cannot open {path:?}: {source}; check that it exists, is a directory and is accessible")]
+    #[error(
+        "cannot open {path:?}: {source}; check that it exists, is a directory and is accessible"
+    )]
     Setup { path: PathBuf, source: io::Error },
-    #[error("{path:?}: {what} failed: {source}; check the backing folder's permissions and free space")]
+    #[error(
+        "{path:?}: {what} failed: {source}; check the backing folder's permissions and free space"
+    )]
     Io {
         path: PathBuf,
         what: &'static str,
@@ -110,16 +113,25 @@ pub enum ApplyError {
     Encoded { path: PathBuf, codec: Codec },
     #[error("{path:?}: malformed change ({reason}); ask the sender for the whole file")]
     BadPayload { path: PathBuf, reason: String },
-    #[error("{path:?}: the local content is not the delta's base; ask the sender for the whole file")]
+    #[error(
+        "{path:?}: the local content is not the delta's base; ask the sender for the whole file"
+    )]
     BaseMismatch { path: PathBuf },
     #[error("{path:?}: the result does not match the sender's block hashes; ask the sender for the whole file")]
     Diverged { path: PathBuf },
     #[error("{path:?} is not here but the change needs it; ask the sender for the whole file or directory")]
     Missing { path: PathBuf },
     #[error("{path:?}: whole-file piece at offset {offset} does not continue the {held} bytes held for this version; call want() and resume from what it reports")]
-    OutOfOrder { path: PathBuf, offset: u64, held: u64 },
+    OutOfOrder {
+        path: PathBuf,
+        offset: u64,
+        held: u64,
+    },
     #[error("{path:?}: data is durable but the index was not updated: {source}")]
-    Index { path: PathBuf, source: IndexError },
+    Index {
+        path: PathBuf,
+        source: Box<IndexError>,
+    },
     #[error(transparent)]
     Journal(#[from] JournalError),
 }
@@ -159,6 +171,9 @@ pub struct Applier {
     as_root: bool,
     journal: Journal,
     pending_temp: File,
+    /// Whether the journal holds a record whose patch failed part-way (an I/O error):
+    /// the next change first finishes it, so a new record never overwrites it.
+    journal_pending: bool,
     /// Whether the "cannot set this xattr" notice was logged (once per applier).
     xattr_skip_logged: bool,
 }
@@ -177,10 +192,13 @@ impl std::fmt::Debug for Applier {
 struct Outcome {
     /// Tombstoned first, subtrees included.
     removed: Vec<PathBuf>,
-    /// Then read back from disk, each with the record whose block hashes may be reused and
-    /// the ranges that changed (`None`: hash everything).
-    changed: Vec<(PathBuf, Option<FileRecord>, Option<Vec<(u64, u64)>>)>,
+    /// Then read back from disk.
+    changed: Vec<Update>,
 }
+
+/// A path to record again: with the record whose block hashes may be reused and the
+/// ranges that changed since (`None`: hash everything).
+type Update = (PathBuf, Option<FileRecord>, Option<Vec<(u64, u64)>>);
 
 /// A temporary file that becomes the target.
 enum Temp {
@@ -362,7 +380,9 @@ fn write_ranges(file: &File, ranges: &[(u64, &[u8])], size: u64) -> io::Result<(
 fn copy_prefix(from: &File, to: &File, len: u64) -> io::Result<()> {
     let (mut off_in, mut off_out) = (0u64, 0u64);
     while off_in < len {
-        let want = usize::try_from(len - off_in).unwrap_or(usize::MAX).min(1 << 30);
+        let want = usize::try_from(len - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
         match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
             Ok(0) => break,
             Ok(_) => {}
@@ -535,6 +555,7 @@ impl Applier {
             as_root: rustix::process::geteuid().is_root(),
             journal,
             pending_temp,
+            journal_pending: false,
             xattr_skip_logged: false,
         };
         applier.roll_forward()?;
@@ -550,11 +571,8 @@ impl Applier {
             Found::Empty | Found::Discarded => return Ok(()),
         };
         let rel = checked(&RelPath(record.path.as_os_str().as_bytes().to_vec()))?;
-        let opened = safe_path::open_beneath(
-            self.root.as_fd(),
-            &rel,
-            OFlags::RDWR | OFlags::NONBLOCK,
-        );
+        let opened =
+            safe_path::open_beneath(self.root.as_fd(), &rel, OFlags::RDWR | OFlags::NONBLOCK);
         let fd = match opened {
             Ok(fd) => fd,
             Err(e) => {
@@ -594,10 +612,18 @@ impl Applier {
                 .is_some_and(|n| n.starts_with(TEMP_PREFIX.as_bytes()));
             if let (true, Ok(rel)) = (name_ok, safe_path::checked(&RelPath(pending))) {
                 if let Ok(parent) = safe_path::open_parent(self.root.as_fd(), &rel, false) {
-                    match rustix::fs::unlinkat(&parent.dir, parent.name.as_os_str(), AtFlags::empty()) {
-                        Ok(()) => tracing::info!(path = ?rel, "removed a temporary entry left by a crash"),
+                    match rustix::fs::unlinkat(
+                        &parent.dir,
+                        parent.name.as_os_str(),
+                        AtFlags::empty(),
+                    ) {
+                        Ok(()) => {
+                            tracing::info!(path = ?rel, "removed a temporary entry left by a crash")
+                        }
                         Err(Errno::NOENT) => {}
-                        Err(e) => tracing::warn!(path = ?rel, error = %e, "cannot remove a temporary entry left by a crash"),
+                        Err(e) => {
+                            tracing::warn!(path = ?rel, error = %e, "cannot remove a temporary entry left by a crash")
+                        }
                     }
                 }
             }
@@ -629,7 +655,11 @@ impl Applier {
                 names_exist(&self.partial_dir, &data) && self.read_head_named(&head).is_some()
             });
             if !keep {
-                let _ = rustix::fs::unlinkat(&self.partial_dir, OsStr::from_bytes(&name), AtFlags::empty());
+                let _ = rustix::fs::unlinkat(
+                    &self.partial_dir,
+                    OsStr::from_bytes(&name),
+                    AtFlags::empty(),
+                );
                 tracing::info!(name = %String::from_utf8_lossy(&name), "removed a stale partial transfer file");
             }
         }
@@ -640,6 +670,10 @@ impl Applier {
     /// patch whose writing failed (its journal finishes it on the next open) and
     /// directories created for the path.
     pub fn apply(&mut self, change: &Change) -> Result<Applied, ApplyError> {
+        if self.journal_pending {
+            self.roll_forward()?;
+            self.journal_pending = false;
+        }
         let rel = checked(&change.path)?;
         let (outcome, durable) = match &change.op {
             Op::File {
@@ -658,7 +692,9 @@ impl Applier {
             },
             Op::Dir { meta } => (self.apply_dir(&rel, meta)?, true),
             Op::Symlink { target, meta } => (self.apply_symlink(&rel, target, meta)?, true),
-            Op::Special { mode, rdev, meta } => (self.apply_special(&rel, *mode, *rdev, meta)?, true),
+            Op::Special { mode, rdev, meta } => {
+                (self.apply_special(&rel, *mode, *rdev, meta)?, true)
+            }
             Op::Link { existing } => {
                 let existing = checked(existing)?;
                 (self.apply_link(&rel, &existing)?, true)
@@ -711,13 +747,14 @@ impl Applier {
     }
 
     fn parent(&self, rel: &Path, create: bool) -> Result<Parent, ApplyError> {
-        safe_path::open_parent(self.root.as_fd(), rel, create).map_err(resolve_err(rel, "resolving the path"))
+        safe_path::open_parent(self.root.as_fd(), rel, create)
+            .map_err(resolve_err(rel, "resolving the path"))
     }
 
     fn live_record(&self, rel: &Path) -> Result<Option<FileRecord>, ApplyError> {
         let record = self.index.get(rel).map_err(|source| ApplyError::Index {
             path: rel.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(record.filter(FileRecord::is_live))
     }
@@ -731,7 +768,7 @@ impl Applier {
                 .tombstone_batch(outcome.removed.clone(), now_ns())
                 .map_err(|source| ApplyError::Index {
                     path: outcome.removed[0].clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             for path in outcome.removed {
                 if seen.insert(path.clone()) {
@@ -741,11 +778,16 @@ impl Applier {
         }
         let mut records = Vec::new();
         for (path, previous, dirty) in outcome.changed {
-            let record = record_for(self.root.as_fd(), &path, previous.as_ref(), dirty.as_deref())
-                .map_err(|source| ApplyError::Index {
-                    path: path.clone(),
-                    source,
-                })?;
+            let record = record_for(
+                self.root.as_fd(),
+                &path,
+                previous.as_ref(),
+                dirty.as_deref(),
+            )
+            .map_err(|source| ApplyError::Index {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
             if let Some(record) = record {
                 records.push((path.clone(), record));
             }
@@ -756,7 +798,10 @@ impl Applier {
         if let Some(first) = records.first().map(|(p, _)| p.clone()) {
             self.index
                 .put_batch(records)
-                .map_err(|source| ApplyError::Index { path: first, source })?;
+                .map_err(|source| ApplyError::Index {
+                    path: first,
+                    source: Box::new(source),
+                })?;
         }
         Ok(paths)
     }
@@ -770,7 +815,12 @@ impl Applier {
 
     /// Removes whatever is at `name` in `dir` (a whole tree for a directory), never
     /// following symlinks. Returns whether something was there.
-    fn remove_entry(&self, dir: BorrowedFd<'_>, name: &OsStr, rel: &Path) -> Result<bool, ApplyError> {
+    fn remove_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &Path,
+    ) -> Result<bool, ApplyError> {
         match safe_path::type_at(dir, name).map_err(io_err(rel, "stat"))? {
             None => Ok(false),
             Some(FileType::Directory) => {
@@ -857,13 +907,21 @@ impl Applier {
         rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
     }
 
-    /// Opens the regular file at `parent.name` for patching, removing anything else that
-    /// is there (a type change). `None` when there is no file.
-    fn existing_file(&self, parent: &Parent, rel: &Path, outcome: &mut Outcome) -> Result<Option<File>, ApplyError> {
+    /// Opens the regular file at `parent.name` for patching. `None` when there is no
+    /// file; anything else that is there is removed first with `replace_other` (a type
+    /// change), and left alone otherwise.
+    fn existing_file(
+        &self,
+        parent: &Parent,
+        rel: &Path,
+        replace_other: bool,
+        outcome: &mut Outcome,
+    ) -> Result<Option<File>, ApplyError> {
         let name = parent.name.as_os_str();
         match safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))? {
             None => return Ok(None),
             Some(FileType::RegularFile) => {}
+            Some(_) if !replace_other => return Ok(None),
             Some(_) => {
                 self.remove_entry(parent.dir.as_fd(), name, rel)?;
                 outcome.removed.push(rel.to_path_buf());
@@ -905,15 +963,28 @@ impl Applier {
             });
         }
         let mut outcome = Outcome::default();
-        let parent = self.parent(rel, true)?;
+        // Only new content may create the file (and its parents, and replace another kind
+        // of entry); metadata and deltas need the file that is here.
+        let creates = matches!(data, FileData::Ranges(_));
+        let parent = match safe_path::open_parent(self.root.as_fd(), rel, creates) {
+            Ok(parent) => parent,
+            Err(ResolveError::Io(e)) if !creates && e.kind() == io::ErrorKind::NotFound => {
+                return Err(ApplyError::Missing {
+                    path: rel.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(resolve_err(rel, "resolving the path")(e)),
+        };
         Self::note_created(&mut outcome, &parent);
         let previous = self.live_record(rel)?;
-        let existing = self.existing_file(&parent, rel, &mut outcome)?;
+        let existing = self.existing_file(&parent, rel, creates, &mut outcome)?;
         let old = match &existing {
             Some(file) => Some((file, file.metadata().map_err(io_err(rel, "stat"))?)),
             None => None,
         };
-        let old_size = old.as_ref().map_or(0, |(_, m)| std::os::unix::fs::MetadataExt::size(m));
+        let old_size = old
+            .as_ref()
+            .map_or(0, |(_, m)| std::os::unix::fs::MetadataExt::size(m));
         let dirty = match data {
             FileData::Unchanged => {
                 let Some((file, _)) = old else {
@@ -936,16 +1007,26 @@ impl Applier {
                         Ok((r.offset, bytes))
                     })
                     .collect::<Result<Vec<_>, ApplyError>>()?;
-                check_blocks(rel, old.as_ref().map(|(f, _)| *f), old_size, &ranges, size, blocks)?;
+                check_blocks(
+                    rel,
+                    old.as_ref().map(|(f, _)| *f),
+                    old_size,
+                    &ranges,
+                    size,
+                    blocks,
+                )?;
                 match old {
                     Some((file, m))
-                        if old_size >= SMALL_FILE || std::os::unix::fs::MetadataExt::nlink(&m) > 1 =>
+                        if old_size >= SMALL_FILE
+                            || std::os::unix::fs::MetadataExt::nlink(&m) > 1 =>
                     {
                         self.journal.write(rel, size, &ranges)?;
+                        self.journal_pending = true;
                         write_ranges(file, &ranges, size).map_err(io_err(rel, "write"))?;
                         self.set_meta_fd(file.as_fd(), rel, meta)?;
                         file.sync_all().map_err(io_err(rel, "fsync"))?;
                         self.journal.clear()?;
+                        self.journal_pending = false;
                     }
                     _ => {
                         let temp = self.create_temp(&parent, rel)?;
@@ -978,12 +1059,12 @@ impl Applier {
                 })?;
                 let temp = self.create_temp(&parent, rel)?;
                 let mut out = BufWriter::new(temp.file());
-                fast_rsync::apply_limited(content.bytes(), delta, &mut out, limit).map_err(|e| {
-                    ApplyError::BadPayload {
+                fast_rsync::apply_limited(content.bytes(), delta, &mut out, limit).map_err(
+                    |e| ApplyError::BadPayload {
                         path: rel.to_path_buf(),
                         reason: format!("delta does not apply: {e}"),
-                    }
-                })?;
+                    },
+                )?;
                 out.flush().map_err(io_err(rel, "write"))?;
                 drop(out);
                 let written = temp.file().metadata().map_err(io_err(rel, "stat"))?.len();
@@ -1009,7 +1090,13 @@ impl Applier {
     }
 
     /// Gives a complete temporary file its metadata, makes it durable and puts it in place.
-    fn finish_temp(&mut self, parent: &Parent, rel: &Path, temp: Temp, meta: &Meta) -> Result<(), ApplyError> {
+    fn finish_temp(
+        &mut self,
+        parent: &Parent,
+        rel: &Path,
+        temp: Temp,
+        meta: &Meta,
+    ) -> Result<(), ApplyError> {
         self.set_meta_fd(temp.file().as_fd(), rel, meta)?;
         temp.file().sync_all().map_err(io_err(rel, "fsync"))?;
         self.place(parent, rel, temp)
@@ -1068,7 +1155,8 @@ impl Applier {
             .map_err(io_err(rel, "writing the partial file"))?;
         if !last {
             if end - durable.min(end) >= CHECKPOINT {
-                data.sync_data().map_err(io_err(rel, "fsync of the partial file"))?;
+                data.sync_data()
+                    .map_err(io_err(rel, "fsync of the partial file"))?;
                 let now_durable = end / BLOCK_SIZE * BLOCK_SIZE;
                 self.write_head_durable(&head_name, now_durable)
                     .map_err(io_err(rel, "updating the partial head"))?;
@@ -1096,12 +1184,16 @@ impl Applier {
         self.set_meta_fd(data.as_fd(), rel, meta)?;
         data.sync_all().map_err(io_err(rel, "fsync"))?;
         match rustix::fs::renameat(&self.partial_dir, data_name.as_str(), &parent.dir, name) {
-            Ok(()) => rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?,
+            Ok(()) => {
+                rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?
+            }
             Err(Errno::XDEV) => {
                 let temp = self.create_temp(&parent, rel)?;
-                copy_prefix(&data, temp.file(), size).map_err(io_err(rel, "copying into the folder"))?;
+                copy_prefix(&data, temp.file(), size)
+                    .map_err(io_err(rel, "copying into the folder"))?;
                 self.finish_temp(&parent, rel, temp, meta)?;
-                let _ = rustix::fs::unlinkat(&self.partial_dir, data_name.as_str(), AtFlags::empty());
+                let _ =
+                    rustix::fs::unlinkat(&self.partial_dir, data_name.as_str(), AtFlags::empty());
             }
             Err(e) => return Err(io_err(rel, "rename into place")(e)),
         }
@@ -1146,7 +1238,13 @@ impl Applier {
     }
 
     /// Starts (or restarts) a whole-file transfer: an empty data file and a durable head.
-    fn start_partial(&self, rel: &Path, version: Hash, data_name: &str, head_name: &str) -> Result<(), ApplyError> {
+    fn start_partial(
+        &self,
+        rel: &Path,
+        version: Hash,
+        data_name: &str,
+        head_name: &str,
+    ) -> Result<(), ApplyError> {
         let dir = self.state_dir.join(PARTIAL_DIR);
         let err = io_err(rel, "starting a partial file");
         let result = (|| -> io::Result<()> {
@@ -1192,7 +1290,10 @@ impl Applier {
     }
 
     fn read_head_named(&self, name: &[u8]) -> Option<PartialHead> {
-        let path = self.state_dir.join(PARTIAL_DIR).join(OsStr::from_bytes(name));
+        let path = self
+            .state_dir
+            .join(PARTIAL_DIR)
+            .join(OsStr::from_bytes(name));
         let bytes = std::fs::read(path).ok()?;
         let rest = bytes.strip_prefix(PARTIAL_MAGIC.as_slice())?;
         let version: Hash = rest.get(..32)?.try_into().ok()?;
@@ -1223,15 +1324,23 @@ impl Applier {
                 Err(e) => return Err(io_err(rel, "mkdir")(e)),
             }
         }
-        let dir = safe_path::open_dir_at(parent.dir.as_fd(), name).map_err(resolve_err(rel, "open"))?;
+        let dir =
+            safe_path::open_dir_at(parent.dir.as_fd(), name).map_err(resolve_err(rel, "open"))?;
         self.set_meta_fd(dir.as_fd(), rel, meta)?;
         rustix::fs::fsync(&dir).map_err(io_err(rel, "fsync"))?;
-        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        if existing != Some(FileType::Directory) {
+            rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        }
         outcome.changed.push((rel.to_path_buf(), previous, None));
         Ok(outcome)
     }
 
-    fn apply_symlink(&mut self, rel: &Path, target: &[u8], meta: &Meta) -> Result<Outcome, ApplyError> {
+    fn apply_symlink(
+        &mut self,
+        rel: &Path,
+        target: &[u8],
+        meta: &Meta,
+    ) -> Result<Outcome, ApplyError> {
         if target.is_empty() || target.contains(&0) || target.len() >= 4096 {
             return Err(ApplyError::BadPayload {
                 path: rel.to_path_buf(),
@@ -1243,7 +1352,13 @@ impl Applier {
         })
     }
 
-    fn apply_special(&mut self, rel: &Path, mode: u32, rdev: u64, meta: &Meta) -> Result<Outcome, ApplyError> {
+    fn apply_special(
+        &mut self,
+        rel: &Path,
+        mode: u32,
+        rdev: u64,
+        meta: &Meta,
+    ) -> Result<Outcome, ApplyError> {
         let file_type = FileType::from_raw_mode(mode);
         if !matches!(
             file_type,
@@ -1304,7 +1419,11 @@ impl Applier {
             }
             Err(e) => return Err(resolve_err(existing, "resolving the path")(e)),
         };
-        let source_stat = match rustix::fs::statat(&source.dir, source.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        let source_stat = match rustix::fs::statat(
+            &source.dir,
+            source.name.as_os_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
             Ok(st) => st,
             Err(Errno::NOENT) => {
                 return Err(ApplyError::Missing {
@@ -1334,8 +1453,12 @@ impl Applier {
             Err(e) => return Err(io_err(rel, "stat")(e)),
         }
         let previous = self.live_record(existing)?;
-        outcome.changed.push((rel.to_path_buf(), previous.clone(), Some(Vec::new())));
-        outcome.changed.push((existing.to_path_buf(), previous, Some(Vec::new())));
+        outcome
+            .changed
+            .push((rel.to_path_buf(), previous.clone(), Some(Vec::new())));
+        outcome
+            .changed
+            .push((existing.to_path_buf(), previous, Some(Vec::new())));
         Ok(outcome)
     }
 
@@ -1359,7 +1482,9 @@ impl Applier {
         let parent = match safe_path::open_parent(self.root.as_fd(), rel, false) {
             Ok(p) => p,
             // A missing parent: the path is already gone.
-            Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(outcome),
+            Err(ResolveError::Io(e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(outcome)
+            }
             Err(e) => return Err(resolve_err(rel, "resolving the path")(e)),
         };
         if self.remove_entry(parent.dir.as_fd(), parent.name.as_os_str(), rel)? {
@@ -1368,7 +1493,12 @@ impl Applier {
         Ok(outcome)
     }
 
-    fn apply_rename(&mut self, from: &Path, to: &Path, exchange: bool) -> Result<Outcome, ApplyError> {
+    fn apply_rename(
+        &mut self,
+        from: &Path,
+        to: &Path,
+        exchange: bool,
+    ) -> Result<Outcome, ApplyError> {
         let mut outcome = Outcome::default();
         if from == to {
             return Ok(outcome);
@@ -1393,7 +1523,11 @@ impl Applier {
         let to_name = target.name.as_os_str();
         // What the index knew below both names, to carry block hashes over to the new paths.
         let moved_from = self.known_subtree(from)?;
-        let moved_to = if exchange { self.known_subtree(to)? } else { Vec::new() };
+        let moved_to = if exchange {
+            self.known_subtree(to)?
+        } else {
+            Vec::new()
+        };
         let flags = if exchange {
             RenameFlags::EXCHANGE
         } else {
@@ -1418,10 +1552,14 @@ impl Applier {
         outcome.removed.push(from.to_path_buf());
         outcome.removed.push(to.to_path_buf());
         for (old, record) in moved_from {
-            outcome.changed.push((rebase(&old, from, to), record, Some(Vec::new())));
+            outcome
+                .changed
+                .push((rebase(&old, from, to), record, Some(Vec::new())));
         }
         for (old, record) in moved_to {
-            outcome.changed.push((rebase(&old, to, from), record, Some(Vec::new())));
+            outcome
+                .changed
+                .push((rebase(&old, to, from), record, Some(Vec::new())));
         }
         if !outcome.changed.iter().any(|(p, _, _)| p == to) {
             outcome.changed.push((to.to_path_buf(), None, None));
@@ -1436,7 +1574,7 @@ impl Applier {
     fn known_subtree(&self, path: &Path) -> Result<Vec<(PathBuf, Option<FileRecord>)>, ApplyError> {
         let index_err = |source| ApplyError::Index {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         };
         let mut out = vec![(path.to_path_buf(), self.live_record(path)?)];
         for (child, record) in self.index.subtree(path).map_err(index_err)? {
@@ -1449,7 +1587,12 @@ impl Applier {
 
     /// Sets ownership (as root), mode, xattrs and mtime through a readable descriptor of
     /// a file or directory. Mode comes after ownership, which clears set-id bits.
-    fn set_meta_fd(&mut self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<(), ApplyError> {
+    fn set_meta_fd(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        rel: &Path,
+        meta: &Meta,
+    ) -> Result<(), ApplyError> {
         if self.as_root {
             rustix::fs::fchown(
                 fd,
@@ -1458,16 +1601,24 @@ impl Applier {
             )
             .map_err(io_err(rel, "chown"))?;
         }
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777)).map_err(io_err(rel, "chmod"))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))
+            .map_err(io_err(rel, "chmod"))?;
         if let Some(xattrs) = &meta.xattrs {
             self.sync_xattrs(&XattrTarget::Fd(fd), rel, xattrs)?;
         }
-        rustix::fs::futimens(fd, &timestamps(meta.mtime_ns)).map_err(io_err(rel, "setting the mtime"))
+        rustix::fs::futimens(fd, &timestamps(meta.mtime_ns))
+            .map_err(io_err(rel, "setting the mtime"))
     }
 
     /// The same for the entry `name` in `dir` that cannot be opened for reading (a
     /// symlink, a device node, a fifo): never follows it.
-    fn set_meta_at(&mut self, dir: BorrowedFd<'_>, name: &OsStr, rel: &Path, meta: &Meta) -> Result<(), ApplyError> {
+    fn set_meta_at(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &Path,
+        meta: &Meta,
+    ) -> Result<(), ApplyError> {
         if self.as_root {
             rustix::fs::chownat(
                 dir,
@@ -1478,20 +1629,35 @@ impl Applier {
             )
             .map_err(io_err(rel, "chown"))?;
         }
-        let handle = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(io_err(rel, "open"))?;
+        let handle = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(rel, "open"))?;
         let st = rustix::fs::fstat(&handle).map_err(io_err(rel, "stat"))?;
         // A symlink has no mode of its own, and user xattrs are not allowed on it.
         if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
             let path = proc_path(handle.as_fd());
-            rustix::fs::chmodat(CWD, &path, Mode::from_raw_mode(meta.mode & 0o7777), AtFlags::empty())
-                .map_err(io_err(rel, "chmod"))?;
+            rustix::fs::chmodat(
+                CWD,
+                &path,
+                Mode::from_raw_mode(meta.mode & 0o7777),
+                AtFlags::empty(),
+            )
+            .map_err(io_err(rel, "chmod"))?;
             if let Some(xattrs) = &meta.xattrs {
                 self.sync_xattrs(&XattrTarget::Proc(path), rel, xattrs)?;
             }
         }
-        rustix::fs::utimensat(dir, name, &timestamps(meta.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io_err(rel, "setting the mtime"))
+        rustix::fs::utimensat(
+            dir,
+            name,
+            &timestamps(meta.mtime_ns),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_err(rel, "setting the mtime"))
     }
 
     /// Makes the attributes exactly `wanted`, except the local system's own namespaces,
@@ -1521,7 +1687,9 @@ impl Applier {
             }
             match target.set(OsStr::from_bytes(name), value) {
                 Ok(()) => {}
-                Err(Errno::PERM | Errno::NOTSUP | Errno::ACCESS | Errno::INVAL) if is_system_xattr(name) => {
+                Err(Errno::PERM | Errno::NOTSUP | Errno::ACCESS | Errno::INVAL)
+                    if is_system_xattr(name) =>
+                {
                     let name = String::from_utf8_lossy(name);
                     if self.xattr_skip_logged {
                         tracing::debug!(path = ?rel, xattr = %name, "skipped an xattr this system does not let us set");
@@ -1640,7 +1808,9 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         };
         steps += 1;
         if steps > MAX_TREE_ENTRIES {
-            return Err(io::Error::other("the directory tree keeps growing while it is removed"));
+            return Err(io::Error::other(
+                "the directory tree keeps growing while it is removed",
+            ));
         }
         if let Some(sub) = top.subdirs.pop() {
             if depth >= MAX_TREE_DEPTH {
@@ -1667,4 +1837,88 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applier(root: &Path, state: &Path) -> Applier {
+        let index = Arc::new(Index::open(&state.join("index.redb")).unwrap());
+        Applier::open(root, &state.join("apply"), index).unwrap()
+    }
+
+    #[test]
+    fn a_temporary_entry_left_by_a_crash_is_removed_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        drop(applier(root.path(), state.path()));
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        let stray = format!("{TEMP_PREFIX}0123456789abcdef");
+        std::fs::write(root.path().join("sub").join(&stray), b"half").unwrap();
+        std::fs::write(root.path().join("keep"), b"mine").unwrap();
+        let pending = state.path().join("apply").join(PENDING_TEMP);
+        std::fs::write(&pending, format!("sub/{stray}")).unwrap();
+        drop(applier(root.path(), state.path()));
+        assert!(!root.path().join("sub").join(&stray).exists());
+        // Only a name with the temporary prefix is ever removed.
+        std::fs::write(&pending, "keep").unwrap();
+        drop(applier(root.path(), state.path()));
+        assert!(root.path().join("keep").exists());
+    }
+
+    #[test]
+    fn damaged_partial_transfers_are_swept_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        drop(applier(root.path(), state.path()));
+        let partial = state.path().join("apply").join(PARTIAL_DIR);
+        std::fs::write(partial.join("abc.data"), b"orphan").unwrap();
+        std::fs::write(partial.join("def.head"), b"FSPART01 too short").unwrap();
+        std::fs::write(partial.join("def.data"), b"x").unwrap();
+        drop(applier(root.path(), state.path()));
+        assert_eq!(std::fs::read_dir(&partial).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn expected_blocks_overlay_ranges_on_the_old_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abcdef").unwrap();
+        let old = File::open(&path).unwrap();
+        let rel = Path::new("f");
+        let hash = |b: &[u8]| *blake3::hash(b).as_bytes();
+        // Overwrite in the middle, extend past the end leaving a gap of zeros, then cut.
+        let ranges: &[(u64, &[u8])] = &[(1, b"XY"), (8, b"ZZ")];
+        check_blocks(rel, Some(&old), 6, ranges, 9, &[(0, hash(b"aXYdef\0\0Z"))]).unwrap();
+        let err = check_blocks(rel, Some(&old), 6, ranges, 9, &[(0, hash(b"abcdef"))]).unwrap_err();
+        assert!(matches!(err, ApplyError::Diverged { .. }));
+        let err = check_blocks(rel, Some(&old), 6, &[], 6, &[(1, hash(b""))]).unwrap_err();
+        assert!(
+            matches!(err, ApplyError::Diverged { .. }),
+            "a block past the end"
+        );
+    }
+
+    #[test]
+    fn moved_paths_are_rebased_and_dirty_ranges_mark_the_size_change() {
+        let rebased = rebase(Path::new("a"), Path::new("a"), Path::new("b/c"));
+        assert_eq!(rebased, PathBuf::from("b/c"));
+        let rebased = rebase(Path::new("a/x/y"), Path::new("a"), Path::new("b"));
+        assert_eq!(rebased, PathBuf::from("b/x/y"));
+        let dirty = dirty_ranges(&[(4, b"ab"), (9, b"")], 100, 50);
+        assert_eq!(dirty, vec![(4, 2), (50, 0)]);
+    }
+
+    #[test]
+    fn signatures_stay_small_for_large_files() {
+        for len in [0, 1, 4096, 1 << 30, 1 << 40] {
+            let options = signature_options(len);
+            let blocks = len.div_ceil(u64::from(options.block_size));
+            assert!(options.block_size.is_power_of_two());
+            assert!(
+                blocks <= SIGNATURE_BLOCKS || u64::from(options.block_size) == SIGNATURE_MAX_BLOCK
+            );
+        }
+    }
 }

@@ -110,7 +110,12 @@ impl Journal {
 
     /// Writes the record of a patch and makes it durable: on `Ok`, a crash at any later
     /// point replays it.
-    pub fn write(&mut self, path: &Path, size: u64, ranges: &[(u64, &[u8])]) -> Result<(), JournalError> {
+    pub fn write(
+        &mut self,
+        path: &Path,
+        size: u64,
+        ranges: &[(u64, &[u8])],
+    ) -> Result<(), JournalError> {
         let path_bytes = path.as_os_str().as_bytes();
         let data_len: usize = ranges.iter().map(|(_, d)| 16 + d.len()).sum();
         let total = 8 + 4 + path_bytes.len() + 8 + 4 + data_len + 32;
@@ -133,7 +138,9 @@ impl Journal {
         let sum = blake3::hash(&buf);
         buf.extend_from_slice(sum.as_bytes());
         self.file.set_len(0).map_err(|e| self.io_err(e))?;
-        self.file.write_all_at(&buf, 0).map_err(|e| self.io_err(e))?;
+        self.file
+            .write_all_at(&buf, 0)
+            .map_err(|e| self.io_err(e))?;
         // fdatasync also persists the new length, which the reader relies on.
         self.file.sync_data().map_err(|e| self.io_err(e))
     }
@@ -154,7 +161,9 @@ impl Journal {
             None
         } else {
             let mut buf = vec![0u8; len as usize];
-            self.file.read_exact_at(&mut buf, 0).map_err(|e| self.io_err(e))?;
+            self.file
+                .read_exact_at(&mut buf, 0)
+                .map_err(|e| self.io_err(e))?;
             parse(&buf)
         };
         match parsed {
@@ -232,7 +241,12 @@ mod tests {
         let file = dir.path().join(FILE_NAME);
         let len = std::fs::metadata(&file).unwrap().len();
         // Torn: the tail never reached the disk.
-        OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 5).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
         assert_eq!(journal.take().unwrap(), Found::Discarded);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
         // Damaged: one byte flipped.

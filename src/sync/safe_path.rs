@@ -157,7 +157,11 @@ pub fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<OwnedFd, Resolve
 
 /// Opens `rel` (checked) below `root` with `flags` plus `O_NOFOLLOW`: a symlink as the last
 /// component fails (or, with `O_PATH`, is opened itself). Parents must exist.
-pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> Result<OwnedFd, ResolveError> {
+pub fn open_beneath(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    flags: OFlags,
+) -> Result<OwnedFd, ResolveError> {
     let parent = open_parent(root, rel, false)?;
     rustix::fs::openat(
         &parent.dir,
@@ -219,15 +223,14 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         let root = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
-        let root_fd = rustix::fs::open(
-            root.path(),
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
+        let root_fd =
+            rustix::fs::open(root.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
         for create in [false, true] {
             let err = open_parent(root_fd.as_fd(), Path::new("link/x"), create).unwrap_err();
-            assert!(matches!(err, ResolveError::Unsafe(PathError::ThroughSymlink)), "{err}");
+            assert!(
+                matches!(err, ResolveError::Unsafe(PathError::ThroughSymlink)),
+                "{err}"
+            );
         }
         let err = open_parent(root_fd.as_fd(), Path::new("link/sub/x"), true).unwrap_err();
         assert!(matches!(err, ResolveError::Unsafe(_)), "{err}");
@@ -237,15 +240,14 @@ mod tests {
     #[test]
     fn walk_creates_missing_parents() {
         let root = tempfile::tempdir().unwrap();
-        let root_fd = rustix::fs::open(
-            root.path(),
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
+        let root_fd =
+            rustix::fs::open(root.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
         let parent = open_parent(root_fd.as_fd(), Path::new("a/b/c"), true).unwrap();
         assert_eq!(parent.name, OsString::from("c"));
-        assert_eq!(parent.created, vec![PathBuf::from("a"), PathBuf::from("a/b")]);
+        assert_eq!(
+            parent.created,
+            vec![PathBuf::from("a"), PathBuf::from("a/b")]
+        );
         assert!(root.path().join("a/b").is_dir());
         let again = open_parent(root_fd.as_fd(), Path::new("a/b/c"), true).unwrap();
         assert!(again.created.is_empty());
