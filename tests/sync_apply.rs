@@ -848,3 +848,31 @@ fn a_reader_never_sees_a_half_written_small_file() {
     stop.store(true, Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
 }
+
+#[test]
+fn a_piece_sent_again_moves_the_resume_point_back() {
+    let mut node = Node::new();
+    let content = pattern(6 * 1024 * 1024, 4);
+    let piece = 1024 * 1024;
+    let op = |offset: usize| Op::File {
+        meta: meta(0o600),
+        size: content.len() as u64,
+        data: FileData::Whole {
+            offset: offset as u64,
+            data: raw(&content[offset..offset + piece]),
+            last: offset + piece == content.len(),
+        },
+        blocks: Vec::new(),
+    };
+    for i in 0..5 {
+        node.apply("f", op(i * piece)).unwrap();
+    }
+    let want = |node: &mut Node| node.applier().want(&RelPath(b"f".to_vec())).unwrap().resume;
+    assert_eq!(want(&mut node).map(|(_, held)| held), Some(CHECKPOINT));
+    node.apply("f", op(piece)).unwrap();
+    assert_eq!(want(&mut node).map(|(_, held)| held), Some(piece as u64));
+    for i in 2..6 {
+        node.apply("f", op(i * piece)).unwrap();
+    }
+    assert_eq!(node.read("f"), content);
+}

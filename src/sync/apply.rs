@@ -46,7 +46,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -88,7 +88,8 @@ const MAX_TREE_ENTRIES: u64 = 1 << 32;
 const SIGNATURE_BLOCKS: u64 = 16 * 1024;
 const SIGNATURE_MIN_BLOCK: u64 = 2048;
 const SIGNATURE_MAX_BLOCK: u64 = 1024 * 1024;
-/// Bytes of MD4 kept per block; matches are verified by BLAKE3 afterwards anyway.
+/// Bytes of MD4 kept per block. A false match yields wrong content, which the BLAKE3
+/// block hashes sent with the delta catch (the sender should send them for every block).
 const SIGNATURE_STRONG_BYTES: u32 = 12;
 
 /// Why a change could not be applied. Each leaves the folder as it was, except where
@@ -575,6 +576,9 @@ impl Applier {
             safe_path::open_beneath(self.root.as_fd(), &rel, OFlags::RDWR | OFlags::NONBLOCK);
         let fd = match opened {
             Ok(fd) => fd,
+            Err(ResolveError::Io(e)) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(&rel, "opening the journaled file")(e));
+            }
             Err(e) => {
                 tracing::warn!(path = ?rel, error = %e, "the journaled file is gone; dropping its patch");
                 self.journal.clear()?;
@@ -667,15 +671,29 @@ impl Applier {
 
     /// Applies one change. On `Ok` the change is durable and the index updated (see
     /// [`Applied::durable`]); on `Err` the folder is as before, except for an in-place
-    /// patch whose writing failed (its journal finishes it on the next open) and
-    /// directories created for the path.
+    /// patch whose writing failed (finished from its journal before the next change),
+    /// directories created for the path, and an entry of another kind removed for a type
+    /// change.
     pub fn apply(&mut self, change: &Change) -> Result<Applied, ApplyError> {
         if self.journal_pending {
             self.roll_forward()?;
             self.journal_pending = false;
         }
         let rel = checked(&change.path)?;
-        let (outcome, durable) = match &change.op {
+        let result = self.apply_op(&rel, &change.op);
+        if result.is_err() {
+            // A temporary name the failed change may have left (only where O_TMPFILE is
+            // not supported, or between a link and its rename).
+            self.remove_pending_temp()?;
+        }
+        let (outcome, durable) = result?;
+        let paths = self.commit(outcome)?;
+        tracing::trace!(seq = change.seq, path = ?rel, "change applied");
+        Ok(Applied { paths, durable })
+    }
+
+    fn apply_op(&mut self, rel: &Path, op: &Op) -> Result<(Outcome, bool), ApplyError> {
+        Ok(match op {
             Op::File {
                 meta,
                 size,
@@ -683,31 +701,28 @@ impl Applier {
                 blocks,
             } => match data {
                 FileData::Whole { offset, data, last } => {
-                    match self.apply_whole(&rel, meta, *size, *offset, data, *last, blocks)? {
+                    match self.apply_whole(rel, meta, *size, *offset, data, *last, blocks)? {
                         Some(outcome) => (outcome, true),
                         None => (Outcome::default(), false),
                     }
                 }
-                data => (self.apply_file(&rel, meta, *size, data, blocks)?, true),
+                data => (self.apply_file(rel, meta, *size, data, blocks)?, true),
             },
-            Op::Dir { meta } => (self.apply_dir(&rel, meta)?, true),
-            Op::Symlink { target, meta } => (self.apply_symlink(&rel, target, meta)?, true),
+            Op::Dir { meta } => (self.apply_dir(rel, meta)?, true),
+            Op::Symlink { target, meta } => (self.apply_symlink(rel, target, meta)?, true),
             Op::Special { mode, rdev, meta } => {
-                (self.apply_special(&rel, *mode, *rdev, meta)?, true)
+                (self.apply_special(rel, *mode, *rdev, meta)?, true)
             }
             Op::Link { existing } => {
                 let existing = checked(existing)?;
-                (self.apply_link(&rel, &existing)?, true)
+                (self.apply_link(rel, &existing)?, true)
             }
             Op::Remove => (self.apply_remove(&rel)?, true),
             Op::Rename { to, exchange } => {
                 let to = checked(to)?;
-                (self.apply_rename(&rel, &to, *exchange)?, true)
+                (self.apply_rename(rel, &to, *exchange)?, true)
             }
-        };
-        let paths = self.commit(outcome)?;
-        tracing::trace!(seq = change.seq, path = ?rel, "change applied");
-        Ok(Applied { paths, durable })
+        })
     }
 
     /// What the sender needs to send `path` cheaply: a signature of our current file (for
@@ -982,9 +997,7 @@ impl Applier {
             Some(file) => Some((file, file.metadata().map_err(io_err(rel, "stat"))?)),
             None => None,
         };
-        let old_size = old
-            .as_ref()
-            .map_or(0, |(_, m)| std::os::unix::fs::MetadataExt::size(m));
+        let old_size = old.as_ref().map_or(0, |(_, m)| m.len());
         let dirty = match data {
             FileData::Unchanged => {
                 let Some((file, _)) = old else {
@@ -1016,10 +1029,7 @@ impl Applier {
                     blocks,
                 )?;
                 match old {
-                    Some((file, m))
-                        if old_size >= SMALL_FILE
-                            || std::os::unix::fs::MetadataExt::nlink(&m) > 1 =>
-                    {
+                    Some((file, m)) if old_size >= SMALL_FILE || m.nlink() > 1 => {
                         self.journal.write(rel, size, &ranges)?;
                         self.journal_pending = true;
                         write_ranges(file, &ranges, size).map_err(io_err(rel, "write"))?;
@@ -1144,6 +1154,13 @@ impl Applier {
                 }
             }
         }
+        if offset < durable {
+            // A piece sent again: what follows it is rewritten, so the durable mark moves
+            // back first, durably, lest a crash report bytes the data file no longer has.
+            durable = offset / BLOCK_SIZE * BLOCK_SIZE;
+            self.write_head_durable(&head_name, durable, true)
+                .map_err(io_err(rel, "updating the partial head"))?;
+        }
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1158,7 +1175,7 @@ impl Applier {
                 data.sync_data()
                     .map_err(io_err(rel, "fsync of the partial file"))?;
                 let now_durable = end / BLOCK_SIZE * BLOCK_SIZE;
-                self.write_head_durable(&head_name, now_durable)
+                self.write_head_durable(&head_name, now_durable, false)
                     .map_err(io_err(rel, "updating the partial head"))?;
             }
             return Ok(None);
@@ -1275,12 +1292,17 @@ impl Applier {
     }
 
     /// Records that the first `durable` bytes of a partial are fsync'd. One aligned 8-byte
-    /// write, not fsync'd: if it is lost, an older (smaller) durable length remains.
-    fn write_head_durable(&self, head_name: &str, durable: u64) -> io::Result<()> {
+    /// write; growing it needs no fsync (if lost, an older, smaller length remains), moving
+    /// it back does (`sync`).
+    fn write_head_durable(&self, head_name: &str, durable: u64, sync: bool) -> io::Result<()> {
         let head = OpenOptions::new()
             .write(true)
             .open(self.state_dir.join(PARTIAL_DIR).join(head_name))?;
-        head.write_all_at(&durable.to_le_bytes(), HEAD_DURABLE_AT)
+        head.write_all_at(&durable.to_le_bytes(), HEAD_DURABLE_AT)?;
+        if sync {
+            head.sync_data()?;
+        }
+        Ok(())
     }
 
     fn read_head(&self, rel: &Path) -> Option<PartialHead> {
