@@ -717,7 +717,7 @@ impl Applier {
                 let existing = checked(existing)?;
                 (self.apply_link(rel, &existing)?, true)
             }
-            Op::Remove => (self.apply_remove(&rel)?, true),
+            Op::Remove => (self.apply_remove(rel)?, true),
             Op::Rename { to, exchange } => {
                 let to = checked(to)?;
                 (self.apply_rename(rel, &to, *exchange)?, true)
