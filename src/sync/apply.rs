@@ -46,7 +46,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -88,7 +88,8 @@ const MAX_TREE_ENTRIES: u64 = 1 << 32;
 const SIGNATURE_BLOCKS: u64 = 16 * 1024;
 const SIGNATURE_MIN_BLOCK: u64 = 2048;
 const SIGNATURE_MAX_BLOCK: u64 = 1024 * 1024;
-/// Bytes of MD4 kept per block; matches are verified by BLAKE3 afterwards anyway.
+/// Bytes of MD4 kept per block. A false match yields wrong content, which the BLAKE3
+/// block hashes sent with the delta catch (the sender should send them for every block).
 const SIGNATURE_STRONG_BYTES: u32 = 12;
 
 /// Why a change could not be applied. Each leaves the folder as it was, except where
@@ -128,7 +129,10 @@ pub enum ApplyError {
         held: u64,
     },
     #[error("{path:?}: data is durable but the index was not updated: {source}")]
-    Index { path: PathBuf, source: IndexError },
+    Index {
+        path: PathBuf,
+        source: Box<IndexError>,
+    },
     #[error(transparent)]
     Journal(#[from] JournalError),
 }
@@ -168,6 +172,9 @@ pub struct Applier {
     as_root: bool,
     journal: Journal,
     pending_temp: File,
+    /// Whether the journal holds a record whose patch failed part-way (an I/O error):
+    /// the next change first finishes it, so a new record never overwrites it.
+    journal_pending: bool,
     /// Whether the "cannot set this xattr" notice was logged (once per applier).
     xattr_skip_logged: bool,
 }
@@ -186,10 +193,13 @@ impl std::fmt::Debug for Applier {
 struct Outcome {
     /// Tombstoned first, subtrees included.
     removed: Vec<PathBuf>,
-    /// Then read back from disk, each with the record whose block hashes may be reused and
-    /// the ranges that changed (`None`: hash everything).
-    changed: Vec<(PathBuf, Option<FileRecord>, Option<Vec<(u64, u64)>>)>,
+    /// Then read back from disk.
+    changed: Vec<Update>,
 }
+
+/// A path to record again: with the record whose block hashes may be reused and the
+/// ranges that changed since (`None`: hash everything).
+type Update = (PathBuf, Option<FileRecord>, Option<Vec<(u64, u64)>>);
 
 /// A temporary file that becomes the target.
 enum Temp {
@@ -546,6 +556,7 @@ impl Applier {
             as_root: rustix::process::geteuid().is_root(),
             journal,
             pending_temp,
+            journal_pending: false,
             xattr_skip_logged: false,
         };
         applier.roll_forward()?;
@@ -565,6 +576,9 @@ impl Applier {
             safe_path::open_beneath(self.root.as_fd(), &rel, OFlags::RDWR | OFlags::NONBLOCK);
         let fd = match opened {
             Ok(fd) => fd,
+            Err(ResolveError::Io(e)) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(&rel, "opening the journaled file")(e));
+            }
             Err(e) => {
                 tracing::warn!(path = ?rel, error = %e, "the journaled file is gone; dropping its patch");
                 self.journal.clear()?;
@@ -657,11 +671,29 @@ impl Applier {
 
     /// Applies one change. On `Ok` the change is durable and the index updated (see
     /// [`Applied::durable`]); on `Err` the folder is as before, except for an in-place
-    /// patch whose writing failed (its journal finishes it on the next open) and
-    /// directories created for the path.
+    /// patch whose writing failed (finished from its journal before the next change),
+    /// directories created for the path, and an entry of another kind removed for a type
+    /// change.
     pub fn apply(&mut self, change: &Change) -> Result<Applied, ApplyError> {
+        if self.journal_pending {
+            self.roll_forward()?;
+            self.journal_pending = false;
+        }
         let rel = checked(&change.path)?;
-        let (outcome, durable) = match &change.op {
+        let result = self.apply_op(&rel, &change.op);
+        if result.is_err() {
+            // A temporary name the failed change may have left (only where O_TMPFILE is
+            // not supported, or between a link and its rename).
+            self.remove_pending_temp()?;
+        }
+        let (outcome, durable) = result?;
+        let paths = self.commit(outcome)?;
+        tracing::trace!(seq = change.seq, path = ?rel, "change applied");
+        Ok(Applied { paths, durable })
+    }
+
+    fn apply_op(&mut self, rel: &Path, op: &Op) -> Result<(Outcome, bool), ApplyError> {
+        Ok(match op {
             Op::File {
                 meta,
                 size,
@@ -669,31 +701,28 @@ impl Applier {
                 blocks,
             } => match data {
                 FileData::Whole { offset, data, last } => {
-                    match self.apply_whole(&rel, meta, *size, *offset, data, *last, blocks)? {
+                    match self.apply_whole(rel, meta, *size, *offset, data, *last, blocks)? {
                         Some(outcome) => (outcome, true),
                         None => (Outcome::default(), false),
                     }
                 }
-                data => (self.apply_file(&rel, meta, *size, data, blocks)?, true),
+                data => (self.apply_file(rel, meta, *size, data, blocks)?, true),
             },
-            Op::Dir { meta } => (self.apply_dir(&rel, meta)?, true),
-            Op::Symlink { target, meta } => (self.apply_symlink(&rel, target, meta)?, true),
+            Op::Dir { meta } => (self.apply_dir(rel, meta)?, true),
+            Op::Symlink { target, meta } => (self.apply_symlink(rel, target, meta)?, true),
             Op::Special { mode, rdev, meta } => {
-                (self.apply_special(&rel, *mode, *rdev, meta)?, true)
+                (self.apply_special(rel, *mode, *rdev, meta)?, true)
             }
             Op::Link { existing } => {
                 let existing = checked(existing)?;
-                (self.apply_link(&rel, &existing)?, true)
+                (self.apply_link(rel, &existing)?, true)
             }
-            Op::Remove => (self.apply_remove(&rel)?, true),
+            Op::Remove => (self.apply_remove(rel)?, true),
             Op::Rename { to, exchange } => {
                 let to = checked(to)?;
-                (self.apply_rename(&rel, &to, *exchange)?, true)
+                (self.apply_rename(rel, &to, *exchange)?, true)
             }
-        };
-        let paths = self.commit(outcome)?;
-        tracing::trace!(seq = change.seq, path = ?rel, "change applied");
-        Ok(Applied { paths, durable })
+        })
     }
 
     /// What the sender needs to send `path` cheaply: a signature of our current file (for
@@ -740,7 +769,7 @@ impl Applier {
     fn live_record(&self, rel: &Path) -> Result<Option<FileRecord>, ApplyError> {
         let record = self.index.get(rel).map_err(|source| ApplyError::Index {
             path: rel.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(record.filter(FileRecord::is_live))
     }
@@ -754,7 +783,7 @@ impl Applier {
                 .tombstone_batch(outcome.removed.clone(), now_ns())
                 .map_err(|source| ApplyError::Index {
                     path: outcome.removed[0].clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             for path in outcome.removed {
                 if seen.insert(path.clone()) {
@@ -772,7 +801,7 @@ impl Applier {
             )
             .map_err(|source| ApplyError::Index {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
             if let Some(record) = record {
                 records.push((path.clone(), record));
@@ -786,7 +815,7 @@ impl Applier {
                 .put_batch(records)
                 .map_err(|source| ApplyError::Index {
                     path: first,
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(paths)
@@ -893,18 +922,21 @@ impl Applier {
         rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
     }
 
-    /// Opens the regular file at `parent.name` for patching, removing anything else that
-    /// is there (a type change). `None` when there is no file.
+    /// Opens the regular file at `parent.name` for patching. `None` when there is no
+    /// file; anything else that is there is removed first with `replace_other` (a type
+    /// change), and left alone otherwise.
     fn existing_file(
         &self,
         parent: &Parent,
         rel: &Path,
+        replace_other: bool,
         outcome: &mut Outcome,
     ) -> Result<Option<File>, ApplyError> {
         let name = parent.name.as_os_str();
         match safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))? {
             None => return Ok(None),
             Some(FileType::RegularFile) => {}
+            Some(_) if !replace_other => return Ok(None),
             Some(_) => {
                 self.remove_entry(parent.dir.as_fd(), name, rel)?;
                 outcome.removed.push(rel.to_path_buf());
@@ -946,17 +978,26 @@ impl Applier {
             });
         }
         let mut outcome = Outcome::default();
-        let parent = self.parent(rel, true)?;
+        // Only new content may create the file (and its parents, and replace another kind
+        // of entry); metadata and deltas need the file that is here.
+        let creates = matches!(data, FileData::Ranges(_));
+        let parent = match safe_path::open_parent(self.root.as_fd(), rel, creates) {
+            Ok(parent) => parent,
+            Err(ResolveError::Io(e)) if !creates && e.kind() == io::ErrorKind::NotFound => {
+                return Err(ApplyError::Missing {
+                    path: rel.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(resolve_err(rel, "resolving the path")(e)),
+        };
         Self::note_created(&mut outcome, &parent);
         let previous = self.live_record(rel)?;
-        let existing = self.existing_file(&parent, rel, &mut outcome)?;
+        let existing = self.existing_file(&parent, rel, creates, &mut outcome)?;
         let old = match &existing {
             Some(file) => Some((file, file.metadata().map_err(io_err(rel, "stat"))?)),
             None => None,
         };
-        let old_size = old
-            .as_ref()
-            .map_or(0, |(_, m)| std::os::unix::fs::MetadataExt::size(m));
+        let old_size = old.as_ref().map_or(0, |(_, m)| m.len());
         let dirty = match data {
             FileData::Unchanged => {
                 let Some((file, _)) = old else {
@@ -988,15 +1029,14 @@ impl Applier {
                     blocks,
                 )?;
                 match old {
-                    Some((file, m))
-                        if old_size >= SMALL_FILE
-                            || std::os::unix::fs::MetadataExt::nlink(&m) > 1 =>
-                    {
+                    Some((file, m)) if old_size >= SMALL_FILE || m.nlink() > 1 => {
                         self.journal.write(rel, size, &ranges)?;
+                        self.journal_pending = true;
                         write_ranges(file, &ranges, size).map_err(io_err(rel, "write"))?;
                         self.set_meta_fd(file.as_fd(), rel, meta)?;
                         file.sync_all().map_err(io_err(rel, "fsync"))?;
                         self.journal.clear()?;
+                        self.journal_pending = false;
                     }
                     _ => {
                         let temp = self.create_temp(&parent, rel)?;
@@ -1114,6 +1154,13 @@ impl Applier {
                 }
             }
         }
+        if offset < durable {
+            // A piece sent again: what follows it is rewritten, so the durable mark moves
+            // back first, durably, lest a crash report bytes the data file no longer has.
+            durable = offset / BLOCK_SIZE * BLOCK_SIZE;
+            self.write_head_durable(&head_name, durable, true)
+                .map_err(io_err(rel, "updating the partial head"))?;
+        }
         let data = OpenOptions::new()
             .read(true)
             .write(true)
@@ -1128,7 +1175,7 @@ impl Applier {
                 data.sync_data()
                     .map_err(io_err(rel, "fsync of the partial file"))?;
                 let now_durable = end / BLOCK_SIZE * BLOCK_SIZE;
-                self.write_head_durable(&head_name, now_durable)
+                self.write_head_durable(&head_name, now_durable, false)
                     .map_err(io_err(rel, "updating the partial head"))?;
             }
             return Ok(None);
@@ -1245,12 +1292,17 @@ impl Applier {
     }
 
     /// Records that the first `durable` bytes of a partial are fsync'd. One aligned 8-byte
-    /// write, not fsync'd: if it is lost, an older (smaller) durable length remains.
-    fn write_head_durable(&self, head_name: &str, durable: u64) -> io::Result<()> {
+    /// write; growing it needs no fsync (if lost, an older, smaller length remains), moving
+    /// it back does (`sync`).
+    fn write_head_durable(&self, head_name: &str, durable: u64, sync: bool) -> io::Result<()> {
         let head = OpenOptions::new()
             .write(true)
             .open(self.state_dir.join(PARTIAL_DIR).join(head_name))?;
-        head.write_all_at(&durable.to_le_bytes(), HEAD_DURABLE_AT)
+        head.write_all_at(&durable.to_le_bytes(), HEAD_DURABLE_AT)?;
+        if sync {
+            head.sync_data()?;
+        }
+        Ok(())
     }
 
     fn read_head(&self, rel: &Path) -> Option<PartialHead> {
@@ -1298,7 +1350,9 @@ impl Applier {
             safe_path::open_dir_at(parent.dir.as_fd(), name).map_err(resolve_err(rel, "open"))?;
         self.set_meta_fd(dir.as_fd(), rel, meta)?;
         rustix::fs::fsync(&dir).map_err(io_err(rel, "fsync"))?;
-        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        if existing != Some(FileType::Directory) {
+            rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))?;
+        }
         outcome.changed.push((rel.to_path_buf(), previous, None));
         Ok(outcome)
     }
@@ -1542,7 +1596,7 @@ impl Applier {
     fn known_subtree(&self, path: &Path) -> Result<Vec<(PathBuf, Option<FileRecord>)>, ApplyError> {
         let index_err = |source| ApplyError::Index {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         };
         let mut out = vec![(path.to_path_buf(), self.live_record(path)?)];
         for (child, record) in self.index.subtree(path).map_err(index_err)? {
@@ -1805,4 +1859,88 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applier(root: &Path, state: &Path) -> Applier {
+        let index = Arc::new(Index::open(&state.join("index.redb")).unwrap());
+        Applier::open(root, &state.join("apply"), index).unwrap()
+    }
+
+    #[test]
+    fn a_temporary_entry_left_by_a_crash_is_removed_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        drop(applier(root.path(), state.path()));
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        let stray = format!("{TEMP_PREFIX}0123456789abcdef");
+        std::fs::write(root.path().join("sub").join(&stray), b"half").unwrap();
+        std::fs::write(root.path().join("keep"), b"mine").unwrap();
+        let pending = state.path().join("apply").join(PENDING_TEMP);
+        std::fs::write(&pending, format!("sub/{stray}")).unwrap();
+        drop(applier(root.path(), state.path()));
+        assert!(!root.path().join("sub").join(&stray).exists());
+        // Only a name with the temporary prefix is ever removed.
+        std::fs::write(&pending, "keep").unwrap();
+        drop(applier(root.path(), state.path()));
+        assert!(root.path().join("keep").exists());
+    }
+
+    #[test]
+    fn damaged_partial_transfers_are_swept_on_open() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        drop(applier(root.path(), state.path()));
+        let partial = state.path().join("apply").join(PARTIAL_DIR);
+        std::fs::write(partial.join("abc.data"), b"orphan").unwrap();
+        std::fs::write(partial.join("def.head"), b"FSPART01 too short").unwrap();
+        std::fs::write(partial.join("def.data"), b"x").unwrap();
+        drop(applier(root.path(), state.path()));
+        assert_eq!(std::fs::read_dir(&partial).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn expected_blocks_overlay_ranges_on_the_old_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abcdef").unwrap();
+        let old = File::open(&path).unwrap();
+        let rel = Path::new("f");
+        let hash = |b: &[u8]| *blake3::hash(b).as_bytes();
+        // Overwrite in the middle, extend past the end leaving a gap of zeros, then cut.
+        let ranges: &[(u64, &[u8])] = &[(1, b"XY"), (8, b"ZZ")];
+        check_blocks(rel, Some(&old), 6, ranges, 9, &[(0, hash(b"aXYdef\0\0Z"))]).unwrap();
+        let err = check_blocks(rel, Some(&old), 6, ranges, 9, &[(0, hash(b"abcdef"))]).unwrap_err();
+        assert!(matches!(err, ApplyError::Diverged { .. }));
+        let err = check_blocks(rel, Some(&old), 6, &[], 6, &[(1, hash(b""))]).unwrap_err();
+        assert!(
+            matches!(err, ApplyError::Diverged { .. }),
+            "a block past the end"
+        );
+    }
+
+    #[test]
+    fn moved_paths_are_rebased_and_dirty_ranges_mark_the_size_change() {
+        let rebased = rebase(Path::new("a"), Path::new("a"), Path::new("b/c"));
+        assert_eq!(rebased, PathBuf::from("b/c"));
+        let rebased = rebase(Path::new("a/x/y"), Path::new("a"), Path::new("b"));
+        assert_eq!(rebased, PathBuf::from("b/x/y"));
+        let dirty = dirty_ranges(&[(4, b"ab"), (9, b"")], 100, 50);
+        assert_eq!(dirty, vec![(4, 2), (50, 0)]);
+    }
+
+    #[test]
+    fn signatures_stay_small_for_large_files() {
+        for len in [0, 1, 4096, 1 << 30, 1 << 40] {
+            let options = signature_options(len);
+            let blocks = len.div_ceil(u64::from(options.block_size));
+            assert!(options.block_size.is_power_of_two());
+            assert!(
+                blocks <= SIGNATURE_BLOCKS || u64::from(options.block_size) == SIGNATURE_MAX_BLOCK
+            );
+        }
+    }
 }

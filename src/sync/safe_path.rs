@@ -126,17 +126,22 @@ pub fn open_parent(root: BorrowedFd<'_>, rel: &Path, create: bool) -> Result<Par
     let mut walked = PathBuf::new();
     for component in dirs {
         walked.push(component);
-        if create {
-            match rustix::fs::mkdirat(&dir, *component, Mode::from_raw_mode(CREATED_DIR_MODE)) {
-                Ok(()) => {
-                    rustix::fs::fsync(&dir).map_err(io::Error::from)?;
-                    created.push(walked.clone());
+        let next = match open_dir_at(dir.as_fd(), component) {
+            Err(ResolveError::Io(e)) if create && e.kind() == io::ErrorKind::NotFound => {
+                match rustix::fs::mkdirat(&dir, *component, Mode::from_raw_mode(CREATED_DIR_MODE)) {
+                    Ok(()) => {
+                        rustix::fs::fsync(&dir).map_err(io::Error::from)?;
+                        created.push(walked.clone());
+                    }
+                    // Made by someone else in the meantime: use it like any other.
+                    Err(Errno::EXIST) => {}
+                    Err(e) => return Err(ResolveError::Io(e.into())),
                 }
-                Err(Errno::EXIST) => {}
-                Err(e) => return Err(ResolveError::Io(e.into())),
+                open_dir_at(dir.as_fd(), component)?
             }
-        }
-        dir = open_dir_at(dir.as_fd(), component)?;
+            opened => opened?,
+        };
+        dir = next;
     }
     Ok(Parent {
         dir,
