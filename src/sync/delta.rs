@@ -267,6 +267,17 @@ fn check_signature(signature: &[u8]) -> Result<u32, DeltaError> {
 /// long runs a few windows spread over them are diffed first, and when none of them shares
 /// a single block with the base, the file is sent whole.
 pub fn diff(signature: &[u8], data: &[u8], limit: usize) -> Result<Option<Delta>, DeltaError> {
+    diff_with(signature, data, None, limit)
+}
+
+/// [`diff`], given the signature of `data` when the caller has one: it is used when its
+/// block and hash sizes are those of `signature`, sparing a pass over the data.
+pub fn diff_with(
+    signature: &[u8],
+    data: &[u8],
+    data_signature: Option<&[u8]>,
+    limit: usize,
+) -> Result<Option<Delta>, DeltaError> {
     let block_size = check_signature(signature)?;
     let crypto_hash_size = u32::from_be_bytes(
         signature
@@ -282,10 +293,17 @@ pub fn diff(signature: &[u8], data: &[u8], limit: usize) -> Result<Option<Delta>
         block_size,
         crypto_hash_size,
     };
-    let ours = Signature::calculate(data, options);
+    let computed;
+    let ours = match data_signature {
+        Some(given) if given.get(..SIGNATURE_HEADER) == signature.get(..SIGNATURE_HEADER) => given,
+        _ => {
+            computed = Signature::calculate(data, options);
+            computed.serialized()
+        }
+    };
     let entry = 4 + crypto_hash_size as usize;
     let base_entries = signature.get(SIGNATURE_HEADER..).unwrap_or_default();
-    let new_entries = ours.serialized().get(SIGNATURE_HEADER..).unwrap_or_default();
+    let new_entries = ours.get(SIGNATURE_HEADER..).unwrap_or_default();
     let mut out = Emitter::new(base_entries, u64::from(block_size), entry, limit);
     let bs = block_size as usize;
     let blocks = data.len().div_ceil(bs);

@@ -333,7 +333,7 @@ impl Encoder {
                 blocks: Vec::new(),
             }
         } else {
-            let found = match delta::diff(&base.signature, &map, MAX_DELTA) {
+            let found = match delta::diff_with(&base.signature, &map, Some(&version.signature), MAX_DELTA) {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "sending the file whole");
