@@ -88,9 +88,12 @@ fn wire_bytes(changes: &[Change]) -> usize {
     changes
         .iter()
         .map(|c| {
-            bincode::serde::encode_to_vec(proto::Message::Change(c.clone()), bincode::config::standard())
-                .unwrap()
-                .len()
+            bincode::serde::encode_to_vec(
+                proto::Message::Change(c.clone()),
+                bincode::config::standard(),
+            )
+            .unwrap()
+            .len()
         })
         .sum()
 }
@@ -118,7 +121,11 @@ fn check_blocks(content: &[u8], blocks: &[(u64, proto::Hash)]) {
     for (index, hash) in blocks {
         let start = (*index * BLOCK_SIZE) as usize;
         let end = (start + BLOCK_SIZE as usize).min(content.len());
-        assert_eq!(hash, blake3::hash(&content[start..end]).as_bytes(), "block {index}");
+        assert_eq!(
+            hash,
+            blake3::hash(&content[start..end]).as_bytes(),
+            "block {index}"
+        );
     }
 }
 
@@ -137,7 +144,10 @@ fn ranges_are_read_exactly_and_split_at_the_chunk_limit() {
         assert_eq!(change.seq, 10 + i as u64);
         assert_eq!(change.path, rel("f"));
         let Op::File {
-            size, data: FileData::Ranges(ranges), blocks, ..
+            size,
+            data: FileData::Ranges(ranges),
+            blocks,
+            ..
         } = &change.op
         else {
             panic!("ranges expected")
@@ -180,10 +190,16 @@ fn truncation_sends_the_new_size_and_its_last_block() {
         .unwrap();
     let mut encoder = Encoder::open(&s.root, &s.state).unwrap();
     // A write recorded past the new end is clamped away.
-    let changes = all(&mut encoder, &changed("t", Content::Ranges(vec![(200_000, 0), (250_000, 10)])));
+    let changes = all(
+        &mut encoder,
+        &changed("t", Content::Ranges(vec![(200_000, 0), (250_000, 10)])),
+    );
     assert_eq!(changes.len(), 1);
     let Op::File {
-        size, data: FileData::Ranges(ranges), blocks, ..
+        size,
+        data: FileData::Ranges(ranges),
+        blocks,
+        ..
     } = &changes[0].op
     else {
         panic!("ranges expected")
@@ -197,7 +213,12 @@ fn truncation_sends_the_new_size_and_its_last_block() {
 #[test]
 fn unknown_content_of_a_small_file_goes_whole_and_compresses() {
     let s = setup();
-    let content: Vec<u8> = b"a line of text\n".iter().cycle().take(2_500_000).copied().collect();
+    let content: Vec<u8> = b"a line of text\n"
+        .iter()
+        .cycle()
+        .take(2_500_000)
+        .copied()
+        .collect();
     fs::write(s.root.join("log.txt"), &content).unwrap();
     let mut encoder = Encoder::open(&s.root, &s.state).unwrap();
     let mut changes = all(&mut encoder, &changed("log.txt", Content::Unknown));
@@ -209,7 +230,9 @@ fn unknown_content_of_a_small_file_goes_whole_and_compresses() {
     assert!(data_bytes(&changes) < content.len() / 20);
     for change in &mut changes {
         decompress_change(change).unwrap();
-        let Op::File { blocks, .. } = &change.op else { unreachable!() };
+        let Op::File { blocks, .. } = &change.op else {
+            unreachable!()
+        };
         check_blocks(&content, blocks);
     }
     assert_eq!(reassemble(&changes), content);
@@ -232,8 +255,15 @@ fn small_change_in_large_file(size: u64) -> (Vec<Change>, Vec<u8>, Vec<u8>) {
     let mut encoder = Encoder::open(&s.root, &s.state).unwrap();
     // The first send is whole; only piece lengths are kept, not the data.
     let mut sent = 0u64;
-    for change in encoder.encode(&changed("big.img", Content::Unknown)).unwrap() {
-        if let Op::File { data: FileData::Whole { data, .. }, .. } = change.unwrap().op {
+    for change in encoder
+        .encode(&changed("big.img", Content::Unknown))
+        .unwrap()
+    {
+        if let Op::File {
+            data: FileData::Whole { data, .. },
+            ..
+        } = change.unwrap().op
+        {
             sent += data.bytes.len() as u64;
         }
     }
@@ -256,7 +286,10 @@ fn a_small_change_in_a_large_file_sends_a_small_delta() {
     let wire = wire_bytes(&changes);
     assert!(wire < 64 * 1024, "{wire} bytes on the wire");
     let Op::File {
-        data: FileData::Delta { base, delta }, blocks, size: sent_size, ..
+        data: FileData::Delta { base, delta },
+        blocks,
+        size: sent_size,
+        ..
     } = &changes[0].op
     else {
         panic!("delta expected, got {:?}", changes[0].op)
@@ -301,7 +334,8 @@ fn ranges_keep_the_stored_version_current_for_later_deltas() {
     // An overwrite and an append, sent as ranges.
     let file = OpenOptions::new().write(true).open(&path).unwrap();
     file.write_all_at(b"overwritten", 1_000_000).unwrap();
-    file.write_all_at(&noise(300_000, 5), content.len() as u64).unwrap();
+    file.write_all_at(&noise(300_000, 5), content.len() as u64)
+        .unwrap();
     let ranges = vec![(1_000_000, 11), (content.len() as u64, 300_000)];
     all(&mut encoder, &changed("db", Content::Ranges(ranges)));
     content = fs::read(&path).unwrap();
@@ -319,13 +353,20 @@ fn ranges_keep_the_stored_version_current_for_later_deltas() {
     // An unseen change now goes by delta against what the peer holds.
     file.write_all_at(b"unseen", 2_000_000).unwrap();
     let changes = all(&mut encoder, &changed("db", Content::Unknown));
-    let Op::File { data: FileData::Delta { base, .. }, .. } = &changes[0].op else {
+    let Op::File {
+        data: FileData::Delta { base, .. },
+        ..
+    } = &changes[0].op
+    else {
         panic!("delta expected")
     };
     assert_eq!(*base, Version::of_bytes(&content).hash);
     // A hole punched by growing the file is not covered by the ranges: the version goes.
     file.set_len(8 << 20).unwrap();
-    all(&mut encoder, &changed("db", Content::Ranges(vec![(8 << 20, 0)])));
+    all(
+        &mut encoder,
+        &changed("db", Content::Ranges(vec![(8 << 20, 0)])),
+    );
     assert!(store.load(&rel("db")).unwrap().is_none());
 }
 
@@ -352,11 +393,18 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let Op::File { data: FileData::Whole { offset, .. }, .. } = &changes[0].op else {
+    let Op::File {
+        data: FileData::Whole { offset, .. },
+        ..
+    } = &changes[0].op
+    else {
         panic!("whole expected")
     };
     assert_eq!(*offset, resume_at);
-    assert_eq!(data_bytes(&changes) as u64, content.len() as u64 - resume_at);
+    assert_eq!(
+        data_bytes(&changes) as u64,
+        content.len() as u64 - resume_at
+    );
     // A partial copy of another version starts over.
     let want = Want {
         resume: Some(([7; 32], resume_at)),
@@ -382,7 +430,12 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let Op::File { data: FileData::Delta { base, delta }, meta, .. } = &changes[0].op else {
+    let Op::File {
+        data: FileData::Delta { base, delta },
+        meta,
+        ..
+    } = &changes[0].op
+    else {
         panic!("delta expected")
     };
     assert_eq!(*base, theirs.hash);
@@ -420,7 +473,10 @@ fn other_kinds_removals_renames_and_vanished_paths() {
         assert_eq!(changes.len(), 1, "{changes:?}");
         changes.into_iter().next().unwrap().op
     };
-    assert!(matches!(one(&mut encoder, changed("d", Content::Unchanged)), Op::Dir { .. }));
+    assert!(matches!(
+        one(&mut encoder, changed("d", Content::Unchanged)),
+        Op::Dir { .. }
+    ));
     match one(&mut encoder, changed("d/link", Content::Unknown)) {
         Op::Symlink { target, .. } => assert_eq!(target, b"../outside"),
         other => panic!("{other:?}"),
@@ -437,7 +493,12 @@ fn other_kinds_removals_renames_and_vanished_paths() {
         *metadata = true;
     }
     match one(&mut encoder, update) {
-        Op::File { data: FileData::Unchanged, size, meta, .. } => {
+        Op::File {
+            data: FileData::Unchanged,
+            size,
+            meta,
+            ..
+        } => {
             assert_eq!(size, 1);
             let xattrs = meta.xattrs.unwrap();
             if !xattrs.is_empty() {
@@ -448,8 +509,14 @@ fn other_kinds_removals_renames_and_vanished_paths() {
     }
     // Through a symlinked directory, or simply gone: removed.
     symlink("d", s.root.join("alias")).unwrap();
-    assert_eq!(one(&mut encoder, changed("alias/f", Content::Unknown)), Op::Remove);
-    assert_eq!(one(&mut encoder, changed("gone", Content::Unknown)), Op::Remove);
+    assert_eq!(
+        one(&mut encoder, changed("alias/f", Content::Unknown)),
+        Op::Remove
+    );
+    assert_eq!(
+        one(&mut encoder, changed("gone", Content::Unknown)),
+        Op::Remove
+    );
     let removed = Update::Removed {
         path: "d/f".into(),
         dir: false,
@@ -469,8 +536,18 @@ fn other_kinds_removals_renames_and_vanished_paths() {
             exchange: true
         }
     );
-    assert_eq!(all(&mut encoder, &Update::Rescan { sources: Vec::new() }), vec![]);
-    assert!(encoder.encode(&changed("../escape", Content::Unknown)).is_err());
+    assert_eq!(
+        all(
+            &mut encoder,
+            &Update::Rescan {
+                sources: Vec::new()
+            }
+        ),
+        vec![]
+    );
+    assert!(encoder
+        .encode(&changed("../escape", Content::Unknown))
+        .is_err());
 }
 
 fn umask() -> u32 {
@@ -483,5 +560,13 @@ fn umask() -> u32 {
 fn xattr_set(path: &Path, name: &str, value: &[u8]) {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
-    unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
 }

@@ -135,7 +135,11 @@ impl CompressionPolicy {
             codec: Some(codec),
             skip: skip
                 .into_iter()
-                .map(|ext| ext.trim_start_matches('.').to_ascii_lowercase().into_bytes())
+                .map(|ext| {
+                    ext.trim_start_matches('.')
+                        .to_ascii_lowercase()
+                        .into_bytes()
+                })
                 .collect(),
         }
     }

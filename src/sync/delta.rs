@@ -80,10 +80,10 @@ pub enum DeltaError {
 /// The `fast_rsync` options for a file of `size` bytes.
 pub fn signature_options(size: u64) -> SignatureOptions {
     let root = (size as f64).sqrt() as u64 / 2;
-    let block = root
-        .checked_next_power_of_two()
-        .unwrap_or(u64::MAX)
-        .clamp(u64::from(MIN_SIGNATURE_BLOCK), u64::from(MAX_SIGNATURE_BLOCK));
+    let block = root.checked_next_power_of_two().unwrap_or(u64::MAX).clamp(
+        u64::from(MIN_SIGNATURE_BLOCK),
+        u64::from(MAX_SIGNATURE_BLOCK),
+    );
     SignatureOptions {
         // Clamped to at most 64 Ki above, so the cast is exact.
         block_size: block as u32,
@@ -220,11 +220,9 @@ pub struct Delta {
 /// Checks a serialized signature and returns its block size.
 fn check_signature(signature: &[u8]) -> Result<u32, DeltaError> {
     let field = |at: usize| -> Result<u32, DeltaError> {
-        let bytes = signature
-            .get(at..at + 4)
-            .ok_or(DeltaError::BadSignature {
-                reason: "truncated header",
-            })?;
+        let bytes = signature.get(at..at + 4).ok_or(DeltaError::BadSignature {
+            reason: "truncated header",
+        })?;
         let mut word = [0u8; 4];
         word.copy_from_slice(bytes);
         Ok(u32::from_be_bytes(word))
@@ -454,7 +452,10 @@ fn parse_delta(delta: &[u8]) -> Option<Vec<Command>> {
         let bytes = body.get(at - DELTA_MAGIC.len()..at - DELTA_MAGIC.len() + n)?;
         let start = at;
         at += n;
-        Some((start, bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b))))
+        Some((
+            start,
+            bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)),
+        ))
     };
     let mut commands = Vec::new();
     loop {
@@ -598,7 +599,8 @@ impl<'a> Emitter<'a> {
     fn flush(&mut self) {
         if let Some((offset, len)) = self.pending.take() {
             let ((offset_class, offset), (len_class, len)) = (varint(offset), varint(len));
-            self.bytes.push(OP_COPY_N1_N1 + offset_class * 4 + len_class);
+            self.bytes
+                .push(OP_COPY_N1_N1 + offset_class * 4 + len_class);
             self.bytes.extend_from_slice(&offset);
             self.bytes.extend_from_slice(&len);
         }
@@ -846,7 +848,13 @@ mod tests {
         let parsed = parse_delta(&delta.bytes).unwrap();
         assert_eq!(parsed.len(), 4);
         assert_eq!(parsed[0], Command::Copy { offset: 0, len: 7 });
-        assert_eq!(parsed[3], Command::Copy { offset: 1 << 33, len: 70_000 });
+        assert_eq!(
+            parsed[3],
+            Command::Copy {
+                offset: 1 << 33,
+                len: 70_000
+            }
+        );
         for (command, len) in parsed[1..3].iter().zip([64, 65_000]) {
             let Command::Literal { at, len: got } = *command else {
                 panic!("literal expected")

@@ -27,7 +27,9 @@ use crate::index::{FileKind, FileRecord, Index, IndexError};
 pub enum DigestError {
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error("{path:?} is not a directory path below the synced folder; the peer is broken or hostile")]
+    #[error(
+        "{path:?} is not a directory path below the synced folder; the peer is broken or hostile"
+    )]
     BadPath { path: String },
 }
 
@@ -72,9 +74,11 @@ pub fn listing(index: &Index, dir: &RelPath) -> Result<Vec<Entry>, DigestError> 
         });
     }
     let mut entries = Vec::new();
-    let result = index.snapshot()?.for_each_child(as_path(&dir.0), true, |name, record| {
-        entries.extend(entry_of(name, &record));
-    });
+    let result = index
+        .snapshot()?
+        .for_each_child(as_path(&dir.0), true, |name, record| {
+            entries.extend(entry_of(name, &record));
+        });
     match result {
         Ok(()) => Ok(entries),
         Err(IndexError::BadPath { .. }) => Err(DigestError::BadPath {
@@ -109,8 +113,7 @@ pub fn differing_dirs(ours: &[DirDigest], theirs: &[DirDigest]) -> Vec<RelPath> 
 /// has. Both sorted by name.
 pub fn compare(ours: &[Entry], theirs: &[Entry]) -> Comparison {
     let ours_by_name: BTreeMap<&[u8], &Entry> = ours.iter().map(|e| (&e.name[..], e)).collect();
-    let theirs_by_name: BTreeMap<&[u8], &Entry> =
-        theirs.iter().map(|e| (&e.name[..], e)).collect();
+    let theirs_by_name: BTreeMap<&[u8], &Entry> = theirs.iter().map(|e| (&e.name[..], e)).collect();
     Comparison {
         fetch: theirs_by_name
             .iter()
@@ -234,10 +237,16 @@ mod tests {
     fn tree(node: u32) -> Vec<(PathBuf, FileRecord)> {
         vec![
             ("a".into(), record(FileKind::File, 3, 10, b"abc", node)),
-            ("d".into(), record(FileKind::Dir, 4096 * u64::from(node), 20, b"", node)),
+            (
+                "d".into(),
+                record(FileKind::Dir, 4096 * u64::from(node), 20, b"", node),
+            ),
             ("d/x".into(), record(FileKind::File, 1, 30, b"x", node)),
             ("d/e".into(), record(FileKind::Dir, 0, 40, b"", node)),
-            ("d/e/l".into(), record(FileKind::Symlink, 3, 50, b"../a", node)),
+            (
+                "d/e/l".into(),
+                record(FileKind::Symlink, 3, 50, b"../a", node),
+            ),
             ("f".into(), record(FileKind::Dir, 0, 60, b"", node)),
         ]
     }
@@ -298,14 +307,29 @@ mod tests {
     #[test]
     fn directories_only_one_side_has_are_listed() {
         let ours = vec![
-            DirDigest { dir: rel(""), digest: [1; 32] },
-            DirDigest { dir: rel("gone"), digest: [2; 32] },
+            DirDigest {
+                dir: rel(""),
+                digest: [1; 32],
+            },
+            DirDigest {
+                dir: rel("gone"),
+                digest: [2; 32],
+            },
         ];
         let theirs = vec![
-            DirDigest { dir: rel(""), digest: [1; 32] },
-            DirDigest { dir: rel("new"), digest: [3; 32] },
+            DirDigest {
+                dir: rel(""),
+                digest: [1; 32],
+            },
+            DirDigest {
+                dir: rel("new"),
+                digest: [3; 32],
+            },
         ];
-        assert_eq!(differing_dirs(&ours, &theirs), vec![rel("gone"), rel("new")]);
+        assert_eq!(
+            differing_dirs(&ours, &theirs),
+            vec![rel("gone"), rel("new")]
+        );
     }
 
     #[test]
@@ -313,10 +337,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = index_of(dir.path(), "i.redb", tree(1));
         for bad in ["../etc", "/etc", "d/../..", "a\0b"] {
-            assert!(matches!(
-                listing(&index, &rel(bad)),
-                Err(DigestError::BadPath { .. })
-            ), "{bad}");
+            assert!(
+                matches!(listing(&index, &rel(bad)), Err(DigestError::BadPath { .. })),
+                "{bad}"
+            );
         }
         assert!(listing(&index, &rel("missing")).unwrap().is_empty());
     }

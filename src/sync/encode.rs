@@ -62,7 +62,9 @@ const SIGNATURE_HEADER: usize = 12;
 /// Why an update could not be encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
-    #[error("cannot open the backing folder {path}: {source}; check that it exists and is a directory")]
+    #[error(
+        "cannot open the backing folder {path}: {source}; check that it exists and is a directory"
+    )]
     Root { path: PathBuf, source: io::Error },
     #[error("{path:?} is not a path below the backing folder (absolute, or with '..'); this is a bug in the caller")]
     BadPath { path: PathBuf },
@@ -151,11 +153,17 @@ impl Encoder {
                 content,
                 metadata,
                 ..
-            } => (path.clone(), self.changed(path, *created, content, *metadata)?),
+            } => (
+                path.clone(),
+                self.changed(path, *created, content, *metadata)?,
+            ),
             Update::Removed { path, .. } => {
                 let rel = checked(path)?;
                 self.signatures.remove(&rel)?;
-                (path.clone(), State::Queue(VecDeque::from([(rel, Op::Remove)])))
+                (
+                    path.clone(),
+                    State::Queue(VecDeque::from([(rel, Op::Remove)])),
+                )
             }
             Update::Renamed {
                 from, to, exchange, ..
@@ -255,7 +263,9 @@ impl Encoder {
                 // Dropped now and stored again, patched, once every range is out: a stream
                 // abandoned half way leaves no version the peer may not have.
                 self.signatures.remove(&rel)?;
-                Ok(State::Ranges(RangeStream::new(file, meta, size, ranges, stored)))
+                Ok(State::Ranges(RangeStream::new(
+                    file, meta, size, ranges, stored,
+                )))
             }
             Content::Unknown => {
                 let file = reopen(path, &opened)?;
@@ -299,7 +309,9 @@ impl Encoder {
                 meta: self.meta(path, opened, with_xattrs)?,
             },
             FileKind::File => {
-                return Err(io_err(path)(io::Error::other("a regular file here is a bug")))
+                return Err(io_err(path)(io::Error::other(
+                    "a regular file here is a bug",
+                )))
             }
         };
         Ok(State::Queue(VecDeque::from([(rel, op)])))
@@ -333,7 +345,12 @@ impl Encoder {
                 blocks: Vec::new(),
             }
         } else {
-            let found = match delta::diff_with(&base.signature, &map, Some(&version.signature), MAX_DELTA) {
+            let found = match delta::diff_with(
+                &base.signature,
+                &map,
+                Some(&version.signature),
+                MAX_DELTA,
+            ) {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "sending the file whole");
@@ -655,7 +672,12 @@ impl WholeStream {
         let blocks: Vec<(u64, Hash)> = data
             .chunks(BLOCK_SIZE as usize)
             .enumerate()
-            .map(|(i, block)| (offset / BLOCK_SIZE + i as u64, *blake3::hash(block).as_bytes()))
+            .map(|(i, block)| {
+                (
+                    offset / BLOCK_SIZE + i as u64,
+                    *blake3::hash(block).as_bytes(),
+                )
+            })
             .collect();
         if let Some(builder) = &mut self.builder {
             builder.feed(&data);
@@ -739,7 +761,8 @@ impl RangeStream {
         let block = segments.first().map_or(u64::MAX, |s| s.0 / BLOCK_SIZE);
         let patch = stored.and_then(|base| {
             let header = base.signature.get(..SIGNATURE_HEADER)?;
-            let word = |at: usize| Some(u32::from_be_bytes(header.get(at..at + 4)?.try_into().ok()?));
+            let word =
+                |at: usize| Some(u32::from_be_bytes(header.get(at..at + 4)?.try_into().ok()?));
             let options = SignatureOptions {
                 block_size: word(4)?,
                 crypto_hash_size: word(8)?,
@@ -814,7 +837,8 @@ impl RangeStream {
             let start = block * BLOCK_SIZE;
             let portions = self.portions(start, start + BLOCK_SIZE);
             let adding: u64 = portions.iter().map(|p| p.1 - p.0).sum();
-            let cost = (ranges.len() + portions.len()) * RANGE_COST + (blocks.len() + 1) * BLOCK_COST;
+            let cost =
+                (ranges.len() + portions.len()) * RANGE_COST + (blocks.len() + 1) * BLOCK_COST;
             if !blocks.is_empty()
                 && (data_len as u64 + adding > proto::MAX_CHUNK as u64 || cost > OVERHEAD_BUDGET)
             {
@@ -840,14 +864,22 @@ impl RangeStream {
                 let entries = Signature::calculate(read, patch.options);
                 patch.blocks.insert(
                     block,
-                    (hash, entries.serialized().get(SIGNATURE_HEADER..).unwrap_or_default().to_vec()),
+                    (
+                        hash,
+                        entries
+                            .serialized()
+                            .get(SIGNATURE_HEADER..)
+                            .unwrap_or_default()
+                            .to_vec(),
+                    ),
                 );
                 if patch.blocks.len() > MAX_PATCHED_BLOCKS {
                     self.patch = None;
                 }
             }
             for (from, to) in portions {
-                let Some(bytes) = read.get((from - start) as usize..((to - start) as usize).min(got))
+                let Some(bytes) =
+                    read.get((from - start) as usize..((to - start) as usize).min(got))
                 else {
                     continue;
                 };
