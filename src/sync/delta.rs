@@ -685,11 +685,85 @@ impl SignatureStore {
 
     /// Forgets `rel` (deleted, or changed in a way the stored version no longer describes).
     pub fn remove(&self, rel: &RelPath) -> Result<(), DeltaError> {
-        match std::fs::remove_file(self.file_of(rel)) {
+        self.remove_file(&self.file_of(rel))
+    }
+
+    fn remove_file(&self, file: &Path) -> Result<(), DeltaError> {
+        match std::fs::remove_file(file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.store_err(e)),
             _ => Ok(()),
         }
     }
+
+    /// The store files of every path strictly below directory `dir`, with those paths.
+    /// Reads each file's header only; the store holds one file per large file sent.
+    fn below(&self, dir: &RelPath) -> Result<Vec<(PathBuf, RelPath)>, DeltaError> {
+        let mut prefix = dir.0.clone();
+        prefix.push(b'/');
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| self.store_err(e))? {
+            let file = entry.map_err(|e| self.store_err(e))?.path();
+            if let Some(rel) = stored_path(&file) {
+                if rel.starts_with(&prefix) {
+                    out.push((file, RelPath(rel)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every path below directory `dir` (it was deleted).
+    pub fn remove_tree(&self, dir: &RelPath) -> Result<(), DeltaError> {
+        for (file, _) in self.below(dir)? {
+            self.remove_file(&file)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the stored versions of every path below directory `from` below `to` (the
+    /// directory was renamed); with `exchange` both trees' versions are dropped instead,
+    /// which only costs their next change a whole transfer.
+    pub fn rename_tree(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        exchange: bool,
+    ) -> Result<(), DeltaError> {
+        if exchange {
+            self.remove_tree(from)?;
+            return self.remove_tree(to);
+        }
+        self.remove_tree(to)?;
+        for (file, rel) in self.below(from)? {
+            let mut moved = to.0.clone();
+            moved.extend_from_slice(rel.0.get(from.0.len()..).unwrap_or_default());
+            if let Some(version) = self.load(&rel)? {
+                self.store(&RelPath(moved), &version)?;
+            }
+            self.remove_file(&file)?;
+        }
+        Ok(())
+    }
+}
+
+/// The path a store file is for, read from its header; `None` for anything else.
+fn stored_path(file: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut header = [0u8; STORE_MAGIC.len() + 8 + 32 + 4];
+    let mut reader = File::open(file).ok()?;
+    reader.read_exact(&mut header).ok()?;
+    let len_at = header.len() - 4;
+    if header.get(..STORE_MAGIC.len())? != STORE_MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(header.get(len_at..)?.try_into().ok()?) as usize;
+    // Paths are bounded by PATH_MAX in practice; a damaged length must not allocate much.
+    if len > 64 * 1024 {
+        return None;
+    }
+    let mut path = vec![0u8; len];
+    reader.read_exact(&mut path).ok()?;
+    Some(path)
 }
 
 /// Store file layout, integers little-endian: magic, u64 size, content hash, u32 path
@@ -910,5 +984,24 @@ mod tests {
         store.remove(&rel("a")).unwrap();
         store.remove(&rel("a")).unwrap();
         assert!(!file.exists());
+    }
+
+    #[test]
+    fn directory_trees_move_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SignatureStore::open(dir.path()).unwrap();
+        let v = Version::of_bytes(b"some content");
+        for path in ["d/a", "d/sub/b", "dx/c", "e"] {
+            store.store(&rel(path), &v).unwrap();
+        }
+        store.rename_tree(&rel("d"), &rel("n/d"), false).unwrap();
+        let present = |p: &str| store.load(&rel(p)).unwrap().is_some();
+        assert!(!present("d/a") && !present("d/sub/b"));
+        assert!(present("n/d/a") && present("n/d/sub/b") && present("dx/c"));
+        store.remove_tree(&rel("n")).unwrap();
+        assert!(!present("n/d/a") && !present("n/d/sub/b"));
+        assert!(present("dx/c") && present("e"));
+        store.rename_tree(&rel("dx"), &rel("e"), true).unwrap();
+        assert!(!present("dx/c") && present("e"));
     }
 }

@@ -157,9 +157,12 @@ impl Encoder {
                 path.clone(),
                 self.changed(path, *created, content, *metadata)?,
             ),
-            Update::Removed { path, .. } => {
+            Update::Removed { path, dir, .. } => {
                 let rel = checked(path)?;
                 self.signatures.remove(&rel)?;
+                if *dir {
+                    self.signatures.remove_tree(&rel)?;
+                }
                 (
                     path.clone(),
                     State::Queue(VecDeque::from([(rel, Op::Remove)])),
@@ -170,6 +173,12 @@ impl Encoder {
             } => {
                 let (from_rel, to_rel) = (checked(from)?, checked(to)?);
                 self.signatures.rename(&from_rel, &to_rel, *exchange)?;
+                let moved_dir = [to, from].into_iter().any(|p| {
+                    matches!(self.open_beneath(p), Ok(Some(o)) if FileKind::from_mode(o.stat.st_mode) == FileKind::Dir)
+                });
+                if moved_dir {
+                    self.signatures.rename_tree(&from_rel, &to_rel, *exchange)?;
+                }
                 let op = Op::Rename {
                     to: to_rel,
                     exchange: *exchange,
