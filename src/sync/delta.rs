@@ -62,6 +62,10 @@ const STORE_MAGIC: &[u8; 8] = b"FSSIGV01";
 const PROBE_WINDOWS: u64 = 8;
 const PROBE_BLOCKS: u64 = 64;
 
+/// How much larger than its limit `fast_rsync`'s own delta may be before [`normalize`]
+/// merges its copies.
+const RAW_DELTA_FACTOR: usize = 8;
+
 /// Why a signature or delta operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
@@ -248,56 +252,141 @@ fn check_signature(signature: &[u8]) -> Result<u32, DeltaError> {
 /// The delta turning the version `signature` describes into `data`, or `None` when it
 /// would be larger than `limit` bytes or nothing is shared (then send the file whole).
 ///
-/// `fast_rsync` writes literal data only when the next match is found, so a file sharing
-/// nothing with its base would be scanned to the end before the limit could stop it; for
-/// large files a few windows spread over it are diffed first, and when none of them shares
-/// a single block with the base the full diff is skipped.
+/// The delta is built in two steps. First the signature of `data` at the same block
+/// size tells which blocks are unchanged in place; they become copies in place, merged
+/// into runs. Then only the runs of other blocks are given to `fast_rsync`, which finds
+/// data moved within the file (an insertion shifts everything after it). This keeps the
+/// work and the delta proportional to the change, also for repetitive content, for which
+/// `fast_rsync` alone copies every block from the one base block it remembers for that
+/// content, one command each.
+///
+/// `fast_rsync` writes literal data only when the next match is found, so a run sharing
+/// nothing with the base would be scanned to its end before the limit could stop it; for
+/// long runs a few windows spread over them are diffed first, and when none of them shares
+/// a single block with the base, the file is sent whole.
 pub fn diff(signature: &[u8], data: &[u8], limit: usize) -> Result<Option<Delta>, DeltaError> {
-    let block_size = u64::from(check_signature(signature)?);
+    diff_with(signature, data, None, limit)
+}
+
+/// [`diff`], given the signature of `data` when the caller has one: it is used when its
+/// block and hash sizes are those of `signature`, sparing a pass over the data.
+pub fn diff_with(
+    signature: &[u8],
+    data: &[u8],
+    data_signature: Option<&[u8]>,
+    limit: usize,
+) -> Result<Option<Delta>, DeltaError> {
+    let block_size = check_signature(signature)?;
+    let crypto_hash_size = u32::from_be_bytes(
+        signature
+            .get(8..12)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default(),
+    );
     let sig = Signature::deserialize(signature.to_vec()).map_err(|_| DeltaError::BadSignature {
         reason: "not an MD4 rsync signature",
     })?;
     let index = sig.index();
+    let options = SignatureOptions {
+        block_size,
+        crypto_hash_size,
+    };
+    let computed;
+    let ours = match data_signature {
+        Some(given) if given.get(..SIGNATURE_HEADER) == signature.get(..SIGNATURE_HEADER) => given,
+        _ => {
+            computed = Signature::calculate(data, options);
+            computed.serialized()
+        }
+    };
+    let entry = 4 + crypto_hash_size as usize;
+    let base_entries = signature.get(SIGNATURE_HEADER..).unwrap_or_default();
+    let new_entries = ours.get(SIGNATURE_HEADER..).unwrap_or_default();
+    let mut out = Emitter::new(base_entries, u64::from(block_size), entry, limit);
+    let bs = block_size as usize;
+    let blocks = data.len().div_ceil(bs);
+    let same = |j: usize| {
+        let span = j * entry..(j + 1) * entry;
+        matches!(base_entries.get(span.clone()), Some(e) if Some(e) == new_entries.get(span))
+    };
+    let mut j = 0;
+    while j < blocks {
+        let start = j;
+        let clean = same(j);
+        while j < blocks && same(j) == clean {
+            j += 1;
+        }
+        let (from, to) = (start * bs, (j * bs).min(data.len()));
+        let run = data.get(from..to).unwrap_or_default();
+        let done = if clean {
+            out.copy(from as u64, run.len() as u64)
+        } else {
+            diff_run(&index, run, u64::from(block_size), &mut out)?
+        };
+        if !done {
+            return Ok(None);
+        }
+    }
+    Ok(out.finish())
+}
+
+/// Adds the delta of `run`, a stretch of changed blocks, to `out`; `false` when the delta
+/// got too large or nothing in a long run is shared.
+fn diff_run(
+    index: &fast_rsync::IndexedSignature<'_>,
+    run: &[u8],
+    block_size: u64,
+    out: &mut Emitter<'_>,
+) -> Result<bool, DeltaError> {
     let window = block_size * PROBE_BLOCKS;
-    let len = data.len() as u64;
+    let len = run.len() as u64;
     if len >= window * PROBE_WINDOWS * 4 {
         let stride = len / PROBE_WINDOWS;
         let mut shared = false;
         for i in 0..PROBE_WINDOWS {
             let start = (i * stride) as usize;
-            let Some(sample) = data.get(start..start + window as usize) else {
+            let Some(sample) = run.get(start..start + window as usize) else {
                 continue;
             };
-            let mut out = Counter(0);
-            fast_rsync::diff(&index, sample, &mut out).map_err(diff_error)?;
+            let mut count = Counter(0);
+            fast_rsync::diff(index, sample, &mut count).map_err(diff_error)?;
             // A matched block costs a few bytes instead of its size.
-            if out.0 < window {
+            if count.0 < window {
                 shared = true;
                 break;
             }
         }
         if !shared {
-            return Ok(None);
+            return Ok(false);
         }
     }
-    let mut out = Limited {
+    // Room for the many small copies of repetitive content, before they are merged.
+    let mut delta = Limited {
         bytes: Vec::new(),
-        limit,
+        limit: out.limit.saturating_mul(RAW_DELTA_FACTOR),
     };
-    match fast_rsync::diff(&index, data, &mut out) {
+    match fast_rsync::diff(index, run, &mut delta) {
         Ok(()) => {}
         Err(fast_rsync::DiffError::Io(e)) if e.kind() == io::ErrorKind::FileTooLarge => {
-            return Ok(None)
+            return Ok(false)
         }
         Err(e) => return Err(diff_error(e)),
     }
-    let touched = touched_blocks(&out.bytes).ok_or_else(|| DeltaError::Diff {
-        reason: "the delta does not parse".into(),
+    let commands = parse_delta(&delta.bytes).ok_or_else(|| DeltaError::Diff {
+        reason: "fast_rsync wrote a delta that does not parse".into(),
     })?;
-    Ok(Some(Delta {
-        bytes: out.bytes,
-        touched,
-    }))
+    for command in commands {
+        let fits = match command {
+            Command::Copy { offset, len } => out.copy(offset, len),
+            Command::Literal { at, len } => {
+                out.literal(delta.bytes.get(at..at + len).unwrap_or_default())
+            }
+        };
+        if !fits {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn diff_error(e: fast_rsync::DiffError) -> DeltaError {
@@ -338,66 +427,194 @@ impl Write for Limited {
     }
 }
 
-/// The [`BLOCK_SIZE`] blocks of the output that a librsync-format delta fills from
-/// literals or from copies at another offset, sorted and unique; `None` if it does not
-/// parse.
-fn touched_blocks(delta: &[u8]) -> Option<Vec<u64>> {
-    const MAGIC: [u8; 4] = 0x7273_0236u32.to_be_bytes();
-    const END: u8 = 0;
-    const LITERAL_64: u8 = 0x40;
-    const LITERAL_N1: u8 = 0x41;
-    const LITERAL_N8: u8 = 0x44;
-    const COPY_N1_N1: u8 = 0x45;
-    const COPY_N8_N8: u8 = 0x54;
-    let mut rest = delta.strip_prefix(&MAGIC)?;
-    let mut take = |n: usize| -> Option<u64> {
-        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-        rest = tail;
-        Some(head.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)))
+/// One command of a librsync-format delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    /// `len` literal bytes, found at `at` in the delta.
+    Literal { at: usize, len: usize },
+    /// `len` bytes of the base from `offset`.
+    Copy { offset: u64, len: u64 },
+}
+
+const DELTA_MAGIC: [u8; 4] = 0x7273_0236u32.to_be_bytes();
+const OP_END: u8 = 0;
+const OP_LITERAL_64: u8 = 0x40;
+const OP_LITERAL_N1: u8 = 0x41;
+const OP_LITERAL_N8: u8 = 0x44;
+const OP_COPY_N1_N1: u8 = 0x45;
+const OP_COPY_N8_N8: u8 = 0x54;
+
+/// The commands of a delta, `None` if it does not parse.
+fn parse_delta(delta: &[u8]) -> Option<Vec<Command>> {
+    let body = delta.strip_prefix(&DELTA_MAGIC)?;
+    let mut at = DELTA_MAGIC.len();
+    let mut take = |n: usize| -> Option<(usize, u64)> {
+        let bytes = body.get(at - DELTA_MAGIC.len()..at - DELTA_MAGIC.len() + n)?;
+        let start = at;
+        at += n;
+        Some((
+            start,
+            bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)),
+        ))
     };
-    let mut touched: Vec<u64> = Vec::new();
-    let mut mark = |from: u64, len: u64| {
-        if len == 0 {
-            return;
-        }
-        let last = (from + len - 1) / BLOCK_SIZE;
-        for block in from / BLOCK_SIZE..=last {
-            if touched.last() != Some(&block) {
-                touched.push(block);
-            }
-        }
-    };
-    let mut pos = 0u64;
+    let mut commands = Vec::new();
     loop {
-        let op = u8::try_from(take(1)?).ok()?;
-        let len = match op {
-            END => break,
-            1..=LITERAL_64 => {
-                let len = u64::from(op);
-                mark(pos, len);
-                take(len as usize)?;
-                len
-            }
-            LITERAL_N1..=LITERAL_N8 => {
-                let len = take(1 << (op - LITERAL_N1))?;
-                mark(pos, len);
-                take(usize::try_from(len).ok()?)?;
-                len
-            }
-            COPY_N1_N1..=COPY_N8_N8 => {
-                let class = op - COPY_N1_N1;
-                let offset = take(1 << (class / 4))?;
-                let len = take(1 << (class % 4))?;
-                if offset != pos {
-                    mark(pos, len);
+        let (_, op) = take(1)?;
+        let op = u8::try_from(op).ok()?;
+        let command = match op {
+            OP_END => return Some(commands),
+            1..=OP_LITERAL_64 => {
+                let (at, _) = take(usize::from(op))?;
+                Command::Literal {
+                    at,
+                    len: usize::from(op),
                 }
-                len
+            }
+            OP_LITERAL_N1..=OP_LITERAL_N8 => {
+                let (_, len) = take(1 << (op - OP_LITERAL_N1))?;
+                let len = usize::try_from(len).ok()?;
+                let (at, _) = take(len)?;
+                Command::Literal { at, len }
+            }
+            OP_COPY_N1_N1..=OP_COPY_N8_N8 => {
+                let class = op - OP_COPY_N1_N1;
+                let (_, offset) = take(1 << (class / 4))?;
+                let (_, len) = take(1 << (class % 4))?;
+                Command::Copy { offset, len }
             }
             _ => return None,
         };
-        pos = pos.checked_add(len)?;
+        commands.push(command);
     }
-    Some(touched)
+}
+
+/// The bytes of `value` in the smallest of 1, 2, 4 or 8, and the size class (0..=3).
+fn varint(value: u64) -> (u8, Vec<u8>) {
+    if let Ok(v) = u8::try_from(value) {
+        (0, vec![v])
+    } else if let Ok(v) = u16::try_from(value) {
+        (1, v.to_be_bytes().to_vec())
+    } else if let Ok(v) = u32::try_from(value) {
+        (2, v.to_be_bytes().to_vec())
+    } else {
+        (3, value.to_be_bytes().to_vec())
+    }
+}
+
+/// Writes a librsync-format delta command by command, merging adjacent copies, turning
+/// copies of blocks whose base checksums equal those at the destination into copies in
+/// place, and noting the [`BLOCK_SIZE`] blocks of the result that are not copied in place.
+struct Emitter<'a> {
+    bytes: Vec<u8>,
+    /// The copy not yet written, which the next may extend.
+    pending: Option<(u64, u64)>,
+    /// Bytes of the result described so far.
+    pos: u64,
+    touched: Vec<u64>,
+    limit: usize,
+    base_entries: &'a [u8],
+    block_size: u64,
+    entry: usize,
+}
+
+impl<'a> Emitter<'a> {
+    fn new(base_entries: &'a [u8], block_size: u64, entry: usize, limit: usize) -> Emitter<'a> {
+        Emitter {
+            bytes: DELTA_MAGIC.to_vec(),
+            pending: None,
+            pos: 0,
+            touched: Vec::new(),
+            limit,
+            base_entries,
+            block_size,
+            entry,
+        }
+    }
+
+    /// Whether the base blocks at `a` and at `b` have the same checksums, `len` bytes long.
+    fn same_base(&self, a: u64, b: u64, len: u64) -> bool {
+        let bs = self.block_size;
+        if a % bs != 0 || b % bs != 0 || len % bs != 0 {
+            return false;
+        }
+        let span = |first: u64| {
+            let start = (first / bs) as usize * self.entry;
+            self.base_entries
+                .get(start..start + (len / bs) as usize * self.entry)
+        };
+        span(a).is_some() && span(a) == span(b)
+    }
+
+    fn touch(&mut self, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let last = (self.pos + len - 1) / BLOCK_SIZE;
+        for block in self.pos / BLOCK_SIZE..=last {
+            if self.touched.last() != Some(&block) {
+                self.touched.push(block);
+            }
+        }
+    }
+
+    /// `false` once the delta is over its limit.
+    fn copy(&mut self, offset: u64, len: u64) -> bool {
+        let offset = if offset != self.pos && self.same_base(offset, self.pos, len) {
+            self.pos
+        } else {
+            offset
+        };
+        if offset != self.pos {
+            self.touch(len);
+        }
+        self.pos += len;
+        match &mut self.pending {
+            Some((start, pending)) if *start + *pending == offset => *pending += len,
+            _ => {
+                self.flush();
+                self.pending = Some((offset, len));
+            }
+        }
+        self.bytes.len() <= self.limit
+    }
+
+    fn literal(&mut self, data: &[u8]) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        self.flush();
+        self.touch(data.len() as u64);
+        self.pos += data.len() as u64;
+        if data.len() <= 64 {
+            self.bytes.push(data.len() as u8);
+        } else {
+            let (class, len) = varint(data.len() as u64);
+            self.bytes.push(OP_LITERAL_N1 + class);
+            self.bytes.extend_from_slice(&len);
+        }
+        self.bytes.extend_from_slice(data);
+        self.bytes.len() <= self.limit
+    }
+
+    fn flush(&mut self) {
+        if let Some((offset, len)) = self.pending.take() {
+            let ((offset_class, offset), (len_class, len)) = (varint(offset), varint(len));
+            self.bytes
+                .push(OP_COPY_N1_N1 + offset_class * 4 + len_class);
+            self.bytes.extend_from_slice(&offset);
+            self.bytes.extend_from_slice(&len);
+        }
+    }
+
+    /// The finished delta, `None` if over the limit.
+    fn finish(mut self) -> Option<Delta> {
+        self.flush();
+        self.bytes.push(OP_END);
+        (self.bytes.len() <= self.limit).then_some(Delta {
+            bytes: self.bytes,
+            touched: self.touched,
+        })
+    }
 }
 
 /// The sender's stored [`Version`]s, one file per path in `<state_dir>/signatures`.
@@ -468,11 +685,85 @@ impl SignatureStore {
 
     /// Forgets `rel` (deleted, or changed in a way the stored version no longer describes).
     pub fn remove(&self, rel: &RelPath) -> Result<(), DeltaError> {
-        match std::fs::remove_file(self.file_of(rel)) {
+        self.remove_file(&self.file_of(rel))
+    }
+
+    fn remove_file(&self, file: &Path) -> Result<(), DeltaError> {
+        match std::fs::remove_file(file) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(self.store_err(e)),
             _ => Ok(()),
         }
     }
+
+    /// The store files of every path strictly below directory `dir`, with those paths.
+    /// Reads each file's header only; the store holds one file per large file sent.
+    fn below(&self, dir: &RelPath) -> Result<Vec<(PathBuf, RelPath)>, DeltaError> {
+        let mut prefix = dir.0.clone();
+        prefix.push(b'/');
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| self.store_err(e))? {
+            let file = entry.map_err(|e| self.store_err(e))?.path();
+            if let Some(rel) = stored_path(&file) {
+                if rel.starts_with(&prefix) {
+                    out.push((file, RelPath(rel)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every path below directory `dir` (it was deleted).
+    pub fn remove_tree(&self, dir: &RelPath) -> Result<(), DeltaError> {
+        for (file, _) in self.below(dir)? {
+            self.remove_file(&file)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the stored versions of every path below directory `from` below `to` (the
+    /// directory was renamed); with `exchange` both trees' versions are dropped instead,
+    /// which only costs their next change a whole transfer.
+    pub fn rename_tree(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        exchange: bool,
+    ) -> Result<(), DeltaError> {
+        if exchange {
+            self.remove_tree(from)?;
+            return self.remove_tree(to);
+        }
+        self.remove_tree(to)?;
+        for (file, rel) in self.below(from)? {
+            let mut moved = to.0.clone();
+            moved.extend_from_slice(rel.0.get(from.0.len()..).unwrap_or_default());
+            if let Some(version) = self.load(&rel)? {
+                self.store(&RelPath(moved), &version)?;
+            }
+            self.remove_file(&file)?;
+        }
+        Ok(())
+    }
+}
+
+/// The path a store file is for, read from its header; `None` for anything else.
+fn stored_path(file: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut header = [0u8; STORE_MAGIC.len() + 8 + 32 + 4];
+    let mut reader = File::open(file).ok()?;
+    reader.read_exact(&mut header).ok()?;
+    let len_at = header.len() - 4;
+    if header.get(..STORE_MAGIC.len())? != STORE_MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(header.get(len_at..)?.try_into().ok()?) as usize;
+    // Paths are bounded by PATH_MAX in practice; a damaged length must not allocate much.
+    if len > 64 * 1024 {
+        return None;
+    }
+    let mut path = vec![0u8; len];
+    reader.read_exact(&mut path).ok()?;
+    Some(path)
 }
 
 /// Store file layout, integers little-endian: magic, u64 size, content hash, u32 path
@@ -601,6 +892,57 @@ mod tests {
     }
 
     #[test]
+    fn repeated_content_is_copied_in_place() {
+        let old = vec![0u8; 8 << 20];
+        let mut new = old.clone();
+        new[5_000_000..5_004_096].copy_from_slice(&noise(4096, 42));
+        let delta = diff(&Version::of_bytes(&old).signature, &new, MAX_DELTA)
+            .unwrap()
+            .unwrap();
+        // Two copies around one or two blocks of literal data.
+        assert!(delta.bytes.len() < 3 * 4096, "{}", delta.bytes.len());
+        assert_eq!(delta.touched, vec![5_000_000 / BLOCK_SIZE]);
+        let commands = parse_delta(&delta.bytes).unwrap();
+        assert!(commands.len() <= 4, "{commands:?}");
+        let mut out = Vec::new();
+        fast_rsync::apply(&old, &delta.bytes, &mut out).unwrap();
+        assert!(out == new);
+    }
+
+    #[test]
+    fn delta_commands_round_trip() {
+        let source = noise(70_000, 8);
+        let mut out = Emitter::new(&[], 1024, 16, MAX_DELTA);
+        assert!(out.copy(0, 3));
+        assert!(out.copy(3, 4));
+        assert!(out.literal(&source[..64]));
+        assert!(out.literal(&source[..65_000]));
+        assert!(out.copy(1 << 33, 70_000));
+        let delta = out.finish().unwrap();
+        let parsed = parse_delta(&delta.bytes).unwrap();
+        assert_eq!(parsed.len(), 4);
+        assert_eq!(parsed[0], Command::Copy { offset: 0, len: 7 });
+        assert_eq!(
+            parsed[3],
+            Command::Copy {
+                offset: 1 << 33,
+                len: 70_000
+            }
+        );
+        for (command, len) in parsed[1..3].iter().zip([64, 65_000]) {
+            let Command::Literal { at, len: got } = *command else {
+                panic!("literal expected")
+            };
+            assert_eq!(got, len);
+            assert_eq!(delta.bytes[at..at + len], source[..len]);
+        }
+        // Bytes 7.. are literal, then the copy from afar: blocks 0 to 1 of the result.
+        assert_eq!(delta.touched, vec![0, 1]);
+        assert!(parse_delta(&delta.bytes[..delta.bytes.len() - 1]).is_none());
+        assert!(parse_delta(b"nope").is_none());
+    }
+
+    #[test]
     fn unrelated_or_oversized_deltas_are_refused() {
         let old = noise(8 << 20, 11);
         let new = noise(8 << 20, 12);
@@ -642,5 +984,24 @@ mod tests {
         store.remove(&rel("a")).unwrap();
         store.remove(&rel("a")).unwrap();
         assert!(!file.exists());
+    }
+
+    #[test]
+    fn directory_trees_move_and_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SignatureStore::open(dir.path()).unwrap();
+        let v = Version::of_bytes(b"some content");
+        for path in ["d/a", "d/sub/b", "dx/c", "e"] {
+            store.store(&rel(path), &v).unwrap();
+        }
+        store.rename_tree(&rel("d"), &rel("n/d"), false).unwrap();
+        let present = |p: &str| store.load(&rel(p)).unwrap().is_some();
+        assert!(!present("d/a") && !present("d/sub/b"));
+        assert!(present("n/d/a") && present("n/d/sub/b") && present("dx/c"));
+        store.remove_tree(&rel("n")).unwrap();
+        assert!(!present("n/d/a") && !present("n/d/sub/b"));
+        assert!(present("dx/c") && present("e"));
+        store.rename_tree(&rel("dx"), &rel("e"), true).unwrap();
+        assert!(!present("dx/c") && present("e"));
     }
 }

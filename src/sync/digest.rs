@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::delta::content_hash;
 use super::proto::{DirDigest, Entry, EntryKind, Hash, RelPath};
@@ -193,14 +193,10 @@ fn child(dir: &[u8], name: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A path as the index takes it.
-pub fn to_path(rel: &RelPath) -> PathBuf {
-    as_path(&rel.0).to_path_buf()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     static INODES: AtomicU64 = AtomicU64::new(1000);

@@ -157,9 +157,12 @@ impl Encoder {
                 path.clone(),
                 self.changed(path, *created, content, *metadata)?,
             ),
-            Update::Removed { path, .. } => {
+            Update::Removed { path, dir, .. } => {
                 let rel = checked(path)?;
                 self.signatures.remove(&rel)?;
+                if *dir {
+                    self.signatures.remove_tree(&rel)?;
+                }
                 (
                     path.clone(),
                     State::Queue(VecDeque::from([(rel, Op::Remove)])),
@@ -170,6 +173,12 @@ impl Encoder {
             } => {
                 let (from_rel, to_rel) = (checked(from)?, checked(to)?);
                 self.signatures.rename(&from_rel, &to_rel, *exchange)?;
+                let moved_dir = [to, from].into_iter().any(|p| {
+                    matches!(self.open_beneath(p), Ok(Some(o)) if FileKind::from_mode(o.stat.st_mode) == FileKind::Dir)
+                });
+                if moved_dir {
+                    self.signatures.rename_tree(&from_rel, &to_rel, *exchange)?;
+                }
                 let op = Op::Rename {
                     to: to_rel,
                     exchange: *exchange,
@@ -178,9 +187,11 @@ impl Encoder {
             }
             Update::Rescan { .. } => (PathBuf::new(), State::Done),
         };
+        let rel = checked(&path)?;
         Ok(Encoded {
             encoder: self,
             path,
+            rel,
             state,
         })
     }
@@ -193,9 +204,9 @@ impl Encoder {
     pub fn encode_whole(&mut self, path: &Path, want: &Want) -> Result<Encoded<'_>, EncodeError> {
         let rel = checked(path)?;
         let state = match self.open_beneath(path)? {
-            None => State::Queue(VecDeque::from([(rel, Op::Remove)])),
+            None => State::Queue(VecDeque::from([(rel.clone(), Op::Remove)])),
             Some(opened) if FileKind::from_mode(opened.stat.st_mode) != FileKind::File => {
-                self.not_a_file(rel, path, &opened, true)?
+                self.not_a_file(rel.clone(), path, &opened, true)?
             }
             Some(opened) => {
                 let meta = self.meta(path, &opened, true)?;
@@ -220,6 +231,7 @@ impl Encoder {
         Ok(Encoded {
             encoder: self,
             path: path.to_path_buf(),
+            rel,
             state,
         })
     }
@@ -345,7 +357,12 @@ impl Encoder {
                 blocks: Vec::new(),
             }
         } else {
-            let found = match delta::diff(&base.signature, &map, MAX_DELTA) {
+            let found = match delta::diff_with(
+                &base.signature,
+                &map,
+                Some(&version.signature),
+                MAX_DELTA,
+            ) {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "sending the file whole");
@@ -520,8 +537,10 @@ struct Base {
 /// file when it is taken; after an error the iterator ends.
 pub struct Encoded<'a> {
     encoder: &'a mut Encoder,
-    /// For error messages.
+    /// The path as the update named it, for error messages.
     path: PathBuf,
+    /// The path the streamed changes are for.
+    rel: RelPath,
     state: State,
 }
 
@@ -543,36 +562,29 @@ impl Iterator for Encoded<'_> {
     type Item = Result<Change, EncodeError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let rel = || checked(&self.path);
+        let signatures = &self.encoder.signatures;
+        let rel = &self.rel;
         let step: Result<Option<(RelPath, Op)>, EncodeError> = match &mut self.state {
             State::Done => Ok(None),
             State::Queue(ops) => Ok(ops.pop_front()),
             State::Ranges(stream) => match stream.next_op() {
-                Ok(Some(op)) => rel().map(|r| Some((r, op))),
-                Ok(None) => match (stream.finish(), rel()) {
-                    (Some(version), Ok(r)) => self
-                        .encoder
-                        .signatures
-                        .store(&r, &version)
-                        .map(|()| None)
-                        .map_err(Into::into),
-                    (None, Ok(_)) => Ok(None),
-                    (_, Err(e)) => Err(e),
-                },
+                Ok(Some(op)) => Ok(Some((rel.clone(), op))),
+                // Every range is out: the peer now holds the patched version, if any.
+                Ok(None) => match stream.finish() {
+                    Some(version) => signatures.store(rel, &version).map(|()| None),
+                    None => Ok(None),
+                }
+                .map_err(Into::into),
                 Err(e) => Err(io_err(&self.path)(e)),
             },
             State::Whole(stream) => match stream.next_op() {
-                Ok(Some((op, finished))) => {
-                    let stored = match (finished, rel()) {
-                        (Some(Some(version)), Ok(r)) => self.encoder.signatures.store(&r, &version),
-                        (Some(None), Ok(r)) => self.encoder.signatures.remove(&r),
-                        _ => Ok(()),
-                    };
-                    match stored {
-                        Ok(()) => rel().map(|r| Some((r, op))),
-                        Err(e) => Err(e.into()),
-                    }
+                Ok(Some((op, finished))) => match finished {
+                    Some(Some(version)) => signatures.store(rel, &version),
+                    Some(None) => signatures.remove(rel),
+                    None => Ok(()),
                 }
+                .map(|()| Some((rel.clone(), op)))
+                .map_err(Into::into),
                 Ok(None) => Ok(None),
                 Err(e) => Err(io_err(&self.path)(e)),
             },
