@@ -167,7 +167,12 @@ impl Receiving {
                 | ApplyError::OutOfOrder { .. }),
             ) => {
                 tracing::info!("{err}: asking peer {from} for it");
-                (true, self.ask_for(from, vec![change.path.clone()]))
+                // A rename whose source is missing here needs what is now at its target.
+                let wanted = match &change.op {
+                    Op::Rename { to, .. } => to.clone(),
+                    _ => change.path.clone(),
+                };
+                (true, self.ask_for(from, vec![wanted]))
             }
             Err(err) => {
                 tracing::warn!("cannot apply a change from peer {from}: {err}");

@@ -102,6 +102,14 @@ impl Coalescer {
                     sources: vec![source],
                 }]
             }
+            // A hard link travels as a link, after what is pending for the file it names.
+            ChangeKind::Link {
+                existing: Some(existing),
+            } => self.flush_all_then(Update::Linked {
+                path,
+                existing,
+                sources: vec![source],
+            }),
             ChangeKind::Rescan => self.flush_all_then(Update::Rescan {
                 sources: vec![source],
             }),

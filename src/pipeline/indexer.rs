@@ -88,7 +88,7 @@ impl Deferred {
                     ready.extend(self.take_under(to));
                     ready.push(update);
                 }
-                Update::Rescan { .. } => ready.push(update),
+                Update::Linked { .. } | Update::Rescan { .. } => ready.push(update),
             }
         }
         ready
@@ -270,6 +270,10 @@ impl Indexer {
                         self.record(&mut writes, path, None, None)?;
                     }
                     rescan = Some(ScanReason::IndexMismatch);
+                }
+                Update::Linked { path, .. } => {
+                    let previous = writes.previous(&self.index, &path)?;
+                    self.record(&mut writes, path, previous.as_ref(), Some(&[]))?;
                 }
                 Update::Rescan { .. } => rescan = Some(ScanReason::LostEvents),
             }

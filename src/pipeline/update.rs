@@ -90,6 +90,12 @@ pub enum Update {
         exchange: bool,
         sources: Vec<Source>,
     },
+    /// `path` became a new name (hard link) of the file at `existing`.
+    Linked {
+        path: PathBuf,
+        existing: PathBuf,
+        sources: Vec<Source>,
+    },
     /// Something changed whose path is unknown, or events were lost: rescan.
     Rescan { sources: Vec<Source> },
 }

@@ -57,6 +57,7 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
+use super::delta::content_hash;
 use super::journal::{Found, Journal, JournalError};
 use super::proto::{Change, Codec, FileData, Hash, Meta, Op, Payload, RelPath, Want};
 use super::safe_path::{self, Parent, PathError, ResolveError};
@@ -740,7 +741,7 @@ impl Applier {
                 if meta.is_file() {
                     let content = map(&file, meta.len()).map_err(io_err(&rel, "mapping"))?;
                     let bytes = content.bytes();
-                    let hash = *blake3::hash(bytes).as_bytes();
+                    let hash = content_id(bytes);
                     let signature = Signature::calculate(bytes, signature_options(meta.len()));
                     Some((hash, signature.into_serialized()))
                 } else {
@@ -753,7 +754,12 @@ impl Applier {
         let resume = self
             .read_head(&rel)
             .filter(|head| head.durable > 0)
-            .map(|head| (head.version, head.durable));
+            .and_then(|head| {
+                let (data_name, _) = partial_names(&rel);
+                let data = self.state_dir.join(PARTIAL_DIR).join(data_name);
+                let prefix = prefix_id(&data, head.durable).ok()?;
+                Some((prefix, head.durable))
+            });
         Ok(Want {
             path: path.clone(),
             signature,
@@ -1058,7 +1064,7 @@ impl Applier {
                     });
                 };
                 let content = map(file, old_size).map_err(io_err(rel, "mapping"))?;
-                if blake3::hash(content.bytes()).as_bytes() != base {
+                if content_id(content.bytes()) != *base {
                     return Err(ApplyError::BaseMismatch {
                         path: rel.to_path_buf(),
                     });
@@ -1733,6 +1739,31 @@ struct PartialHead {
     version: Hash,
     durable: u64,
     path: Vec<u8>,
+}
+
+/// The content hash peers agree on ([`content_hash`] over the BLAKE3 of each
+/// [`BLOCK_SIZE`] block), as the index and the sender's stored versions hold it.
+fn content_id(bytes: &[u8]) -> Hash {
+    let hashes: Vec<Hash> = bytes
+        .chunks(BLOCK_SIZE as usize)
+        .map(|block| *blake3::hash(block).as_bytes())
+        .collect();
+    content_hash(&hashes)
+}
+
+/// The content hash of the first `len` bytes (whole blocks) of a partial transfer, which
+/// the sender checks against its file before it resumes there.
+fn prefix_id(data: &Path, len: u64) -> io::Result<Hash> {
+    let file = File::open(data)?;
+    let mut hashes = Vec::new();
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    let mut at = 0;
+    while at < len {
+        file.read_exact_at(&mut block, at)?;
+        hashes.push(*blake3::hash(&block).as_bytes());
+        at += BLOCK_SIZE;
+    }
+    Ok(content_hash(&hashes))
 }
 
 /// The data and head file names of `rel`'s partial transfer.

@@ -185,6 +185,13 @@ impl Encoder {
                 };
                 (from.clone(), State::Queue(VecDeque::from([(from_rel, op)])))
             }
+            Update::Linked { path, existing, .. } => {
+                let (rel, existing) = (checked(path)?, checked(existing)?);
+                (
+                    path.clone(),
+                    State::Queue(VecDeque::from([(rel, Op::Link { existing })])),
+                )
+            }
             Update::Rescan { .. } => (PathBuf::new(), State::Done),
         };
         let rel = checked(&path)?;
