@@ -272,9 +272,17 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     // What peers change is applied by this process (so no watcher reports it back), and
     // only the kernel's caches need to hear of it.
     let applied: Arc<dyn ChangeSink> = Arc::new(StaleSink(stale_tx));
+    let settled = Arc::new(pipeline::Settled::default());
     let replication = match &plan.replication {
         Some(replication) => {
-            Some(replication.start(&plan.source, &state_dir, index.clone(), applied, gate)?)
+            Some(replication.start(
+                &plan.source,
+                &state_dir,
+                index.clone(),
+                applied,
+                gate,
+                settled.clone(),
+            )?)
         }
         None => None,
     };
@@ -291,6 +299,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         telemetry: plan.settings.telemetry,
         workdir: state_dir.clone(),
         replication,
+        settled,
     });
     let cache = if watcher.is_some() {
         CachePolicy::WATCHED

@@ -208,7 +208,7 @@ impl Receiving {
         };
         let dirs = digest::differing_dirs(&ours, theirs);
         if dirs.is_empty() {
-            tracing::info!("in sync with peer {from}: every directory digest matches");
+            tracing::debug!("in sync with peer {from}: every directory digest matches");
             return Vec::new();
         }
         tracing::info!(

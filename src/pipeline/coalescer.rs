@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::error::Error;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use steady_state::*;
 
 use super::update::{Content, Update};
+use super::Settled;
 use crate::change::{Change, ChangeKind, FileId, Source};
 
 /// The merged state of one path while its burst lasts.
@@ -242,15 +244,16 @@ pub async fn run(
     updates: SteadyTx<Update>,
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
+    settled: Arc<Settled>,
 ) -> Result<(), Box<dyn Error>> {
     match replica {
         Some(replica) => {
             let actor = actor.into_spotlight([&changes], [&updates, &replica]);
-            coalesce(actor, changes, updates, Some(replica), debounce).await
+            coalesce(actor, changes, updates, Some(replica), debounce, settled).await
         }
         None => {
             let actor = actor.into_spotlight([&changes], [&updates]);
-            coalesce(actor, changes, updates, None, debounce).await
+            coalesce(actor, changes, updates, None, debounce, settled).await
         }
     }
 }
@@ -262,6 +265,7 @@ async fn coalesce<A: SteadyActor>(
     updates: SteadyTx<Update>,
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
+    settled: Arc<Settled>,
 ) -> Result<(), Box<dyn Error>> {
     let mut changes = changes.acquire_guard().await;
     let mut updates = updates.acquire_guard().await;
@@ -292,6 +296,7 @@ async fn coalesce<A: SteadyActor>(
         } else {
             out.extend(coalescer.due(Instant::now()));
         }
+        settled.set_coalescer_idle(coalescer.is_idle() && actor.avail_units(&mut changes) == 0);
         for update in out {
             if let Some(replica) = replica.as_mut() {
                 actor

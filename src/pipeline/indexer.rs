@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use steady_state::*;
 
 use super::update::{Content, Update};
+use super::Settled;
 use crate::index::{record_for, FileRecord, Index, IndexError};
 
 /// Why the scanner should walk the tree now.
@@ -320,9 +321,10 @@ pub async fn run(
     updates: SteadyRx<Update>,
     rescans: SteadyTx<ScanReason>,
     indexer: Arc<Indexer>,
+    settled: Arc<Settled>,
 ) -> Result<(), Box<dyn Error>> {
     let actor = actor.into_spotlight([&updates], [&rescans]);
-    index_updates(actor, updates, rescans, indexer).await
+    index_updates(actor, updates, rescans, indexer, settled).await
 }
 
 async fn index_updates<A: SteadyActor>(
@@ -330,6 +332,7 @@ async fn index_updates<A: SteadyActor>(
     updates: SteadyRx<Update>,
     rescans: SteadyTx<ScanReason>,
     indexer: Arc<Indexer>,
+    settled: Arc<Settled>,
 ) -> Result<(), Box<dyn Error>> {
     let mut updates = updates.acquire_guard().await;
     let mut rescans = rescans.acquire_guard().await;
@@ -359,8 +362,10 @@ async fn index_updates<A: SteadyActor>(
             batch.extend(deferred.quiet(now));
         }
         if batch.is_empty() {
+            settled.set_indexer_idle(deferred.is_empty() && actor.avail_units(&mut updates) == 0);
             continue;
         }
+        settled.set_indexer_idle(false);
         let reason = match indexer.apply(batch) {
             Ok(reason) => reason,
             Err(err) => {

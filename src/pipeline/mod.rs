@@ -55,6 +55,30 @@ use scanner::ScanJob;
 use session::Session;
 use update::Update;
 
+/// Whether the local pipeline has caught up with the folder: nothing waits in the
+/// coalescer or for the indexer. Catch-up offers peers a digest of the index only then,
+/// so a change made before a peer connected (and so never sent live) is in the index.
+#[derive(Debug, Default)]
+pub struct Settled {
+    coalescer_idle: std::sync::atomic::AtomicBool,
+    indexer_idle: std::sync::atomic::AtomicBool,
+}
+
+impl Settled {
+    pub fn is_settled(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.coalescer_idle.load(Acquire) && self.indexer_idle.load(Acquire)
+    }
+
+    fn set_coalescer_idle(&self, idle: bool) {
+        self.coalescer_idle.store(idle, std::sync::atomic::Ordering::Release);
+    }
+
+    fn set_indexer_idle(&self, idle: bool) {
+        self.indexer_idle.store(idle, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Everything the mount's graph works with.
 pub struct MountGraph {
     /// Where every capture source reports (see [`capture::queue`]).
@@ -67,6 +91,8 @@ pub struct MountGraph {
     pub workdir: PathBuf,
     /// The replication actors, when the mount has peers or listens for them.
     pub replication: Option<ReplicationGraph>,
+    /// Shared with replication's session (see [`Settled`]).
+    pub settled: Arc<Settled>,
 }
 
 /// What the replication actors work with.
@@ -135,7 +161,9 @@ impl Pipeline {
             telemetry,
             workdir,
             replication,
+            settled,
         } = parts;
+        let coalescer_settled = settled.clone();
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
         let mut graph = new_graph(telemetry, &workdir);
         let channels = graph.channel_builder().with_capacity(CHANNEL_CAPACITY);
@@ -168,6 +196,7 @@ impl Pipeline {
                     updates_tx.clone(),
                     replica_tx.as_ref().map(|tx| tx.clone()),
                     debounce,
+                    coalescer_settled.clone(),
                 )
             },
             SoloAct,
@@ -179,6 +208,7 @@ impl Pipeline {
                     updates_rx.clone(),
                     rescan_tx.clone(),
                     indexer.clone(),
+                    settled.clone(),
                 )
             },
             SoloAct,

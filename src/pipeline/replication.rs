@@ -122,6 +122,7 @@ impl ReplicationPlan {
         index: Arc<Index>,
         invalidate: Arc<dyn ChangeSink>,
         gate: Arc<SyncGate>,
+        settled: Arc<super::Settled>,
     ) -> Result<ReplicationGraph, ReplicationError> {
         let state = |reason: String| ReplicationError::State {
             path: state_dir.display().to_string(),
@@ -182,7 +183,7 @@ impl ReplicationPlan {
             sends: mode.sends(),
             encoder,
             compression,
-            session: Session::new(dialed, listener, index.clone(), gate.clone(), hello),
+            session: Session::new(dialed, listener, index.clone(), gate.clone(), hello, settled),
             receiving: Receiving::new(applier, index, invalidate, mode == Mode::ReceiveOnly),
             gate,
         })

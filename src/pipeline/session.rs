@@ -8,14 +8,16 @@
 //! digest of every directory (see [`crate::sync::digest`]); the receiving side asks for
 //! what differs.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Select;
 use parking_lot::Mutex;
 use steady_state::*;
 
+use super::Settled;
 use crate::identity::NodeId;
 use crate::index::Index;
 use crate::net::{Link, LinkEvent, Listener};
@@ -159,6 +161,10 @@ pub struct Session {
     pub gate: Arc<SyncGate>,
     /// This node's own hello: whether it sends and receives.
     pub hello: Hello,
+    /// Whether the local pipeline has indexed everything it captured.
+    pub settled: Arc<Settled>,
+    /// When each connected receiving peer is next offered a summary.
+    summaries: HashMap<NodeId, Instant>,
 }
 
 impl Session {
@@ -168,6 +174,7 @@ impl Session {
         index: Arc<Index>,
         gate: Arc<SyncGate>,
         hello: Hello,
+        settled: Arc<Settled>,
     ) -> Session {
         let peers = Arc::new(Peers::default());
         for link in dialed {
@@ -179,9 +186,45 @@ impl Session {
             index,
             gate,
             hello,
+            settled,
+            summaries: HashMap::new(),
+        }
+    }
+
+    /// Offers a summary to every peer whose turn it is, once the local pipeline has
+    /// settled: at connection, then every [`RESUMMARIZE`], so a change that reached the
+    /// index while no peer listened still gets to every peer.
+    fn offer_due_summaries(&mut self) {
+        let now = Instant::now();
+        if !self.summaries.values().any(|due| *due <= now) || !self.settled.is_settled() {
+            return;
+        }
+        let due: Vec<NodeId> = self
+            .summaries
+            .iter()
+            .filter(|(_, due)| **due <= now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        let summary = match digest::summarize(&self.index) {
+            Ok(summary) => summary,
+            Err(err) => {
+                tracing::warn!("cannot summarize the index for catch-up: {err}");
+                return;
+            }
+        };
+        for peer in due {
+            self.summaries.insert(peer, now + RESUMMARIZE);
+            for (_, link) in self.peers.targets(Some(peer)) {
+                if let Err(err) = link.send(Message::Summary(summary.clone())) {
+                    tracing::warn!("cannot offer catch-up to peer {peer}: {err}");
+                }
+            }
         }
     }
 }
+
+/// How often a connected peer is offered the digest of every directory again.
+const RESUMMARIZE: Duration = Duration::from_secs(30);
 
 pub async fn run(
     actor: SteadyActorShadow,
@@ -207,8 +250,9 @@ async fn receive<A: SteadyActor>(
 ) -> Result<(), Box<dyn Error>> {
     let mut incoming = incoming.acquire_guard().await;
     let mut jobs = jobs.acquire_guard().await;
-    let session = session.lock();
+    let mut session = session.lock();
     while actor.is_running(|| incoming.mark_closed() && jobs.mark_closed()) {
+        session.offer_due_summaries();
         let Some((link, event)) = next_event(&session) else {
             continue;
         };
@@ -224,7 +268,7 @@ async fn receive<A: SteadyActor>(
                     .set_connected(&link, Some((peer, hello.clone())));
                 if session.hello.sends && hello.receives {
                     session.gate.connected(peer, 0);
-                    offer_summary(&session, &link, peer);
+                    session.summaries.insert(peer, Instant::now());
                 }
             }
             LinkEvent::Disconnected { reason, clean } => {
@@ -235,6 +279,7 @@ async fn receive<A: SteadyActor>(
                     tracing::warn!("connection to peer {peer} lost or refused: {reason}");
                 }
                 session.gate.disconnected(peer);
+                session.summaries.remove(&peer);
                 session.peers.set_connected(&link, None);
             }
             LinkEvent::Received(message) => {
@@ -319,18 +364,6 @@ fn describe(hello: &Hello) -> &'static str {
         (true, false) => "only sends",
         (false, true) => "only receives",
         (false, false) => "neither sends nor receives",
-    }
-}
-
-/// Starts catch-up with a peer that receives: the digest of every directory.
-fn offer_summary(session: &Session, link: &Link, peer: NodeId) {
-    match digest::summarize(&session.index) {
-        Ok(summary) => {
-            if let Err(err) = link.send(Message::Summary(summary)) {
-                tracing::warn!("cannot offer catch-up to peer {peer}: {err}");
-            }
-        }
-        Err(err) => tracing::warn!("cannot summarize the index for peer {peer}: {err}"),
     }
 }
 
