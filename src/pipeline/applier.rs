@@ -148,7 +148,13 @@ impl Receiving {
     /// to tell the peer.
     fn apply_change(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
         match self.applier.apply(change) {
-            Ok(applied) => {
+            Ok(mut applied) => {
+                // A new link changes the link count the other names show, too.
+                if let Op::Link { existing } = &change.op {
+                    if let Ok(existing) = crate::sync::safe_path::checked(existing) {
+                        applied.paths.push(existing);
+                    }
+                }
                 for path in applied.paths {
                     self.invalidate.record(LocalChange {
                         path: Some(path),
