@@ -195,6 +195,17 @@ impl Link {
         }
     }
 
+    /// Cuts the current connection (a peer that misbehaved or stalled). A dialed link
+    /// reconnects after its backoff; an accepted one ends.
+    pub fn disconnect(&self) {
+        self.shared.cut();
+    }
+
+    /// Whether the link's thread has ended (an accepted link whose connection is gone).
+    pub fn is_finished(&self) -> bool {
+        self.done.try_recv() == Err(crossbeam_channel::TryRecvError::Disconnected)
+    }
+
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
     }

@@ -18,7 +18,7 @@ use crate::identity::NodeId;
 use crate::index::Index;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::digest;
-use crate::sync::proto::{Change, DirDigest, Entry, Message, Op, RelPath, Want};
+use crate::sync::proto::{Change, DirDigest, Entry, FileData, Message, Op, RelPath, Want};
 
 /// Catch-up with one peer, while its listings arrive.
 #[derive(Default)]
@@ -39,7 +39,13 @@ pub struct Receiving {
     /// removed during catch-up.
     pub mirror: bool,
     catch_up: HashMap<NodeId, CatchUp>,
+    /// Whole-file transfers under way (path, when their last piece came): catch-up does
+    /// not ask for these again while they keep arriving.
+    arriving: HashMap<RelPath, Instant>,
 }
+
+/// How long a whole-file transfer may pause before catch-up asks for the file anew.
+const STALLED: Duration = Duration::from_secs(15);
 
 impl Receiving {
     pub fn new(
@@ -54,6 +60,7 @@ impl Receiving {
             invalidate,
             mirror,
             catch_up: HashMap::new(),
+            arriving: HashMap::new(),
         }
     }
 }
@@ -147,6 +154,17 @@ impl Receiving {
     /// Applies one change; returns whether it is durable (may be acknowledged) and what
     /// to tell the peer.
     fn apply_change(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
+        if let Op::File {
+            data: FileData::Whole { last, .. },
+            ..
+        } = &change.op
+        {
+            if *last {
+                self.arriving.remove(&change.path);
+            } else {
+                self.arriving.insert(change.path.clone(), Instant::now());
+            }
+        }
         match self.applier.apply(change) {
             Ok(mut applied) => {
                 // A new link changes the link count the other names show, too.
@@ -256,10 +274,14 @@ impl Receiving {
                 self.apply_change(from, &removal);
             }
         }
+        let now = Instant::now();
+        self.arriving.retain(|_, last| now.duration_since(*last) < STALLED);
         let wants: Vec<Want> = comparison
             .fetch
             .iter()
-            .map(|name| self.want(child(name)))
+            .map(|name| child(name))
+            .filter(|path| !self.arriving.contains_key(path))
+            .map(|path| self.want(path))
             .collect();
         let Some(catch_up) = self.catch_up.get_mut(&from) else {
             return Vec::new();

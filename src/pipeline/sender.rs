@@ -16,7 +16,7 @@ use crate::sync::proto::Message;
 
 /// How long one message may wait for room in a link's queue before the link is treated
 /// as stalled and closed (it reconnects and catches up).
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(
     actor: SteadyActorShadow,

@@ -94,15 +94,11 @@ impl Peers {
     /// reconnects after its backoff).
     pub fn drop_peer(&self, peer: NodeId, reason: &str) {
         tracing::warn!("dropping the connection to peer {peer}: {reason}");
-        let mut dropped = Vec::new();
-        self.links.lock().retain(|link| {
-            let matches = link.link.peer() == peer;
-            if matches {
-                dropped.push(link.link.clone());
+        for link in self.links.lock().iter() {
+            if link.link.peer() == peer {
+                link.link.disconnect();
             }
-            !matches
-        });
-        close_in_background(dropped);
+        }
     }
 
     fn add(&self, link: Link) {
@@ -112,8 +108,21 @@ impl Peers {
         });
     }
 
+    /// The links to listen to; accepted links whose connection ended are closed here.
     fn event_sources(&self) -> Vec<Arc<Link>> {
-        self.links.lock().iter().map(|p| p.link.clone()).collect()
+        let mut ended = Vec::new();
+        let mut links = self.links.lock();
+        links.retain(|peer| {
+            let finished = peer.link.is_finished() && peer.link.events().is_empty();
+            if finished {
+                ended.push(peer.link.clone());
+            }
+            !finished
+        });
+        let sources = links.iter().map(|p| p.link.clone()).collect();
+        drop(links);
+        close_in_background(ended);
+        sources
     }
 
     fn set_connected(&self, link: &Arc<Link>, state: Option<(NodeId, Hello)>) {

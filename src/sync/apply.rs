@@ -1251,13 +1251,42 @@ impl Applier {
             self.remove_entry(parent.dir.as_fd(), name, rel)?;
             outcome.removed.push(rel.to_path_buf());
         }
-        let temp = self.create_temp(&parent, rel)?;
-        temp.file()
-            .write_all_at(bytes, 0)
-            .map_err(io_err(rel, "write"))?;
-        self.finish_temp(&parent, rel, temp, meta)?;
+        if let Some(linked) = self.hard_linked_file(&parent, rel)? {
+            // Replacing the inode would split it from its other names: rewrite it in
+            // place instead, under the journal like any in-place patch.
+            let ranges = [(0, bytes)];
+            self.journal.write(rel, size, &ranges)?;
+            self.journal_pending = true;
+            write_ranges(&linked, &ranges, size).map_err(io_err(rel, "write"))?;
+            self.set_meta_fd(linked.as_fd(), rel, meta)?;
+            linked.sync_all().map_err(io_err(rel, "fsync"))?;
+            self.journal.clear()?;
+            self.journal_pending = false;
+        } else {
+            let temp = self.create_temp(&parent, rel)?;
+            temp.file()
+                .write_all_at(bytes, 0)
+                .map_err(io_err(rel, "write"))?;
+            self.finish_temp(&parent, rel, temp, meta)?;
+        }
         outcome.changed.push((rel.to_path_buf(), None, None));
         Ok(outcome)
+    }
+
+    /// The regular file at `parent`/name opened for writing, if it has other names too.
+    fn hard_linked_file(&self, parent: &Parent, rel: &Path) -> Result<Option<File>, ApplyError> {
+        let opened = rustix::fs::openat(
+            &parent.dir,
+            parent.name.as_os_str(),
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        let Ok(fd) = opened else {
+            return Ok(None);
+        };
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(io_err(rel, "stat"))?;
+        Ok((meta.is_file() && meta.nlink() > 1).then_some(file))
     }
 
     /// Starts (or restarts) a whole-file transfer: an empty data file and a durable head.
