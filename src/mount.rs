@@ -274,16 +274,14 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     let applied: Arc<dyn ChangeSink> = Arc::new(StaleSink(stale_tx));
     let settled = Arc::new(pipeline::Settled::default());
     let replication = match &plan.replication {
-        Some(replication) => {
-            Some(replication.start(
-                &plan.source,
-                &state_dir,
-                index.clone(),
-                applied,
-                gate,
-                settled.clone(),
-            )?)
-        }
+        Some(replication) => Some(replication.start(
+            &plan.source,
+            &state_dir,
+            index.clone(),
+            applied,
+            gate,
+            settled.clone(),
+        )?),
         None => None,
     };
     let running = Pipeline::mount(MountGraph {

@@ -242,7 +242,7 @@ fn watch_for_torn_reads(
                 let mut data = Vec::new();
                 if f.read_to_end(&mut data).is_ok() {
                     assert!(
-                        versions.iter().any(|v| *v == data),
+                        versions.contains(&data),
                         "a reader on B saw {} bytes that are no complete version of {}",
                         data.len(),
                         path.display()
@@ -272,15 +272,28 @@ fn kill9_during_transfer(kill_receiver: bool) {
     let underway = wait_until(Duration::from_secs(60), || dir_bytes(&partial) > 8 << 20);
     if kill_receiver {
         b.kill9();
-        b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer(), "mode=receiveonly".to_owned()]);
+        b.start(&[
+            format!("listen={ADDR_B}:{PORT}"),
+            a.peer(),
+            "mode=receiveonly".to_owned(),
+        ]);
     } else {
         a.kill9();
-        a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}")), "compression=off".to_owned()]);
+        a.start(&[
+            b.peer_at(&format!("{ADDR_B}:{PORT}")),
+            "compression=off".to_owned(),
+        ]);
     }
     assert_converge(a.src(), b.src(), Duration::from_secs(120));
     stop.store(true, Ordering::SeqCst);
-    reader.join().expect("reader on B's mount saw only complete files");
-    assert!(underway, "the transfer was never caught mid-way; the test proved nothing:\n{}", b.log());
+    reader
+        .join()
+        .expect("reader on B's mount saw only complete files");
+    assert!(
+        underway,
+        "the transfer was never caught mid-way; the test proved nothing:\n{}",
+        b.log()
+    );
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -275,7 +275,8 @@ impl Receiving {
             }
         }
         let now = Instant::now();
-        self.arriving.retain(|_, last| now.duration_since(*last) < STALLED);
+        self.arriving
+            .retain(|_, last| now.duration_since(*last) < STALLED);
         let wants: Vec<Want> = comparison
             .fetch
             .iter()

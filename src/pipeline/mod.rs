@@ -71,11 +71,13 @@ impl Settled {
     }
 
     fn set_coalescer_idle(&self, idle: bool) {
-        self.coalescer_idle.store(idle, std::sync::atomic::Ordering::Release);
+        self.coalescer_idle
+            .store(idle, std::sync::atomic::Ordering::Release);
     }
 
     fn set_indexer_idle(&self, idle: bool) {
-        self.indexer_idle.store(idle, std::sync::atomic::Ordering::Release);
+        self.indexer_idle
+            .store(idle, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -183,7 +183,14 @@ impl ReplicationPlan {
             sends: mode.sends(),
             encoder,
             compression,
-            session: Session::new(dialed, listener, index.clone(), gate.clone(), hello, settled),
+            session: Session::new(
+                dialed,
+                listener,
+                index.clone(),
+                gate.clone(),
+                hello,
+                settled,
+            ),
             receiving: Receiving::new(applier, index, invalidate, mode == Mode::ReceiveOnly),
             gate,
         })

@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Replication benchmark (issue 4): two filesync nodes in two network namespaces joined by a
+# veth pair (198.18.0.1 ↔ 198.18.0.2), A sending and B a receive-only mirror, measured
+# against rsync (client in A, rsync daemon in B) on the same link in the same run.
+#
+#   1. latency: a 4 KiB file written on A's mount → identical on B's mount, p50/p99 over
+#      LAT_WRITES writes (targets: p50 < 2 ms, p99 < 10 ms);
+#   2. bulk initial sync: 10,000 files of 1–16 KiB plus 4 files of 64 MiB into an empty B,
+#      vs rsync -a into an empty module (target: at least 1.5× rsync's speed);
+#   3. bytes on the wire for 4 KiB changed in the middle of a 1 GiB file, vs rsync's
+#      "Total bytes sent" and its bytes on the link;
+#   4. peak memory (VmHWM) of each daemon after the bulk sync.
+#
+# Usage: sudo bench/replication.sh            (LAT_WRITES=1000 SMALL_FILES=10000 by default)
+# Needs root, iproute2, python3 and rsync (installed with apt-get if missing).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+LAT_WRITES=${LAT_WRITES:-1000}
+SMALL_FILES=${SMALL_FILES:-10000}
+BIG_FILES=${BIG_FILES:-4}
+BIG_MIB=${BIG_MIB:-64}
+HUGE_MIB=${HUGE_MIB:-1024}
+
+command -v rsync >/dev/null || { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; }
+cargo build --release --workspace --quiet
+BIN=$PWD/target/release/filesync
+
+WORK=$(mktemp -d /tmp/filesync-bench-repl.XXXXXX)
+NS_A=fsbench-a-$$
+NS_B=fsbench-b-$$
+PIDS=()
+cleanup() {
+    for m in "$WORK"/a/mnt "$WORK"/b/mnt; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$NS_A"
+ip netns add "$NS_B"
+ip -n "$NS_A" link add veth0 type veth peer name veth1 netns "$NS_B"
+ip -n "$NS_A" addr add 198.18.0.1/24 dev veth0
+ip -n "$NS_B" addr add 198.18.0.2/24 dev veth1
+for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set lo up; done
+ip -n "$NS_A" link set veth0 up
+ip -n "$NS_B" link set veth1 up
+
+tx_bytes() { ip -n "$NS_A" -s -j link show veth0 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["stats64"]["tx"]["bytes"])'; }
+
+for n in a b; do
+    mkdir -p "$WORK/$n"/{src,mnt,state}
+    "$BIN" keygen --key "$WORK/$n/key" >/dev/null
+done
+ID_A=$("$BIN" id --key "$WORK/a/key")
+ID_B=$("$BIN" id --key "$WORK/b/key")
+
+# start_node NAME NS OPTIONS: mounts in the foreground inside NS (network only) and waits.
+start_node() {
+    local n=$1 ns=$2 opts=$3
+    nsenter --net=/run/netns/"$ns" -- "$BIN" mount "$WORK/$n/src" "$WORK/$n/mnt" --foreground \
+        -o "state_dir=$WORK/$n/state,telemetry=off,key=$WORK/$n/key,node_name=$n,log=warn,$opts" \
+        >>"$WORK/$n.log" 2>&1 &
+    PIDS+=($!)
+    eval "PID_$n=$!"
+    for _ in $(seq 200); do
+        grep -q " $WORK/$n/mnt fuse.filesync" /proc/self/mounts && return
+        sleep 0.05
+    done
+    echo "node $n did not mount:"; cat "$WORK/$n.log"; exit 1
+}
+stop_node() {
+    local n=$1 pid_var="PID_$1"
+    umount "$WORK/$n/mnt"
+    while kill -0 "${!pid_var}" 2>/dev/null; do sleep 0.05; done
+}
+start_pair() {
+    start_node b "$NS_B" "listen=198.18.0.2:7878,peer=$ID_A,mode=receiveonly,sync_interval=0"
+    start_node a "$NS_A" "peer=$ID_B@198.18.0.2:7878"
+}
+reset_pair() {
+    stop_node a
+    stop_node b
+    for n in a b; do rm -rf "${WORK:?}/$n/src" "${WORK:?}/$n/state"; mkdir -p "$WORK/$n/src" "$WORK/$n/state"; done
+}
+
+# make_tree DIR: the bulk data set (half text-like and compressible, half random).
+make_tree() {
+    python3 - "$1" "$SMALL_FILES" "$BIG_FILES" "$BIG_MIB" <<'EOF'
+import os, random, sys
+root, small, big, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(7)
+for i in range(small):
+    d = os.path.join(root, f"d{i // 500:03d}")
+    os.makedirs(d, exist_ok=True)
+    size = rng.randint(1024, 16384)
+    data = (b"line %d of a text file\n" % i) * (size // 24 + 1) if i % 2 else os.urandom(size)
+    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
+        f.write(data[:size])
+for i in range(big):
+    with open(os.path.join(root, f"big{i}.bin"), "wb") as f:
+        for _ in range(big_mib):
+            f.write(os.urandom(1 << 20))
+EOF
+}
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
+echo
+
+# 1. Latency.
+start_pair
+sleep 1
+python3 - "$WORK/a/mnt" "$WORK/b/mnt" "$LAT_WRITES" <<'EOF'
+import os, sys, time
+a, b, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.makedirs(os.path.join(a, "lat"), exist_ok=True)
+time.sleep(0.5)
+lat = []
+for i in range(n):
+    data = os.urandom(4096)
+    name = os.path.join("lat", f"f{i % 32}.bin")
+    t0 = time.perf_counter()
+    with open(os.path.join(a, name), "wb") as f:
+        f.write(data)
+    deadline = t0 + 10
+    while True:
+        try:
+            with open(os.path.join(b, name), "rb") as f:
+                if f.read() == data:
+                    break
+        except FileNotFoundError:
+            pass
+        if time.perf_counter() > deadline:
+            sys.exit(f"write {i} did not reach B within 10 s")
+    lat.append(time.perf_counter() - t0)
+lat.sort()
+p50, p99 = lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+print(f"latency, 4 KiB file A mount -> B mount, {n} writes: p50 {p50:.2f} ms (target < 2, ratio {p50 / 2:.2f}), "
+      f"p99 {p99:.2f} ms (target < 10, ratio {p99 / 10:.2f})")
+EOF
+reset_pair
+
+# 2. Bulk initial sync, and memory.
+make_tree "$WORK/a/src"
+sync
+TOTAL=$(du -sb "$WORK/a/src" | cut -f1)
+FILES=$(find "$WORK/a/src" -type f | wc -l)
+complete() { [ "$(find "$WORK/b/src" -type f -not -name '.filesync-tmp*' | wc -l)" -eq "$FILES" ] && [ "$(du -sb --exclude='.filesync-tmp*' "$WORK/b/src" | cut -f1)" -eq "$TOTAL" ]; }
+T0=$(date +%s.%N)
+start_pair
+until complete; do sleep 0.1; done
+T1=$(date +%s.%N)
+OURS=$(echo "$T1 - $T0" | bc -l)
+HWM_A=$(awk '/VmHWM/{print $2}' /proc/"$PID_a"/status)
+HWM_B=$(awk '/VmHWM/{print $2}' /proc/"$PID_b"/status)
+diff -r "$WORK/a/src" "$WORK/b/src" >/dev/null || { echo "bulk sync: trees differ"; exit 1; }
+reset_pair
+
+mkdir -p "$WORK/rsync-dst"
+cat >"$WORK/rsyncd.conf" <<EOF
+pid file = $WORK/rsyncd.pid
+[m]
+    path = $WORK/rsync-dst
+    read only = false
+    uid = root
+    gid = root
+    use chroot = no
+EOF
+ip netns exec "$NS_B" rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --address=198.18.0.2 --port=8730 &
+PIDS+=($!)
+sleep 0.5
+make_tree "$WORK/a/src"
+sync
+T0=$(date +%s.%N)
+ip netns exec "$NS_A" rsync -a "$WORK/a/src/" rsync://198.18.0.2:8730/m/
+T1=$(date +%s.%N)
+RSYNC=$(echo "$T1 - $T0" | bc -l)
+printf 'bulk initial sync, %d files, %d MiB: filesync %.2f s, rsync %.2f s: %.2fx rsync (target >= 1.5)\n' \
+    "$FILES" $((TOTAL >> 20)) "$OURS" "$RSYNC" "$(echo "$RSYNC / $OURS" | bc -l)"
+printf 'peak memory during the bulk sync (VmHWM): sender %d MiB, receiver %d MiB\n' $((HWM_A / 1024)) $((HWM_B / 1024))
+rm -rf "${WORK:?}/a/src" "${WORK:?}/rsync-dst"
+mkdir -p "$WORK/a/src" "$WORK/rsync-dst"
+
+# 3. 4 KiB changed in the middle of a 1 GiB file.
+python3 - "$WORK/a/src/huge.img" "$HUGE_MIB" <<'EOF'
+import os, sys
+with open(sys.argv[1], "wb") as f:
+    for _ in range(int(sys.argv[2])):
+        f.write(os.urandom(1 << 20))
+EOF
+ip netns exec "$NS_A" rsync -a "$WORK/a/src/" rsync://198.18.0.2:8730/m/
+start_pair
+until [ "$(stat -c %s "$WORK/b/src/huge.img" 2>/dev/null)" = "$(stat -c %s "$WORK/a/src/huge.img")" ] \
+    && cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img"; do sleep 0.5; done
+sleep 2
+BEFORE=$(tx_bytes)
+python3 - "$WORK/a/mnt/huge.img" "$HUGE_MIB" <<'EOF'
+import os, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(int(sys.argv[2]) << 19)
+    f.write(os.urandom(4096))
+EOF
+until cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img"; do sleep 0.2; done
+sleep 1
+OURS_BYTES=$(($(tx_bytes) - BEFORE))
+BEFORE=$(tx_bytes)
+RSYNC_OUT=$(ip netns exec "$NS_A" rsync -a --stats "$WORK/a/src/" rsync://198.18.0.2:8730/m/)
+RSYNC_LINK=$(($(tx_bytes) - BEFORE))
+RSYNC_SENT=$(echo "$RSYNC_OUT" | awk -F': ' '/Total bytes sent/{gsub(",","",$2); print $2}')
+printf '4 KiB changed in a %d MiB file: filesync sent %d bytes on the link; rsync: "Total bytes sent" %d, %d bytes on the link: filesync/rsync %.3f\n' \
+    "$HUGE_MIB" "$OURS_BYTES" "$RSYNC_SENT" "$RSYNC_LINK" "$(echo "$OURS_BYTES / $RSYNC_LINK" | bc -l)"
