@@ -146,12 +146,16 @@ reset_pair
 # 2. Bulk initial sync, and memory.
 make_tree "$WORK/a/src"
 sync
-TOTAL=$(du -sb "$WORK/a/src" | cut -f1)
-FILES=$(find "$WORK/a/src" -type f | wc -l)
-complete() { [ "$(find "$WORK/b/src" -type f -not -name '.filesync-tmp*' | wc -l)" -eq "$FILES" ] && [ "$(du -sb --exclude='.filesync-tmp*' "$WORK/b/src" | cut -f1)" -eq "$TOTAL" ]; }
+# Files and bytes of regular files (directory sizes differ between file systems' histories).
+files_and_bytes() { find "$1" -type f -not -name '.filesync-tmp*' -printf '%s\n' | awk '{n++; s+=$1} END {print n, s}'; }
+WANT=$(files_and_bytes "$WORK/a/src")
+TOTAL=${WANT#* }
+FILES=${WANT% *}
 T0=$(date +%s.%N)
 start_pair
-until complete; do sleep 0.1; done
+# bounded: 10 minutes
+for _ in $(seq 6000); do [ "$(files_and_bytes "$WORK/b/src")" = "$WANT" ] && break; sleep 0.1; done
+[ "$(files_and_bytes "$WORK/b/src")" = "$WANT" ] || { echo "bulk sync did not complete in 10 minutes"; tail -20 "$WORK/b.log"; exit 1; }
 T1=$(date +%s.%N)
 OURS=$(echo "$T1 - $T0" | bc -l)
 HWM_A=$(awk '/VmHWM/{print $2}' /proc/"$PID_a"/status)
@@ -193,8 +197,7 @@ with open(sys.argv[1], "wb") as f:
 EOF
 ip netns exec "$NS_A" rsync -a "$WORK/a/src/" rsync://198.18.0.2:8730/m/
 start_pair
-until [ "$(stat -c %s "$WORK/b/src/huge.img" 2>/dev/null)" = "$(stat -c %s "$WORK/a/src/huge.img")" ] \
-    && cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img"; do sleep 0.5; done
+for _ in $(seq 600); do cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img" 2>/dev/null && break; sleep 0.5; done
 sleep 2
 BEFORE=$(tx_bytes)
 python3 - "$WORK/a/mnt/huge.img" "$HUGE_MIB" <<'EOF'
@@ -203,7 +206,7 @@ with open(sys.argv[1], "r+b") as f:
     f.seek(int(sys.argv[2]) << 19)
     f.write(os.urandom(4096))
 EOF
-until cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img"; do sleep 0.2; done
+for _ in $(seq 300); do cmp -s "$WORK/a/src/huge.img" "$WORK/b/src/huge.img" && break; sleep 0.2; done
 sleep 1
 OURS_BYTES=$(($(tx_bytes) - BEFORE))
 BEFORE=$(tx_bytes)

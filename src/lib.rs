@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod change;
 pub mod config;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod identity;

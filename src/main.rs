@@ -115,6 +115,20 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
         key: PathBuf,
     },
+    /// Undo the changes made behind a receive-only mount's back: each locally changed path
+    /// gets the sending peer's version again (or is removed if the peer lacks it).
+    ///
+    /// Examples:
+    ///   filesync revert /mnt/data
+    ///   filesync revert /mnt/data --state-dir /var/lib/filesync/data
+    #[command(verbatim_doc_comment)]
+    Revert {
+        /// The mount point of the receive-only mount.
+        mountpoint: PathBuf,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
@@ -146,6 +160,10 @@ fn main() -> ExitCode {
         Command::Uninstall { root } => run_install(root, true),
         Command::Keygen { key, force } => run_keygen(&key, force),
         Command::Id { key } => run_id(&key),
+        Command::Revert {
+            mountpoint,
+            state_dir,
+        } => run_revert(&mountpoint, state_dir),
         Command::Demo => run_demo(),
     };
     match result {
@@ -327,6 +345,15 @@ fn run_install(root: PathBuf, remove: bool) -> anyhow::Result<()> {
 fn run_keygen(key_path: &Path, force: bool) -> anyhow::Result<()> {
     let key = NodeKey::create(key_path, force)?;
     println!("{}", key.id());
+    Ok(())
+}
+
+fn run_revert(mountpoint: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("cannot find the mount point {}", mountpoint.display()))?;
+    let state_dir = state_dir.unwrap_or_else(|| mount::default_state_dir(&mountpoint));
+    let answer = filesync::control::request(&state_dir, "revert")?;
+    println!("{answer}");
     Ok(())
 }
 

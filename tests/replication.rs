@@ -369,3 +369,48 @@ fn a_peer_with_an_unknown_key_gets_nothing_in() {
     assert!(tree(b.src()).keys().all(|k| !k.contains("intruder")));
     drop(a);
 }
+
+#[test]
+fn changes_behind_a_mirrors_back_are_reported_kept_and_reverted_on_request() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, b) = pair_with(&[], |src| {
+        fs::write(src.join("shared.txt"), b"the source's version").expect("write");
+    });
+    assert_converge(a.src(), b.src(), CONVERGE);
+    // Behind B's back: its backing folder is still a folder.
+    fs::write(b.src().join("shared.txt"), b"edited on the mirror").expect("write");
+    fs::write(b.src().join("stray.txt"), b"only on the mirror").expect("write");
+    assert!(
+        wait_until(CONVERGE, || b
+            .log()
+            .matches("receive-only node, behind the mount's back")
+            .count()
+            >= 2),
+        "B did not report its local changes:\n{}",
+        b.log()
+    );
+    // A new catch-up round does not overwrite them unasked.
+    fs::write(a.mnt().join("new-on-a.txt"), b"x").expect("write");
+    assert!(wait_until(CONVERGE, || b
+        .src()
+        .join("new-on-a.txt")
+        .exists()));
+    assert_eq!(
+        fs::read(b.src().join("shared.txt")).expect("read"),
+        b"edited on the mirror"
+    );
+    let out = run(
+        Command::new(common::BIN)
+            .arg("revert")
+            .arg(b.mnt())
+            .arg("--state-dir")
+            .arg(b.scratch().join("state")),
+        Duration::from_secs(20),
+    );
+    out.expect_ok("filesync revert");
+    assert!(out.stdout.contains("reverting 2 paths"), "{}", out.stdout);
+    assert_converge(a.src(), b.src(), CONVERGE);
+    assert_converge(a.mnt(), b.mnt(), CONVERGE);
+}

@@ -18,6 +18,7 @@ use crate::identity::NodeId;
 use crate::index::Index;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::digest;
+use crate::sync::local::LocalChanges;
 use crate::sync::proto::{Change, DirDigest, Entry, FileData, Message, Op, RelPath, Want};
 
 /// Catch-up with one peer, while its listings arrive.
@@ -42,6 +43,10 @@ pub struct Receiving {
     /// Whole-file transfers under way (path, when their last piece came): catch-up does
     /// not ask for these again while they keep arriving.
     arriving: HashMap<RelPath, Instant>,
+    /// Changes made here behind the mount's back (on a receive-only node).
+    local: Arc<LocalChanges>,
+    /// `filesync revert` requests, each with where to send the one-line answer.
+    reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
 }
 
 /// How long a whole-file transfer may pause before catch-up asks for the file anew.
@@ -53,6 +58,8 @@ impl Receiving {
         index: Arc<Index>,
         invalidate: Arc<dyn ChangeSink>,
         mirror: bool,
+        local: Arc<LocalChanges>,
+        reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
     ) -> Receiving {
         Receiving {
             applier,
@@ -61,6 +68,8 @@ impl Receiving {
             mirror,
             catch_up: HashMap::new(),
             arriving: HashMap::new(),
+            local,
+            reverts,
         }
     }
 }
@@ -96,6 +105,11 @@ async fn apply<A: SteadyActor>(
         // One acknowledgement per peer per batch: the highest change made durable.
         let mut acks: HashMap<NodeId, u64> = HashMap::new();
         let mut out = Vec::new();
+        while let Ok(answer) = receiving.reverts.try_recv() {
+            let (replies, text) = receiving.revert();
+            out.extend(replies);
+            let _ = answer.send(text);
+        }
         while let Some(item) = actor.try_take(&mut checked) {
             match item {
                 Checked::Rejected { peer, reason } => out.push(Reply::Drop { peer, reason }),
@@ -174,6 +188,7 @@ impl Receiving {
                     }
                 }
                 for path in applied.paths {
+                    self.local.applied(&path);
                     self.invalidate.record(LocalChange {
                         path: Some(path),
                         file: None,
@@ -222,6 +237,28 @@ impl Receiving {
         })
     }
 
+    /// `filesync revert`: asks a sending peer for every locally changed path; what the
+    /// peer lacks comes back as a removal.
+    fn revert(&mut self) -> (Vec<Reply>, String) {
+        let paths = self.local.take_all();
+        if paths.is_empty() {
+            return (Vec::new(), "nothing to revert: no local changes".to_owned());
+        }
+        let wants: Vec<Want> = paths
+            .iter()
+            .filter_map(|path| crate::sync::encode::rel_path(path))
+            .map(|path| self.want(path))
+            .collect();
+        let count = wants.len();
+        tracing::info!("reverting {count} locally changed paths to a sending peer's version");
+        (
+            vec![Reply::ToSender {
+                message: Message::WantFiles(wants),
+            }],
+            format!("reverting {count} paths to the version of a sending peer"),
+        )
+    }
+
     fn start_catch_up(&mut self, from: NodeId, theirs: &[DirDigest]) -> Vec<Reply> {
         let ours = match digest::summarize(&self.index) {
             Ok(ours) => ours,
@@ -264,6 +301,12 @@ impl Receiving {
             path.extend_from_slice(name);
             RelPath(path)
         };
+        // Local changes wait for `filesync revert` rather than being overwritten unasked.
+        let changes_here = self.local.clone();
+        let local = move |path: &RelPath| {
+            use std::os::unix::ffi::OsStrExt;
+            changes_here.is_changed(std::path::Path::new(std::ffi::OsStr::from_bytes(&path.0)))
+        };
         if self.mirror {
             for name in &comparison.extra {
                 let removal = Change {
@@ -271,6 +314,9 @@ impl Receiving {
                     path: child(name),
                     op: Op::Remove,
                 };
+                if local(&removal.path) {
+                    continue;
+                }
                 self.apply_change(from, &removal);
             }
         }
@@ -281,7 +327,7 @@ impl Receiving {
             .fetch
             .iter()
             .map(|name| child(name))
-            .filter(|path| !self.arriving.contains_key(path))
+            .filter(|path| !self.arriving.contains_key(path) && !local(path))
             .map(|path| self.want(path))
             .collect();
         let Some(catch_up) = self.catch_up.get_mut(&from) else {

@@ -15,9 +15,11 @@ use steady_state::*;
 
 use super::session::{EncodeJob, Outgoing};
 use super::update::Update;
+use crate::change::Source;
 use crate::identity::NodeId;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
+use crate::sync::local::LocalChanges;
 use crate::sync::proto::{Change, Message};
 
 pub async fn run(
@@ -28,9 +30,10 @@ pub async fn run(
     sends: bool,
     encoder: Arc<Mutex<Encoder>>,
     gate: Arc<SyncGate>,
+    local: Arc<LocalChanges>,
 ) -> Result<(), Box<dyn Error>> {
     let actor = actor.into_spotlight([&updates, &jobs], [&outgoing]);
-    encode(actor, updates, jobs, outgoing, sends, encoder, gate).await
+    encode(actor, updates, jobs, outgoing, sends, encoder, gate, local).await
 }
 
 // The state sits in a mutex only so a restarted actor finds it again; this actor alone
@@ -44,6 +47,7 @@ async fn encode<A: SteadyActor>(
     sends: bool,
     encoder: Arc<Mutex<Encoder>>,
     gate: Arc<SyncGate>,
+    local: Arc<LocalChanges>,
 ) -> Result<(), Box<dyn Error>> {
     let mut updates = updates.acquire_guard().await;
     let mut jobs = jobs.acquire_guard().await;
@@ -58,8 +62,9 @@ async fn encode<A: SteadyActor>(
             actor.wait_timeout(idle_wait)
         );
         while let Some(update) = actor.try_take(&mut updates) {
-            // A receive-only node keeps its changes to itself.
+            // A receive-only node keeps its changes to itself, and reports them.
             if !sends {
+                note_local_change(&local, &update);
                 continue;
             }
             let mut encoder = encoder.lock();
@@ -144,6 +149,32 @@ where
         }
     }
     last_seq
+}
+
+/// Flags a change made behind a receive-only node's back, reporting each path once.
+fn note_local_change(local: &LocalChanges, update: &Update) {
+    let (paths, sources) = match update {
+        Update::Changed { path, sources, .. }
+        | Update::Removed { path, sources, .. }
+        | Update::Linked { path, sources, .. } => (vec![path], sources),
+        Update::Renamed {
+            from, to, sources, ..
+        } => (vec![from, to], sources),
+        Update::Rescan { .. } => return,
+    };
+    // These sources never report the daemon's own writes.
+    let by_others = sources
+        .iter()
+        .all(|source| matches!(source, Source::Ebpf | Source::Fanotify | Source::Fuse));
+    for path in paths {
+        if local.observed(path, by_others) {
+            tracing::warn!(
+                "{} was changed on this receive-only node, behind the mount's back; it is \
+                 kept until 'filesync revert' restores the peers' version",
+                path.display()
+            );
+        }
+    }
 }
 
 fn log_failure(err: &dyn Display) {

@@ -106,6 +106,7 @@ pub struct ReplicationGraph {
     pub session: Session,
     pub receiving: Receiving,
     pub gate: Arc<SyncGate>,
+    pub local: Arc<crate::sync::local::LocalChanges>,
 }
 
 /// How many messages a channel carrying file data holds: each may carry up to a chunk
@@ -245,6 +246,7 @@ fn add_replication(
         session,
         receiving,
         gate,
+        local,
     } = parts;
     let peers = session.peers.clone();
     let encoder = Arc::new(Mutex::new(encoder));
@@ -270,6 +272,7 @@ fn add_replication(
                 sends,
                 encoder.clone(),
                 gate.clone(),
+                local.clone(),
             )
         },
         SoloAct,

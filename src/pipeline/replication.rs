@@ -18,7 +18,11 @@ use crate::sync::apply::Applier;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
 use crate::sync::encode::Encoder;
+use crate::sync::local::LocalChanges;
 use crate::sync::proto::Hello;
+
+/// How long a `filesync revert` waits for the applier.
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
 
 /// A silent connection is probed this often, and dropped after three times as long.
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -124,6 +128,24 @@ impl ReplicationPlan {
         gate: Arc<SyncGate>,
         settled: Arc<super::Settled>,
     ) -> Result<ReplicationGraph, ReplicationError> {
+        let local = Arc::new(LocalChanges::default());
+        let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
+        crate::control::serve(state_dir, move |command| match command {
+            "revert" => {
+                let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+                if revert_tx.send_timeout(answer_tx, CONTROL_WAIT).is_err() {
+                    return "the daemon is busy; try again".to_owned();
+                }
+                answer_rx
+                    .recv_timeout(CONTROL_WAIT)
+                    .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
+            }
+            other => format!("unknown command '{other}': this daemon knows 'revert'"),
+        })
+        .map_err(|err| ReplicationError::State {
+            path: state_dir.display().to_string(),
+            reason: err.to_string(),
+        })?;
         let state = |reason: String| ReplicationError::State {
             path: state_dir.display().to_string(),
             reason,
@@ -191,8 +213,16 @@ impl ReplicationPlan {
                 hello,
                 settled,
             ),
-            receiving: Receiving::new(applier, index, invalidate, mode == Mode::ReceiveOnly),
+            receiving: Receiving::new(
+                applier,
+                index,
+                invalidate,
+                mode == Mode::ReceiveOnly,
+                local.clone(),
+                revert_rx,
+            ),
             gate,
+            local,
         })
     }
 }

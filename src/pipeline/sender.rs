@@ -47,6 +47,12 @@ async fn send<A: SteadyActor>(
             match reply {
                 Reply::Send { to, message } => deliver(&peers, Some(to), message),
                 Reply::Drop { peer, reason } => peers.drop_peer(peer, &reason),
+                Reply::ToSender { message } => match peers.a_sender() {
+                    Some(peer) => deliver(&peers, Some(peer), message),
+                    None => tracing::warn!(
+                        "no peer that sends is connected; the request waits for the next catch-up"
+                    ),
+                },
             }
         }
         while let Some(Outgoing { to, message }) = actor.try_take(&mut outgoing) {

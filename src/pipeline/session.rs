@@ -46,6 +46,10 @@ pub enum Reply {
         to: NodeId,
         message: Message,
     },
+    /// To one connected peer that sends (for a revert).
+    ToSender {
+        message: Message,
+    },
     /// The peer sent something invalid: close its connection.
     Drop {
         peer: NodeId,
@@ -88,6 +92,14 @@ impl Peers {
                 wanted.then(|| (*id, peer.link.clone()))
             })
             .collect()
+    }
+
+    /// A connected peer that sends its changes, if any.
+    pub fn a_sender(&self) -> Option<NodeId> {
+        self.links.lock().iter().find_map(|peer| {
+            let (id, hello) = peer.connected.as_ref()?;
+            hello.sends.then_some(*id)
+        })
     }
 
     /// Closes the connection to `peer` (an accepted link is forgotten; a dialed one

@@ -10,5 +10,6 @@ pub mod digest;
 pub mod durability;
 pub mod encode;
 pub mod journal;
+pub mod local;
 pub mod proto;
 pub mod safe_path;

@@ -1,0 +1,102 @@
+//! The mount daemon's control socket: `<state folder>/control.sock`, owner-only, one
+//! command per connection, one line each way. `filesync revert` uses it; it is where
+//! `filesync status` will ask too.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The socket's name in the mount's state folder.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// How long either side waits for the other.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest command line accepted.
+const MAX_LINE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot open the control socket {path}: {source}; check the state folder's permissions"
+    )]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the filesync daemon at {path}: {source}; is the folder mounted (and is this its state folder)?")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the filesync daemon at {path} did not answer: {source}")]
+    Exchange {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Serves commands on `state_dir/control.sock` in a thread until the process ends. Each
+/// command is handed to `handle`, whose answer (one line) goes back.
+pub fn serve(
+    state_dir: &Path,
+    handle: impl Fn(&str) -> String + Send + 'static,
+) -> Result<(), ControlError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let bind_err = |source| ControlError::Bind {
+        path: path.clone(),
+        source,
+    };
+    // A socket left by a daemon that was killed: nobody listens on it any more.
+    if UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(bind_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(err) = answer(stream, &handle) {
+                    tracing::debug!("control connection failed: {err}");
+                }
+            }
+        })
+        .map_err(bind_err)?;
+    Ok(())
+}
+
+fn answer(stream: UnixStream, handle: &impl Fn(&str) -> String) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut line = String::new();
+    // At most MAX_LINE bytes, so a client cannot make the daemon buffer more.
+    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
+    let reply = handle(line.trim());
+    (&stream).write_all(format!("{}\n", reply.replace('\n', " ")).as_bytes())
+}
+
+/// Sends `command` to the daemon whose state folder is `state_dir`; returns its answer.
+pub fn request(state_dir: &Path, command: &str) -> Result<String, ControlError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let stream = UnixStream::connect(&path).map_err(|source| ControlError::Connect {
+        path: path.clone(),
+        source,
+    })?;
+    let exchange = |source| ControlError::Exchange {
+        path: path.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(exchange)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(exchange)?;
+    (&stream)
+        .write_all(format!("{command}\n").as_bytes())
+        .map_err(exchange)?;
+    let mut reply = String::new();
+    BufReader::new((&stream).take(MAX_LINE))
+        .read_line(&mut reply)
+        .map_err(exchange)?;
+    Ok(reply.trim_end().to_owned())
+}
