@@ -22,18 +22,24 @@ use crate::sync::encode::Encoder;
 use crate::sync::local::LocalChanges;
 use crate::sync::proto::{Change, Message};
 
+/// What the encoder works with, shared across restarts of the actor.
+pub struct Encoding {
+    pub encoder: Mutex<Encoder>,
+    /// Whether local changes go to peers (a receive-only node only reports them).
+    pub sends: bool,
+    pub gate: Arc<SyncGate>,
+    pub local: Arc<LocalChanges>,
+}
+
 pub async fn run(
     actor: SteadyActorShadow,
     updates: SteadyRx<Update>,
     jobs: SteadyRx<EncodeJob>,
     outgoing: SteadyTx<Outgoing>,
-    sends: bool,
-    encoder: Arc<Mutex<Encoder>>,
-    gate: Arc<SyncGate>,
-    local: Arc<LocalChanges>,
+    encoding: Arc<Encoding>,
 ) -> Result<(), Box<dyn Error>> {
     let actor = actor.into_spotlight([&updates, &jobs], [&outgoing]);
-    encode(actor, updates, jobs, outgoing, sends, encoder, gate, local).await
+    encode(actor, updates, jobs, outgoing, encoding).await
 }
 
 // The state sits in a mutex only so a restarted actor finds it again; this actor alone
@@ -44,11 +50,14 @@ async fn encode<A: SteadyActor>(
     updates: SteadyRx<Update>,
     jobs: SteadyRx<EncodeJob>,
     outgoing: SteadyTx<Outgoing>,
-    sends: bool,
-    encoder: Arc<Mutex<Encoder>>,
-    gate: Arc<SyncGate>,
-    local: Arc<LocalChanges>,
+    encoding: Arc<Encoding>,
 ) -> Result<(), Box<dyn Error>> {
+    let Encoding {
+        encoder,
+        sends,
+        gate,
+        local,
+    } = &*encoding;
     let mut updates = updates.acquire_guard().await;
     let mut jobs = jobs.acquire_guard().await;
     let mut outgoing = outgoing.acquire_guard().await;
@@ -63,8 +72,8 @@ async fn encode<A: SteadyActor>(
         );
         while let Some(update) = actor.try_take(&mut updates) {
             // A receive-only node keeps its changes to itself, and reports them.
-            if !sends {
-                note_local_change(&local, &update);
+            if !*sends {
+                note_local_change(local, &update);
                 continue;
             }
             let mut encoder = encoder.lock();

@@ -249,7 +249,12 @@ fn add_replication(
         local,
     } = parts;
     let peers = session.peers.clone();
-    let encoder = Arc::new(Mutex::new(encoder));
+    let encoding = Arc::new(encoder::Encoding {
+        encoder: Mutex::new(encoder),
+        sends,
+        gate,
+        local,
+    });
     let compression = Arc::new(compression);
     let session = Arc::new(Mutex::new(session));
     let receiving = Arc::new(Mutex::new(receiving));
@@ -269,10 +274,7 @@ fn add_replication(
                 replica.clone(),
                 jobs_rx.clone(),
                 raw_tx.clone(),
-                sends,
-                encoder.clone(),
-                gate.clone(),
-                local.clone(),
+                encoding.clone(),
             )
         },
         SoloAct,
