@@ -179,7 +179,9 @@ impl Receiving {
                 self.arriving.insert(change.path.clone(), Instant::now());
             }
         }
-        match self.applier.apply(change) {
+        let result = self.applier.apply(change);
+        tracing::trace!(seq = change.seq, ok = result.is_ok(), "applied");
+        match result {
             Ok(mut applied) => {
                 // A new link changes the link count the other names show, too.
                 if let Op::Link { existing } = &change.op {

@@ -35,6 +35,7 @@ async fn compress<A: SteadyActor>(
         let _woken = await_for_any!(actor.wait_avail(&mut raw, 1), actor.wait_timeout(idle_wait));
         while let Some(mut outgoing) = actor.try_take(&mut raw) {
             if let Message::Change(change) = &mut outgoing.message {
+                tracing::trace!(seq = change.seq, "compressing");
                 policy.compress_change(change);
             }
             actor

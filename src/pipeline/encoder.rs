@@ -142,6 +142,7 @@ where
     for change in changes {
         match change {
             Ok(change) => {
+                tracing::trace!(seq = change.seq, path = ?change.path, "encoded");
                 last_seq = Some(change.seq);
                 let message = Outgoing {
                     to,

@@ -56,6 +56,7 @@ async fn send<A: SteadyActor>(
             }
         }
         while let Some(Outgoing { to, message }) = actor.try_take(&mut outgoing) {
+            tracing::trace!("sending");
             deliver(&peers, to, message);
         }
     }

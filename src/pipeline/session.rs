@@ -305,6 +305,7 @@ async fn receive<A: SteadyActor>(
             }
             LinkEvent::Received(message) => {
                 let from = link.peer();
+                tracing::trace!("received");
                 match message {
                     Message::Change(_)
                     | Message::Summary(_)

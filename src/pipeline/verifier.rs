@@ -47,6 +47,7 @@ async fn verify<A: SteadyActor>(
             actor.wait_timeout(idle_wait)
         );
         while let Some(item) = actor.try_take(&mut incoming) {
+            tracing::trace!("verifying");
             let peer = item.from;
             let result = match check(item) {
                 Ok(item) => Checked::Valid(item),
