@@ -8,7 +8,11 @@
 //!
 //! Cost: a write-heavy workload outside the watched folder (on the same file system, the
 //! worst case for the eBPF filter, which must walk up to the file system's root to tell)
-//! is timed with and without each watcher, alternating runs to spread drift evenly.
+//! is timed with and without each watcher, alternating runs to spread drift evenly; so is
+//! a loop of syscalls that touch no file, which shows what a syscall tracepoint costs
+//! every syscall of the machine. Each run with a watcher is also divided by the run
+//! without one just before it: the median and the range of those paired ratios show how
+//! far other work on the machine moved the figures.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -45,13 +49,17 @@ fn watchers() -> Vec<(&'static str, Option<Start>)> {
 
 const SAMPLES: usize = 2000;
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
+/// Alternating rounds of each cost workload; `FILESYNC_BENCH_ROUNDS` overrides it.
 const COST_ROUNDS: usize = 7;
+/// getppid() calls of the syscall workload.
+const SYSCALLS: u64 = 4_000_000;
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("writer") => writer(&args[2..]),
         Some("load") => load(&args[2..]),
+        Some("syscalls") => syscalls(&args[2..]),
         None => run(),
         Some(other) => Err(format!(
             "unknown mode {other}; run without arguments (the script does)"
@@ -118,6 +126,21 @@ fn load(args: &[String]) -> Result<(), String> {
             f.set_len(0).map_err(|e| e.to_string())?;
             f.rewind().map_err(|e| e.to_string())?;
         }
+    }
+    println!("{}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `syscalls N`: makes N getppid() calls, prints the seconds taken.
+fn syscalls(args: &[String]) -> Result<(), String> {
+    let [n] = args else {
+        return Err("usage: syscalls N".into());
+    };
+    let n: u64 = n.parse().map_err(|e| format!("N: {e}"))?;
+    let started = Instant::now();
+    for _ in 0..n {
+        // SAFETY: getppid has no arguments and cannot fail.
+        unsafe { libc::getppid() };
     }
     println!("{}", started.elapsed().as_secs_f64());
     Ok(())
@@ -220,55 +243,88 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
         );
     }
 
-    for (label, mib, block) in [
-        ("64 KiB writes", 1024, 65536),
-        ("4 KiB writes", 512, 4096),
-        ("64 B writes", 32, 64),
-    ] {
+    let rounds = std::env::var("FILESYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(COST_ROUNDS);
+    let file = outside.join("load");
+    let workloads = [
+        (
+            "1024 MiB in 64 KiB writes",
+            Load::Write {
+                mib: 1024,
+                block: 65536,
+            },
+        ),
+        (
+            "512 MiB in 4 KiB writes",
+            Load::Write {
+                mib: 512,
+                block: 4096,
+            },
+        ),
+        ("32 MiB in 64 B writes", Load::Write { mib: 32, block: 64 }),
+        ("getppid() calls, no file", Load::Syscalls(SYSCALLS)),
+    ];
+    for (label, workload) in workloads {
         println!();
+        println!("cost outside the watched folder: {label}, {rounds} alternating runs");
         println!(
-            "cost outside the watched folder: {mib} MiB in {label}, {COST_ROUNDS} alternating runs"
+            "{:<10} {:>10} {:>8} {:>10} {:>8} {:>21} {:>11}",
+            "watcher",
+            "median s",
+            "ratio",
+            "best s",
+            "ratio",
+            "paired: median, range",
+            "ns per call"
         );
-        println!(
-            "{:<10} {:>10} {:>8} {:>10} {:>8} {:>13}",
-            "watcher", "median s", "ratio", "best s", "ratio", "ns per write"
-        );
-        let file = outside.join("load");
-        let writes = (mib << 20) as f64 / block as f64;
+        let calls = workload.calls() as f64;
         let mut base = Vec::new();
         let mut with: HashMap<&str, Vec<f64>> = HashMap::new();
-        for _ in 0..COST_ROUNDS {
-            base.push(run_load(&me, &file, mib, block)?);
+        let mut paired: HashMap<&str, Vec<f64>> = HashMap::new();
+        for _ in 0..rounds {
+            let base_secs = workload.run(&me, &file)?;
+            base.push(base_secs);
             for (name, start) in watchers() {
                 let Some(start) = start else { continue };
                 let Ok(watcher) = start(&spec, Arc::new(Arrivals::default())) else {
                     continue;
                 };
-                let secs = run_load(&me, &file, mib, block)?;
+                let secs = workload.run(&me, &file)?;
                 watcher.stop();
                 with.entry(name).or_default().push(secs);
+                paired.entry(name).or_default().push(secs / base_secs);
             }
         }
         let (base_median, base_best) = (median(&mut base), best(&base));
         println!(
-            "{:<10} {base_median:>10.3} {:>8.3} {base_best:>10.3} {:>8.3} {:>13.0}",
+            "{:<10} {base_median:>10.3} {:>8.3} {base_best:>10.3} {:>8.3} {:>21} {:>11.0}",
             "none",
             1.0,
             1.0,
-            base_median / writes * 1e9
+            "",
+            base_median / calls * 1e9
         );
         for (name, _) in watchers() {
-            match with.get_mut(name) {
-                Some(runs) => {
+            match (with.get_mut(name), paired.get_mut(name)) {
+                (Some(runs), Some(ratios)) => {
                     let (m, b) = (median(runs), best(runs));
+                    let spread = format!(
+                        "{:.3}, {:.3}-{:.3}",
+                        median(ratios),
+                        best(ratios),
+                        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                    );
                     println!(
-                        "{name:<10} {m:>10.3} {:>8.3} {b:>10.3} {:>8.3} {:>13.0}",
+                        "{name:<10} {m:>10.3} {:>8.3} {b:>10.3} {:>8.3} {spread:>21} {:>11.0}",
                         m / base_median,
                         b / base_best,
-                        (m - base_median) / writes * 1e9
+                        (m - base_median) / calls * 1e9
                     );
                 }
-                None => println!("{name:<10} not built"),
+                _ => println!("{name:<10} not built"),
             }
         }
     }
@@ -307,14 +363,40 @@ fn run_writer(me: &Path, root: &Path) -> Result<(u64, Vec<(usize, u64)>), String
     Ok((started, writes))
 }
 
-fn run_load(me: &Path, file: &Path, mib: u64, block: usize) -> Result<f64, String> {
-    let out = Command::new(me)
-        .arg("load")
-        .arg(file)
-        .arg(mib.to_string())
-        .arg(block.to_string())
-        .output()
-        .map_err(|e| e.to_string())?;
+/// A cost workload, run as a child process of its own.
+#[derive(Clone, Copy)]
+enum Load {
+    /// MIB MiB written in BLOCK-byte writes to one file outside the watched folder.
+    Write { mib: u64, block: usize },
+    /// That many getppid() calls.
+    Syscalls(u64),
+}
+
+impl Load {
+    fn calls(self) -> u64 {
+        match self {
+            Load::Write { mib, block } => (mib << 20) / block as u64,
+            Load::Syscalls(n) => n,
+        }
+    }
+
+    /// Runs it once; returns the seconds it took.
+    fn run(self, me: &Path, file: &Path) -> Result<f64, String> {
+        let mut command = Command::new(me);
+        match self {
+            Load::Write { mib, block } => command
+                .arg("load")
+                .arg(file)
+                .arg(mib.to_string())
+                .arg(block.to_string()),
+            Load::Syscalls(n) => command.arg("syscalls").arg(n.to_string()),
+        };
+        run_load(&mut command)
+    }
+}
+
+fn run_load(command: &mut Command) -> Result<f64, String> {
+    let out = command.output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
             "load failed: {}",

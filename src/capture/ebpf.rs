@@ -6,6 +6,12 @@
 //! root, by processes not in `ignore_pids`, reach the ring buffer. This module loads it,
 //! fills its maps, and turns its records into [`Change`]s on a thread of its own.
 //!
+//! Before loading, the object is linked against the running kernel: the program's fast
+//! path for writes to unwatched files calls the kfunc bpf_rdonly_cast, which neither
+//! clang 14 nor aya 0.14 can link, so it is emitted with placeholder immediates that
+//! [`LinkedObject`] replaces with the kernel's BTF ids. A kernel that refuses the casts
+//! gets the object with them turned into `r0 = 0`, which selects the slower probe-read path.
+//!
 //! What it cannot see (io_uring, writes through `mmap`, writes by the kernel itself, files
 //! more than 31 levels below the root, paths reached through a symlink from outside
 //! the root, 32-bit processes) is left to the reconcile scan, like every lost record.
@@ -440,20 +446,19 @@ impl Loaded {
             Self::load_object(spec, layout, &btf, &LinkedObject::new(PROGRAM, Some(ids)))
         });
         let (loaded, fast_path) = match with_casts {
-            Some(Ok(loaded)) => (loaded, "bpf_rdonly_cast".to_owned()),
+            Some(Ok(loaded)) => (loaded, "bpf_rdonly_cast"),
             Some(Err(refused)) => {
                 let loaded =
                     Self::load_object(spec, layout, &btf, &LinkedObject::new(PROGRAM, None))?;
-                (loaded, format!("probe reads, casts refused: {refused}"))
+                tracing::warn!(
+                    "the kernel refused the eBPF watcher's casts ({refused}); it uses probe reads, which cost other processes about 100 ns more per write"
+                );
+                (loaded, "probe reads")
             }
-            None => {
-                let loaded =
-                    Self::load_object(spec, layout, &btf, &LinkedObject::new(PROGRAM, None))?;
-                (
-                    loaded,
-                    "probe reads, no bpf_rdonly_cast in this kernel".to_owned(),
-                )
-            }
+            None => (
+                Self::load_object(spec, layout, &btf, &LinkedObject::new(PROGRAM, None))?,
+                "probe reads (bpf_rdonly_cast needs Linux 6.2)",
+            ),
         };
         let (loaded, attached) = loaded;
         tracing::info!(
