@@ -10,7 +10,10 @@
 //! worst case for the eBPF filter, which must walk up to the file system's root to tell)
 //! is timed with and without each watcher, alternating runs to spread drift evenly; so is
 //! a loop of syscalls that touch no file, which shows what a syscall tracepoint costs
-//! every syscall of the machine. Each run with a watcher is also divided by the run
+//! every syscall of the machine. Each workload reports its wall-clock time and its CPU
+//! time (user + system, which includes the probe: it runs in the writer's syscalls). On
+//! a machine shared with other work the CPU time is the steadier figure, as the writer's
+//! waits for a CPU are not in it. Each run with a watcher is also divided by the run
 //! without one just before it: the median and the range of those paired ratios show how
 //! far other work on the machine moved the figures.
 
@@ -108,7 +111,8 @@ fn writer(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `load FILE MIB BLOCK`: writes MIB MiB in BLOCK-byte writes, prints the seconds taken.
+/// `load FILE MIB BLOCK`: writes MIB MiB in BLOCK-byte writes, prints the seconds taken
+/// (wall clock, then CPU).
 fn load(args: &[String]) -> Result<(), String> {
     let [path, mib, block] = args else {
         return Err("usage: load FILE MIB BLOCK".into());
@@ -119,6 +123,7 @@ fn load(args: &[String]) -> Result<(), String> {
     let buf = vec![0x5au8; block];
     let writes = mib * (1 << 20) / block as u64;
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     for i in 0..writes {
         f.write_all(&buf).map_err(|e| e.to_string())?;
         // Start over every 64 MiB: the page cache stays warm and the file small.
@@ -127,22 +132,43 @@ fn load(args: &[String]) -> Result<(), String> {
             f.rewind().map_err(|e| e.to_string())?;
         }
     }
-    println!("{}", started.elapsed().as_secs_f64());
+    print_times(started, cpu_before);
     Ok(())
 }
 
-/// `syscalls N`: makes N getppid() calls, prints the seconds taken.
+/// This process's CPU time (user + system) in seconds.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; CLOCK_PROCESS_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Prints "wall cpu": the seconds since started, and the CPU seconds since cpu_before.
+fn print_times(started: Instant, cpu_before: f64) {
+    println!(
+        "{} {}",
+        started.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu_before
+    );
+}
+
+/// `syscalls N`: makes N getppid() calls, prints the seconds taken (wall clock, then CPU).
 fn syscalls(args: &[String]) -> Result<(), String> {
     let [n] = args else {
         return Err("usage: syscalls N".into());
     };
     let n: u64 = n.parse().map_err(|e| format!("N: {e}"))?;
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     for _ in 0..n {
         // SAFETY: getppid has no arguments and cannot fail.
         unsafe { libc::getppid() };
     }
-    println!("{}", started.elapsed().as_secs_f64());
+    print_times(started, cpu_before);
     Ok(())
 }
 
@@ -269,63 +295,66 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
     ];
     for (label, workload) in workloads {
         println!();
-        println!("cost outside the watched folder: {label}, {rounds} alternating runs");
+        println!("cost outside the watched folder: {label}, {rounds} alternating runs (medians)");
         println!(
-            "{:<10} {:>10} {:>8} {:>10} {:>8} {:>21} {:>11}",
+            "{:<10} {:>8} {:>7} {:>8} {:>7} {:>25} {:>13}",
             "watcher",
-            "median s",
+            "wall s",
             "ratio",
-            "best s",
+            "CPU s",
             "ratio",
-            "paired: median, range",
-            "ns per call"
+            "CPU paired: median, range",
+            "CPU ns a call"
         );
         let calls = workload.calls() as f64;
-        let mut base = Vec::new();
-        let mut with: HashMap<&str, Vec<f64>> = HashMap::new();
-        let mut paired: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut base = Runs::default();
+        let mut with: HashMap<&str, Runs> = HashMap::new();
         for _ in 0..rounds {
-            let base_secs = workload.run(&me, &file)?;
-            base.push(base_secs);
+            let before = workload.run(&me, &file)?;
+            base.add(before, before);
             for (name, start) in watchers() {
                 let Some(start) = start else { continue };
                 let Ok(watcher) = start(&spec, Arc::new(Arrivals::default())) else {
                     continue;
                 };
-                let secs = workload.run(&me, &file)?;
+                let times = workload.run(&me, &file)?;
                 watcher.stop();
-                with.entry(name).or_default().push(secs);
-                paired.entry(name).or_default().push(secs / base_secs);
+                with.entry(name).or_default().add(times, before);
             }
         }
-        let (base_median, base_best) = (median(&mut base), best(&base));
+        let (base_wall, base_cpu) = (median(&mut base.wall), median(&mut base.cpu));
         println!(
-            "{:<10} {base_median:>10.3} {:>8.3} {base_best:>10.3} {:>8.3} {:>21} {:>11.0}",
+            "{:<10} {base_wall:>8.3} {:>7.3} {base_cpu:>8.3} {:>7.3} {:>25} {:>13.0}",
             "none",
             1.0,
             1.0,
             "",
-            base_median / calls * 1e9
+            base_cpu / calls * 1e9
         );
         for (name, _) in watchers() {
-            match (with.get_mut(name), paired.get_mut(name)) {
-                (Some(runs), Some(ratios)) => {
-                    let (m, b) = (median(runs), best(runs));
-                    let spread = format!(
-                        "{:.3}, {:.3}-{:.3}",
-                        median(ratios),
-                        best(ratios),
-                        ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-                    );
-                    println!(
-                        "{name:<10} {m:>10.3} {:>8.3} {b:>10.3} {:>8.3} {spread:>21} {:>11.0}",
-                        m / base_median,
-                        b / base_best,
-                        (m - base_median) / calls * 1e9
-                    );
-                }
-                _ => println!("{name:<10} not built"),
-            }
+            let Some(runs) = with.get_mut(name) else {
+                println!("{name:<10} not built");
+                continue;
+            };
+            let (wall, cpu) = (median(&mut runs.wall), median(&mut runs.cpu));
+            let paired = format!(
+                "{:.3}, {:.3}-{:.3}",
+                median(&mut runs.paired_cpu),
+                runs.paired_cpu
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min),
+                runs.paired_cpu
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max)
+            );
+            println!(
+                "{name:<10} {wall:>8.3} {:>7.3} {cpu:>8.3} {:>7.3} {paired:>25} {:>13.0}",
+                wall / base_wall,
+                cpu / base_cpu,
+                (cpu - base_cpu) / calls * 1e9
+            );
         }
     }
     Ok(())
@@ -381,7 +410,7 @@ impl Load {
     }
 
     /// Runs it once; returns the seconds it took.
-    fn run(self, me: &Path, file: &Path) -> Result<f64, String> {
+    fn run(self, me: &Path, file: &Path) -> Result<Times, String> {
         let mut command = Command::new(me);
         match self {
             Load::Write { mib, block } => command
@@ -395,7 +424,31 @@ impl Load {
     }
 }
 
-fn run_load(command: &mut Command) -> Result<f64, String> {
+/// The runs of one workload under one configuration.
+#[derive(Default)]
+struct Runs {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+    /// CPU time of each run divided by that of the run without a watcher before it.
+    paired_cpu: Vec<f64>,
+}
+
+impl Runs {
+    fn add(&mut self, times: Times, before: Times) {
+        self.wall.push(times.wall);
+        self.cpu.push(times.cpu);
+        self.paired_cpu.push(times.cpu / before.cpu);
+    }
+}
+
+/// Wall-clock and CPU seconds of one run of a workload.
+#[derive(Clone, Copy)]
+struct Times {
+    wall: f64,
+    cpu: f64,
+}
+
+fn run_load(command: &mut Command) -> Result<Times, String> {
     let out = command.output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
@@ -403,10 +456,12 @@ fn run_load(command: &mut Command) -> Result<f64, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|e| format!("load printed no time: {e}"))
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(wall)), Some(Ok(cpu))) => Ok(Times { wall, cpu }),
+        _ => Err(format!("load printed no times: {text:?}")),
+    }
 }
 
 fn percentile(sorted: &[i64], q: f64) -> f64 {
@@ -415,10 +470,6 @@ fn percentile(sorted: &[i64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
-}
-
-fn best(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn median(v: &mut [f64]) -> f64 {
