@@ -451,7 +451,7 @@ impl Loaded {
                 let loaded =
                     Self::load_object(spec, layout, &btf, &LinkedObject::new(PROGRAM, None))?;
                 tracing::warn!(
-                    "the kernel refused the eBPF watcher's casts ({refused}); it uses probe reads, which cost other processes about 100 ns more per write"
+                    "the kernel refused the eBPF watcher's casts ({refused}); it uses probe reads, which cost other processes about 140 ns more per write"
                 );
                 (loaded, "probe reads")
             }
