@@ -8,7 +8,14 @@
 //!
 //! Cost: a write-heavy workload outside the watched folder (on the same file system, the
 //! worst case for the eBPF filter, which must walk up to the file system's root to tell)
-//! is timed with and without each watcher, alternating runs to spread drift evenly.
+//! is timed with and without each watcher, alternating runs to spread drift evenly; so is
+//! a loop of syscalls that touch no file, which shows what a syscall tracepoint costs
+//! every syscall of the machine. Each workload reports its wall-clock time and its CPU
+//! time (user + system, which includes the probe: it runs in the writer's syscalls). On
+//! a machine shared with other work the CPU time is the steadier figure, as the writer's
+//! waits for a CPU are not in it. Each run with a watcher is also divided by the run
+//! without one just before it: the median and the range of those paired ratios show how
+//! far other work on the machine moved the figures.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -45,13 +52,17 @@ fn watchers() -> Vec<(&'static str, Option<Start>)> {
 
 const SAMPLES: usize = 2000;
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
+/// Alternating rounds of each cost workload; `FILESYNC_BENCH_ROUNDS` overrides it.
 const COST_ROUNDS: usize = 7;
+/// getppid() calls of the syscall workload.
+const SYSCALLS: u64 = 4_000_000;
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("writer") => writer(&args[2..]),
         Some("load") => load(&args[2..]),
+        Some("syscalls") => syscalls(&args[2..]),
         None => run(),
         Some(other) => Err(format!(
             "unknown mode {other}; run without arguments (the script does)"
@@ -100,7 +111,8 @@ fn writer(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `load FILE MIB BLOCK`: writes MIB MiB in BLOCK-byte writes, prints the seconds taken.
+/// `load FILE MIB BLOCK`: writes MIB MiB in BLOCK-byte writes, prints the seconds taken
+/// (wall clock, then CPU).
 fn load(args: &[String]) -> Result<(), String> {
     let [path, mib, block] = args else {
         return Err("usage: load FILE MIB BLOCK".into());
@@ -111,6 +123,7 @@ fn load(args: &[String]) -> Result<(), String> {
     let buf = vec![0x5au8; block];
     let writes = mib * (1 << 20) / block as u64;
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     for i in 0..writes {
         f.write_all(&buf).map_err(|e| e.to_string())?;
         // Start over every 64 MiB: the page cache stays warm and the file small.
@@ -119,7 +132,43 @@ fn load(args: &[String]) -> Result<(), String> {
             f.rewind().map_err(|e| e.to_string())?;
         }
     }
-    println!("{}", started.elapsed().as_secs_f64());
+    print_times(started, cpu_before);
+    Ok(())
+}
+
+/// This process's CPU time (user + system) in seconds.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; CLOCK_PROCESS_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Prints "wall cpu": the seconds since started, and the CPU seconds since cpu_before.
+fn print_times(started: Instant, cpu_before: f64) {
+    println!(
+        "{} {}",
+        started.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu_before
+    );
+}
+
+/// `syscalls N`: makes N getppid() calls, prints the seconds taken (wall clock, then CPU).
+fn syscalls(args: &[String]) -> Result<(), String> {
+    let [n] = args else {
+        return Err("usage: syscalls N".into());
+    };
+    let n: u64 = n.parse().map_err(|e| format!("N: {e}"))?;
+    let started = Instant::now();
+    let cpu_before = cpu_seconds();
+    for _ in 0..n {
+        // SAFETY: getppid has no arguments and cannot fail.
+        unsafe { libc::getppid() };
+    }
+    print_times(started, cpu_before);
     Ok(())
 }
 
@@ -220,56 +269,92 @@ fn bench(root: &Path, outside: &Path) -> Result<(), String> {
         );
     }
 
-    for (label, mib, block) in [
-        ("64 KiB writes", 1024, 65536),
-        ("4 KiB writes", 512, 4096),
-        ("64 B writes", 32, 64),
-    ] {
+    let rounds = std::env::var("FILESYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(COST_ROUNDS);
+    let file = outside.join("load");
+    let workloads = [
+        (
+            "1024 MiB in 64 KiB writes",
+            Load::Write {
+                mib: 1024,
+                block: 65536,
+            },
+        ),
+        (
+            "512 MiB in 4 KiB writes",
+            Load::Write {
+                mib: 512,
+                block: 4096,
+            },
+        ),
+        ("32 MiB in 64 B writes", Load::Write { mib: 32, block: 64 }),
+        ("getppid() calls, no file", Load::Syscalls(SYSCALLS)),
+    ];
+    for (label, workload) in workloads {
         println!();
+        println!("cost outside the watched folder: {label}, {rounds} alternating runs (medians)");
         println!(
-            "cost outside the watched folder: {mib} MiB in {label}, {COST_ROUNDS} alternating runs"
+            "{:<10} {:>8} {:>7} {:>8} {:>7} {:>25} {:>13}",
+            "watcher",
+            "wall s",
+            "ratio",
+            "CPU s",
+            "ratio",
+            "CPU paired: median, range",
+            "CPU ns a call"
         );
-        println!(
-            "{:<10} {:>10} {:>8} {:>10} {:>8} {:>13}",
-            "watcher", "median s", "ratio", "best s", "ratio", "ns per write"
-        );
-        let file = outside.join("load");
-        let writes = (mib << 20) as f64 / block as f64;
-        let mut base = Vec::new();
-        let mut with: HashMap<&str, Vec<f64>> = HashMap::new();
-        for _ in 0..COST_ROUNDS {
-            base.push(run_load(&me, &file, mib, block)?);
+        let calls = workload.calls() as f64;
+        let mut base = Runs::default();
+        let mut with: HashMap<&str, Runs> = HashMap::new();
+        for _ in 0..rounds {
+            let before = workload.run(&me, &file)?;
+            base.add(before, before);
             for (name, start) in watchers() {
                 let Some(start) = start else { continue };
                 let Ok(watcher) = start(&spec, Arc::new(Arrivals::default())) else {
                     continue;
                 };
-                let secs = run_load(&me, &file, mib, block)?;
+                let times = workload.run(&me, &file)?;
                 watcher.stop();
-                with.entry(name).or_default().push(secs);
+                with.entry(name).or_default().add(times, before);
             }
         }
-        let (base_median, base_best) = (median(&mut base), best(&base));
+        let (base_wall, base_cpu) = (median(&mut base.wall), median(&mut base.cpu));
         println!(
-            "{:<10} {base_median:>10.3} {:>8.3} {base_best:>10.3} {:>8.3} {:>13.0}",
+            "{:<10} {base_wall:>8.3} {:>7.3} {base_cpu:>8.3} {:>7.3} {:>25} {:>13.0}",
             "none",
             1.0,
             1.0,
-            base_median / writes * 1e9
+            "",
+            base_cpu / calls * 1e9
         );
         for (name, _) in watchers() {
-            match with.get_mut(name) {
-                Some(runs) => {
-                    let (m, b) = (median(runs), best(runs));
-                    println!(
-                        "{name:<10} {m:>10.3} {:>8.3} {b:>10.3} {:>8.3} {:>13.0}",
-                        m / base_median,
-                        b / base_best,
-                        (m - base_median) / writes * 1e9
-                    );
-                }
-                None => println!("{name:<10} not built"),
-            }
+            let Some(runs) = with.get_mut(name) else {
+                println!("{name:<10} not built");
+                continue;
+            };
+            let (wall, cpu) = (median(&mut runs.wall), median(&mut runs.cpu));
+            let paired = format!(
+                "{:.3}, {:.3}-{:.3}",
+                median(&mut runs.paired_cpu),
+                runs.paired_cpu
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min),
+                runs.paired_cpu
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max)
+            );
+            println!(
+                "{name:<10} {wall:>8.3} {:>7.3} {cpu:>8.3} {:>7.3} {paired:>25} {:>13.0}",
+                wall / base_wall,
+                cpu / base_cpu,
+                (cpu - base_cpu) / calls * 1e9
+            );
         }
     }
     Ok(())
@@ -307,24 +392,76 @@ fn run_writer(me: &Path, root: &Path) -> Result<(u64, Vec<(usize, u64)>), String
     Ok((started, writes))
 }
 
-fn run_load(me: &Path, file: &Path, mib: u64, block: usize) -> Result<f64, String> {
-    let out = Command::new(me)
-        .arg("load")
-        .arg(file)
-        .arg(mib.to_string())
-        .arg(block.to_string())
-        .output()
-        .map_err(|e| e.to_string())?;
+/// A cost workload, run as a child process of its own.
+#[derive(Clone, Copy)]
+enum Load {
+    /// MIB MiB written in BLOCK-byte writes to one file outside the watched folder.
+    Write { mib: u64, block: usize },
+    /// That many getppid() calls.
+    Syscalls(u64),
+}
+
+impl Load {
+    fn calls(self) -> u64 {
+        match self {
+            Load::Write { mib, block } => (mib << 20) / block as u64,
+            Load::Syscalls(n) => n,
+        }
+    }
+
+    /// Runs it once; returns the seconds it took.
+    fn run(self, me: &Path, file: &Path) -> Result<Times, String> {
+        let mut command = Command::new(me);
+        match self {
+            Load::Write { mib, block } => command
+                .arg("load")
+                .arg(file)
+                .arg(mib.to_string())
+                .arg(block.to_string()),
+            Load::Syscalls(n) => command.arg("syscalls").arg(n.to_string()),
+        };
+        run_load(&mut command)
+    }
+}
+
+/// The runs of one workload under one configuration.
+#[derive(Default)]
+struct Runs {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+    /// CPU time of each run divided by that of the run without a watcher before it.
+    paired_cpu: Vec<f64>,
+}
+
+impl Runs {
+    fn add(&mut self, times: Times, before: Times) {
+        self.wall.push(times.wall);
+        self.cpu.push(times.cpu);
+        self.paired_cpu.push(times.cpu / before.cpu);
+    }
+}
+
+/// Wall-clock and CPU seconds of one run of a workload.
+#[derive(Clone, Copy)]
+struct Times {
+    wall: f64,
+    cpu: f64,
+}
+
+fn run_load(command: &mut Command) -> Result<Times, String> {
+    let out = command.output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!(
             "load failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|e| format!("load printed no time: {e}"))
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(wall)), Some(Ok(cpu))) => Ok(Times { wall, cpu }),
+        _ => Err(format!("load printed no times: {text:?}")),
+    }
 }
 
 fn percentile(sorted: &[i64], q: f64) -> f64 {
@@ -333,10 +470,6 @@ fn percentile(sorted: &[i64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
-}
-
-fn best(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -85,6 +85,21 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 #define NR_setxattrat 463
 #define NR_removexattrat 466
 
+/* Every number decode() knows, as X(w, nr) items: tracked() tests them first. */
+#define TRACKED_SYSCALLS(X, w) \
+	X(w, NR_write) X(w, NR_open) X(w, NR_close) X(w, NR_pwrite64) X(w, NR_writev) \
+	X(w, NR_sendfile) X(w, NR_fsync) X(w, NR_fdatasync) X(w, NR_truncate) \
+	X(w, NR_ftruncate) X(w, NR_rename) X(w, NR_mkdir) X(w, NR_rmdir) X(w, NR_creat) \
+	X(w, NR_link) X(w, NR_unlink) X(w, NR_symlink) X(w, NR_chmod) X(w, NR_fchmod) \
+	X(w, NR_chown) X(w, NR_fchown) X(w, NR_lchown) X(w, NR_utime) X(w, NR_mknod) \
+	X(w, NR_setxattr) X(w, NR_lsetxattr) X(w, NR_fsetxattr) X(w, NR_removexattr) \
+	X(w, NR_lremovexattr) X(w, NR_fremovexattr) X(w, NR_utimes) X(w, NR_openat) \
+	X(w, NR_mkdirat) X(w, NR_mknodat) X(w, NR_fchownat) X(w, NR_futimesat) \
+	X(w, NR_unlinkat) X(w, NR_renameat) X(w, NR_linkat) X(w, NR_symlinkat) \
+	X(w, NR_fchmodat) X(w, NR_splice) X(w, NR_utimensat) X(w, NR_fallocate) \
+	X(w, NR_pwritev) X(w, NR_renameat2) X(w, NR_copy_file_range) X(w, NR_pwritev2) \
+	X(w, NR_openat2) X(w, NR_fchmodat2) X(w, NR_setxattrat) X(w, NR_removexattrat)
+
 /* uapi and kernel constants; all are ABI or have been stable for a decade. */
 #define AT_FDCWD -100
 #define AT_REMOVEDIR 0x200
@@ -248,15 +263,16 @@ struct {
 /*
  * Files written recently that are not under the root, so that the next write to one
  * costs an array slot instead of a d_parent walk (the walk is most of what the program
- * costs the rest of the machine). A direct-mapped cache per CPU, indexed by the struct
- * file address: per CPU, so that no other CPU can tear an entry; an array, because its
- * lookup is inlined, where a hash lookup cost as much as a probe read. An entry holds
- * while the slot names the same file, the file still has the same dentry and inode
- * number, and no rename, unlink or rmdir happened anywhere since (name_changes): each
- * can move a file in or out. The inode number matters because a dentry can be evicted
- * without any unlink and its memory reused for a new file (with a struct file at a
- * reused address too): the new file cannot have the number of a file still linked. Only "outside" is cached; a watched file is walked on every write, to name
- * it exactly.
+ * costs the rest of the machine). A direct-mapped cache per CPU, indexed by a hash of
+ * (tgid, fd), which known_outside() can compute without reading the file: per CPU, so
+ * that no other CPU can tear an entry; an array, because its lookup is inlined, where a
+ * hash lookup cost as much as a probe read. An entry holds while the slot names the
+ * same struct file, the file still has the same dentry and inode number, and no rename,
+ * unlink or rmdir happened anywhere since (name_changes): each can move a file in or
+ * out. The inode number matters because a dentry can be evicted without any unlink and
+ * its memory reused for a new file (with a struct file at a reused address too): the
+ * new file cannot have the number of a file still linked. Only "outside" is cached; a
+ * watched file is walked on every write, to name it exactly.
  */
 #define OUTSIDE_SLOTS 1024 /* the hash below keeps 10 bits */
 
@@ -516,20 +532,23 @@ static __always_inline bool is_regular(struct file *f)
 	return (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }
 
-static __always_inline struct outside_slot *outside_slot(struct file *f)
+static __always_inline struct outside_slot *outside_slot(__u32 tgid, int fd)
 {
-	/* Fibonacci hashing: the top bits of the product mix all bits of the address. */
-	__u32 index = ((__u64)f * 0x9e3779b97f4a7c15ULL) >> 54;
+	/* Fibonacci hashing: the top bits of the product mix all bits of the key. */
+	__u32 index = ((((__u64)tgid << 32) | (__u32)fd) * 0x9e3779b97f4a7c15ULL) >> 54;
 
 	return bpf_map_lookup_elem(&outside_files, &index);
 }
 
-/* How many levels below the watched root an open file is, or -1; cache: use outside_files. */
-static __always_inline int file_depth(struct file *f, bool cache)
+/*
+ * How many levels below the watched root an open file is, or -1; cache: use and fill
+ * the outside_files slot of (tgid, fd), the fd f was reached through.
+ */
+static __always_inline int file_depth(struct file *f, bool cache, __u32 tgid, int fd)
 {
 	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
 	__u64 ino = BPF_CORE_READ(f, f_inode, i_ino);
-	struct outside_slot *slot = outside_slot(f);
+	struct outside_slot *slot = outside_slot(tgid, fd);
 	__u64 *counter = name_change_counter();
 	__u64 name_changes;
 	__u32 dev;
@@ -640,6 +659,32 @@ by_prefix:
 outside:
 	*off = start;
 	return false;
+}
+
+/* Word w of the bitmap of TRACKED_SYSCALLS, a constant. */
+#define TRACKED_BIT(w, nr) | ((nr) >> 6 == (w) ? 1ULL << ((nr) & 63) : 0)
+#define TRACKED_WORD(w) (0 TRACKED_SYSCALLS(TRACKED_BIT, w))
+
+/*
+ * Whether decode() knows nr, in a few instructions: most syscalls of the machine are
+ * none of these, and leave here before anything is read or zeroed.
+ */
+static __always_inline bool tracked(long nr)
+{
+	__u64 word;
+
+	switch (nr >> 6) {
+	case 0: word = TRACKED_WORD(0); break;
+	case 1: word = TRACKED_WORD(1); break;
+	case 2: word = TRACKED_WORD(2); break;
+	case 3: word = TRACKED_WORD(3); break;
+	case 4: word = TRACKED_WORD(4); break;
+	case 5: word = TRACKED_WORD(5); break;
+	case 6: word = TRACKED_WORD(6); break;
+	case 7: word = TRACKED_WORD(7); break;
+	default: return false;
+	}
+	return (word >> (nr & 63)) & 1;
 }
 
 /* Fills op from the syscall number and its (unchanged) argument registers. */
@@ -1032,7 +1077,7 @@ __noinline int handle_exit(struct op *op, long ret)
 		f = fd_file(task, op->fd);
 		if (!f || !fd_wanted(op, f, ret))
 			return 0;
-		depth = file_depth(f, op->code == OP_WRITE);
+		depth = file_depth(f, op->code == OP_WRITE, task->tgid, op->fd);
 		if (depth < 0 || (op->code == OP_WRITE && !is_regular(f)))
 			return 0;
 	}
@@ -1078,12 +1123,76 @@ __noinline int handle_exit(struct op *op, long ret)
 	return 0;
 }
 
+/*
+ * bpf_rdonly_cast(addr, btf_id) (a kfunc, 6.2+) turns a kernel address into a pointer
+ * the program may load through directly: the JIT makes each such load fault-safe, where
+ * bpf_probe_read_kernel costs a helper call (about 40 ns each on the development VM,
+ * most of the price of a write to an unwatched file). Neither clang 14 nor aya 0.14
+ * links kfuncs, so the call is written as raw bytes whose immediates the loader
+ * (src/capture/ebpf.rs) replaces: CAST_CALL_MAGIC by the kernel's BTF id of
+ * bpf_rdonly_cast, CAST_FILE_MAGIC by that of struct file; btf_id 0 casts to plain
+ * memory (void). Where the kernel refuses the casts, the loader turns each call into
+ * r0 = 0: the casts return NULL, and every write takes the probe-read path.
+ */
+#define CAST_VOID 0
+#define CAST_FILE_MAGIC 0x5a5a0002
+#define RDONLY_CAST(addr, btf_id, out)                                                  \
+	asm volatile("r1 = %[a]\n"                                                     \
+		     "r2 = %[id]\n"                                                    \
+		     /* call CAST_CALL_MAGIC (0x5a5a0001) as a kfunc (src_reg 2) */     \
+		     ".byte 0x85, 0x20, 0x00, 0x00, 0x01, 0x00, 0x5a, 0x5a\n"          \
+		     "%[o] = r0\n"                                                     \
+		     : [o] "=r"(out)                                                   \
+		     : [a] "r"(addr), [id] "i"(btf_id)                                  \
+		     : "r0", "r1", "r2", "r3", "r4", "r5")
+
+/* Calls that change a file through an fd and fill outside_files (OP_WRITE in decode()). */
+static __always_inline bool writes_data(long nr)
+{
+	return nr == NR_write || nr == NR_writev || nr == NR_pwrite64 || nr == NR_pwritev ||
+	       nr == NR_pwritev2 || nr == NR_sendfile || nr == NR_copy_file_range || nr == NR_splice;
+}
+
+/*
+ * The fast path of a write to an unwatched file, the commonest call the program sees:
+ * whether outside_files already knows the file fd names, read through casts (plain
+ * loads) instead of probe reads, before anything else is decoded. False sends the call
+ * down the full path, which fills the cache.
+ */
+static __always_inline bool known_outside(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
+	__u64 *counter = name_change_counter();
+	struct outside_slot *slot;
+	__u64 *fds;
+	struct file *f;
+
+	if (!counter || fd < 0 || (__u32)fd >= fdt->max_fds)
+		return false;
+	slot = outside_slot(task->tgid, fd);
+	if (!slot || slot->name_changes != *counter)
+		return false;
+	RDONLY_CAST((__u64)fdt->fd, CAST_VOID, fds);
+	if (!fds)
+		return false;
+	RDONLY_CAST(fds[fd], CAST_FILE_MAGIC, f);
+	return f && slot->file == (__u64)f && slot->dentry == (__u64)f->f_path.dentry &&
+	       slot->ino == f->f_inode->i_ino;
+}
+
 SEC("tp_btf/sys_exit")
 int BPF_PROG(filesync_exit, struct pt_regs *regs, long ret)
 {
 	long nr = regs->orig_ax;
 	struct op op = {};
 
+	if (!tracked(nr))
+		return 0;
+	/* No name-changing call is among these, so name_changes still counts them all. */
+	if (writes_data(nr) && ret > 0 &&
+	    known_outside(nr == NR_copy_file_range || nr == NR_splice ? regs->dx : regs->di))
+		return 0;
 	if (changes_names(nr))
 		count_name_change();
 	if (ret < 0 || !decode(nr, regs, &op))
@@ -1115,7 +1224,7 @@ __noinline int reap_fd(struct reap_ctx *c, __u32 fd)
 	bpf_probe_read_kernel(&f, sizeof(f), (struct file **)c->fds + fd);
 	if (!f || !(BPF_CORE_READ(f, f_mode) & FMODE_WRITE) || !is_regular(f) || references(f) != 1)
 		return 0;
-	depth = file_depth(f, false);
+	depth = file_depth(f, false, 0, 0);
 	if (depth < 0)
 		return 0;
 	r = new_record(OP_CLOSED, c->tgid);

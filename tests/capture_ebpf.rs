@@ -552,6 +552,31 @@ fn moves_across_the_edge_of_the_root() {
 }
 
 #[test]
+fn an_fd_that_named_an_unwatched_file_and_then_a_watched_one() {
+    let Some(fx) = Fixture::new(vec![]) else {
+        return;
+    };
+    // Writes to an unwatched file let the kernel cache "outside" for (process, fd); the
+    // same fd then names a watched file, through close and open (the new struct file
+    // often takes the freed one's address) and through dup2.
+    let pid = fx.py(concat!(
+        "fd = os.open('../outside/a', os.O_CREAT | os.O_WRONLY, 0o644)\n",
+        "os.write(fd, b'a')\n",
+        "os.write(fd, b'a')\n",
+        "os.close(fd)\n",
+        "assert os.open('reused', os.O_CREAT | os.O_WRONLY, 0o644) == fd\n",
+        "os.write(fd, b'bc')\n",
+        "out = os.open('../outside/b', os.O_CREAT | os.O_WRONLY, 0o644)\n",
+        "os.write(out, b'a')\n",
+        "os.write(out, b'a')\n",
+        "os.dup2(fd, out)\n",
+        "os.write(out, b'def')\n",
+    ));
+    fx.expect_at("reused", pid, write(0, 2));
+    fx.expect_at("reused", pid, write(2, 3));
+}
+
+#[test]
 fn a_file_unlinked_while_open_is_known_by_its_inode() {
     let Some(fx) = Fixture::new(vec![]) else {
         return;
