@@ -179,28 +179,28 @@ impl Receiving {
                 self.arriving.insert(change.path.clone(), Instant::now());
             }
         }
-        let result = self.applier.apply(change);
+        // The mount shows the change as soon as it is in place, before the index commit.
+        let (local, invalidate) = (&self.local, &self.invalidate);
+        let result = self.applier.apply_then(change, |paths| {
+            // A new link changes the link count the other names show, too.
+            let existing = match &change.op {
+                Op::Link { existing } => crate::sync::safe_path::checked(existing).ok(),
+                _ => None,
+            };
+            for path in paths.iter().cloned().chain(existing) {
+                local.applied(&path);
+                invalidate.record(LocalChange {
+                    path: Some(path),
+                    file: None,
+                    kind: ChangeKind::Modified,
+                    source: Source::Fuse,
+                    pid: None,
+                });
+            }
+        });
         tracing::trace!(seq = change.seq, ok = result.is_ok(), "applied");
         match result {
-            Ok(mut applied) => {
-                // A new link changes the link count the other names show, too.
-                if let Op::Link { existing } = &change.op {
-                    if let Ok(existing) = crate::sync::safe_path::checked(existing) {
-                        applied.paths.push(existing);
-                    }
-                }
-                for path in applied.paths {
-                    self.local.applied(&path);
-                    self.invalidate.record(LocalChange {
-                        path: Some(path),
-                        file: None,
-                        kind: ChangeKind::Modified,
-                        source: Source::Fuse,
-                        pid: None,
-                    });
-                }
-                (applied.durable, Vec::new())
-            }
+            Ok(applied) => (applied.durable, Vec::new()),
             Err(
                 err @ (ApplyError::BaseMismatch { .. }
                 | ApplyError::Diverged { .. }

@@ -676,6 +676,16 @@ impl Applier {
     /// directories created for the path, and an entry of another kind removed for a type
     /// change.
     pub fn apply(&mut self, change: &Change) -> Result<Applied, ApplyError> {
+        self.apply_then(change, |_| {})
+    }
+
+    /// [`Applier::apply`], calling `visible` with the paths whose new state is in place
+    /// (durable) before the index is updated, so a mount can show it a little sooner.
+    pub fn apply_then(
+        &mut self,
+        change: &Change,
+        visible: impl FnOnce(&[PathBuf]),
+    ) -> Result<Applied, ApplyError> {
         if self.journal_pending {
             self.roll_forward()?;
             self.journal_pending = false;
@@ -688,6 +698,13 @@ impl Applier {
             self.remove_pending_temp()?;
         }
         let (outcome, durable) = result?;
+        let in_place: Vec<PathBuf> = outcome
+            .removed
+            .iter()
+            .cloned()
+            .chain(outcome.changed.iter().map(|(path, _, _)| path.clone()))
+            .collect();
+        visible(&in_place);
         let paths = self.commit(outcome)?;
         tracing::trace!(seq = change.seq, path = ?rel, "change applied");
         Ok(Applied { paths, durable })

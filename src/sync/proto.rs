@@ -12,6 +12,9 @@
 //! 3. live [`Message::Change`]s, each acknowledged by [`Message::Ack`] once durable on the
 //!    receiver, and [`Message::Keepalive`] when idle.
 //!
+//! Byte strings (paths, file data) are encoded as byte strings (`serde_bytes`), which
+//! bincode copies whole instead of element by element.
+//!
 //! Every path is a [`RelPath`]: relative to the synced folder, checked by the receiver
 //! before it is used (no `..`, not absolute, no empty or NUL components).
 
@@ -34,7 +37,7 @@ pub type Hash = [u8; 32];
 
 /// A path relative to the synced folder, as raw bytes (Unix paths need not be UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RelPath(pub Vec<u8>);
+pub struct RelPath(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// The first message each side sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +87,7 @@ pub enum Codec {
 pub struct Payload {
     pub codec: Codec,
     pub raw_len: u32,
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 
@@ -132,6 +136,7 @@ pub enum Op {
         meta: Meta,
     },
     Symlink {
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
         meta: Meta,
     },
@@ -173,6 +178,7 @@ pub struct DirDigest {
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
     pub kind: EntryKind,
     pub size: u64,
