@@ -118,6 +118,10 @@ async fn apply<A: SteadyActor>(
                 }
             }
         }
+        // Acknowledged changes must be in the index first.
+        if let Err(err) = receiving.applier.commit_deferred() {
+            tracing::warn!("cannot record applied changes in the index: {err}; the next scan does");
+        }
         for (peer, seq) in acks {
             out.push(Reply::Send {
                 to: peer,
@@ -181,7 +185,7 @@ impl Receiving {
         }
         // The mount shows the change as soon as it is in place, before the index commit.
         let (local, invalidate) = (&self.local, &self.invalidate);
-        let result = self.applier.apply_then(change, |paths| {
+        let result = self.applier.apply_deferred(change, |paths| {
             // A new link changes the link count the other names show, too.
             let existing = match &change.op {
                 Op::Link { existing } => crate::sync::safe_path::checked(existing).ok(),

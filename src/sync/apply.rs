@@ -178,6 +178,8 @@ pub struct Applier {
     journal_pending: bool,
     /// Whether the "cannot set this xattr" notice was logged (once per applier).
     xattr_skip_logged: bool,
+    /// Index records of durable files not yet committed (see [`Applier::apply_deferred`]).
+    deferred: Vec<Update>,
 }
 
 impl std::fmt::Debug for Applier {
@@ -559,6 +561,7 @@ impl Applier {
             pending_temp,
             journal_pending: false,
             xattr_skip_logged: false,
+            deferred: Vec::new(),
         };
         applier.roll_forward()?;
         applier.remove_pending_temp()?;
@@ -679,12 +682,47 @@ impl Applier {
         self.apply_then(change, |_| {})
     }
 
+    /// Like [`Applier::apply_then`], except that a change whose index records are read
+    /// whole from disk (a file written whole, the common case of an initial sync) leaves
+    /// them for [`Applier::commit_deferred`], so a batch of files costs one index commit
+    /// instead of one each. The data is durable on return either way; only the index
+    /// lags, and a crash before the commit is repaired by the next scan.
+    pub fn apply_deferred(
+        &mut self,
+        change: &Change,
+        visible: impl FnOnce(&[PathBuf]),
+    ) -> Result<Applied, ApplyError> {
+        self.apply_inner(change, visible, true)
+    }
+
+    /// Commits the index records [`Applier::apply_deferred`] left.
+    pub fn commit_deferred(&mut self) -> Result<(), ApplyError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let changed = std::mem::take(&mut self.deferred);
+        self.commit(Outcome {
+            removed: Vec::new(),
+            changed,
+        })
+        .map(drop)
+    }
+
     /// [`Applier::apply`], calling `visible` with the paths whose new state is in place
     /// (durable) before the index is updated, so a mount can show it a little sooner.
     pub fn apply_then(
         &mut self,
         change: &Change,
         visible: impl FnOnce(&[PathBuf]),
+    ) -> Result<Applied, ApplyError> {
+        self.apply_inner(change, visible, false)
+    }
+
+    fn apply_inner(
+        &mut self,
+        change: &Change,
+        visible: impl FnOnce(&[PathBuf]),
+        defer: bool,
     ) -> Result<Applied, ApplyError> {
         if self.journal_pending {
             self.roll_forward()?;
@@ -705,6 +743,22 @@ impl Applier {
             .chain(outcome.changed.iter().map(|(path, _, _)| path.clone()))
             .collect();
         visible(&in_place);
+        // Records read whole from disk do not depend on the index's earlier state, so
+        // they may wait; anything else first commits what waits, keeping the order.
+        let whole = outcome.removed.is_empty()
+            && outcome
+                .changed
+                .iter()
+                .all(|(_, previous, dirty)| previous.is_none() && dirty.is_none());
+        if defer && whole {
+            self.deferred.extend(outcome.changed);
+            tracing::trace!(seq = change.seq, path = ?rel, "change applied, index deferred");
+            return Ok(Applied {
+                paths: in_place,
+                durable,
+            });
+        }
+        self.commit_deferred()?;
         let paths = self.commit(outcome)?;
         tracing::trace!(seq = change.seq, path = ?rel, "change applied");
         Ok(Applied { paths, durable })
