@@ -29,6 +29,7 @@ pub struct Encoding {
     pub sends: bool,
     pub gate: Arc<SyncGate>,
     pub local: Arc<LocalChanges>,
+    pub settled: Arc<super::Settled>,
 }
 
 pub async fn run(
@@ -57,6 +58,7 @@ async fn encode<A: SteadyActor>(
         sends,
         gate,
         local,
+        settled,
     } = &*encoding;
     let mut updates = updates.acquire_guard().await;
     let mut jobs = jobs.acquire_guard().await;
@@ -69,6 +71,9 @@ async fn encode<A: SteadyActor>(
             actor.wait_avail(&mut updates, 1),
             actor.wait_avail(&mut jobs, 1),
             actor.wait_timeout(idle_wait)
+        );
+        settled.set_encoder_busy(
+            actor.avail_units(&mut updates) > 0 || actor.avail_units(&mut jobs) > 0,
         );
         while let Some(update) = actor.try_take(&mut updates) {
             // A receive-only node keeps its changes to itself, and reports them.

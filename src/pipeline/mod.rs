@@ -56,18 +56,27 @@ use session::Session;
 use update::Update;
 
 /// Whether the local pipeline has caught up with the folder: nothing waits in the
-/// coalescer or for the indexer. Catch-up offers peers a digest of the index only then,
-/// so a change made before a peer connected (and so never sent live) is in the index.
+/// coalescer, for the indexer or for the encoder. Catch-up offers peers a digest of the
+/// index only then, so a change made before a peer connected (and so never sent live) is
+/// in the index, and a peer does not ask again for files already on their way to it.
 #[derive(Debug, Default)]
 pub struct Settled {
     coalescer_idle: std::sync::atomic::AtomicBool,
     indexer_idle: std::sync::atomic::AtomicBool,
+    encoder_busy: std::sync::atomic::AtomicBool,
 }
 
 impl Settled {
     pub fn is_settled(&self) -> bool {
         use std::sync::atomic::Ordering::Acquire;
-        self.coalescer_idle.load(Acquire) && self.indexer_idle.load(Acquire)
+        self.coalescer_idle.load(Acquire)
+            && self.indexer_idle.load(Acquire)
+            && !self.encoder_busy.load(Acquire)
+    }
+
+    fn set_encoder_busy(&self, busy: bool) {
+        self.encoder_busy
+            .store(busy, std::sync::atomic::Ordering::Release);
     }
 
     fn set_coalescer_idle(&self, idle: bool) {
@@ -107,6 +116,7 @@ pub struct ReplicationGraph {
     pub receiving: Receiving,
     pub gate: Arc<SyncGate>,
     pub local: Arc<crate::sync::local::LocalChanges>,
+    pub settled: Arc<Settled>,
 }
 
 /// How many messages a channel carrying file data holds: each may carry up to a chunk
@@ -247,6 +257,7 @@ fn add_replication(
         receiving,
         gate,
         local,
+        settled,
     } = parts;
     let peers = session.peers.clone();
     let encoding = Arc::new(encoder::Encoding {
@@ -254,6 +265,7 @@ fn add_replication(
         sends,
         gate,
         local,
+        settled,
     });
     let compression = Arc::new(compression);
     let session = Arc::new(Mutex::new(session));

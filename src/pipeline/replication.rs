@@ -211,7 +211,7 @@ impl ReplicationPlan {
                 index.clone(),
                 gate.clone(),
                 hello,
-                settled,
+                settled.clone(),
             ),
             receiving: Receiving::new(
                 applier,
@@ -223,6 +223,7 @@ impl ReplicationPlan {
             ),
             gate,
             local,
+            settled,
         })
     }
 }
