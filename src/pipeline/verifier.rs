@@ -128,3 +128,113 @@ fn message_name(message: &Message) -> &'static str {
         Message::Error(_) => "error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::NodeKey;
+    use crate::sync::proto::{Change, Codec, Entry, EntryKind, FileData, Meta, Payload, RelPath};
+
+    fn from_peer(message: Message) -> Incoming {
+        Incoming {
+            from: NodeKey::generate().id(),
+            message,
+        }
+    }
+
+    fn change(path: &str, op: Op) -> Message {
+        Message::Change(Change {
+            seq: 1,
+            path: RelPath(path.as_bytes().to_vec()),
+            op,
+        })
+    }
+
+    fn file(bytes: Payload) -> Op {
+        Op::File {
+            meta: Meta {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime_ns: 0,
+                xattrs: None,
+            },
+            size: 3,
+            data: FileData::Whole {
+                offset: 0,
+                data: bytes,
+                last: true,
+            },
+            blocks: Vec::new(),
+        }
+    }
+
+    fn raw() -> Payload {
+        Payload {
+            codec: Codec::Raw,
+            raw_len: 3,
+            bytes: b"abc".to_vec(),
+        }
+    }
+
+    #[test]
+    fn paths_that_leave_the_folder_are_refused() {
+        for path in ["../x", "/etc/passwd", "a/../../b", "", "a//b"] {
+            assert!(
+                check(from_peer(change(path, Op::Remove))).is_err(),
+                "{path:?}"
+            );
+        }
+        let rename = Op::Rename {
+            to: RelPath(b"../outside".to_vec()),
+            exchange: false,
+        };
+        assert!(check(from_peer(change("a", rename))).is_err());
+        let link = Op::Link {
+            existing: RelPath(b"/etc/shadow".to_vec()),
+        };
+        assert!(check(from_peer(change("a", link))).is_err());
+        assert!(check(from_peer(change("a/b.txt", file(raw())))).is_ok());
+    }
+
+    #[test]
+    fn listings_hold_plain_names_only() {
+        let listing = |name: &[u8]| Message::Listing {
+            dir: RelPath(Vec::new()),
+            entries: vec![Entry {
+                name: name.to_vec(),
+                kind: EntryKind::File,
+                size: 0,
+                mtime_ns: 0,
+                mode: 0o644,
+                content: [0; 32],
+            }],
+        };
+        for name in [&b"a/b"[..], b"..", b".", b"", b"x\0y"] {
+            assert!(check(from_peer(listing(name))).is_err(), "{name:?}");
+        }
+        assert!(check(from_peer(listing(b"fine.txt"))).is_ok());
+    }
+
+    #[test]
+    fn data_that_does_not_decompress_to_its_size_is_refused() {
+        let lying = Payload {
+            codec: Codec::Zstd,
+            raw_len: 3,
+            bytes: b"not zstd".to_vec(),
+        };
+        assert!(check(from_peer(change("f", file(lying)))).is_err());
+        let oversized = Payload {
+            codec: Codec::Raw,
+            raw_len: 4,
+            bytes: b"abc".to_vec(),
+        };
+        assert!(check(from_peer(change("f", file(oversized)))).is_err());
+    }
+
+    #[test]
+    fn messages_that_belong_to_the_session_are_refused_here() {
+        assert!(check(from_peer(Message::Keepalive)).is_err());
+        assert!(check(from_peer(Message::Ack { seq: 1 })).is_err());
+    }
+}
