@@ -203,8 +203,9 @@ fn hash_blocks(
     Ok(hashes)
 }
 
-/// Reads until `buf` is full or the file ends (it may have shrunk since the stat).
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// Reads until `buf` is full or the file ends (it may have shrunk since the stat); returns
+/// how many bytes it read.
+pub(crate) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

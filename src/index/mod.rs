@@ -33,7 +33,7 @@ use redb::{
 };
 
 pub use build::record_for;
-pub(crate) use build::stat_times;
+pub(crate) use build::{read_full, stat_times};
 pub use record::{FileKind, FileRecord, Hash};
 
 /// The block size of [`FileRecord::block_hashes`]: 128 KiB.

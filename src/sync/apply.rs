@@ -61,7 +61,7 @@ use super::delta::content_hash;
 use super::journal::{Found, Journal, JournalError};
 use super::proto::{Change, Codec, FileData, Hash, Meta, Op, Payload, RelPath, Want};
 use super::safe_path::{self, Parent, PathError, ResolveError};
-use crate::index::{record_for, FileRecord, Index, IndexError, BLOCK_SIZE};
+use crate::index::{read_full, record_for, FileRecord, Index, IndexError, BLOCK_SIZE};
 
 /// Files from this size on are patched in place under the journal rather than copied.
 pub const SMALL_FILE: u64 = 1024 * 1024;
@@ -311,20 +311,6 @@ fn check_extent(rel: &Path, offset: u64, len: usize) -> Result<(), ApplyError> {
             reason: format!("range at {offset} of {len} bytes lies beyond the largest file"),
         }),
     }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Checks the `blocks` the sender hashed against what the file will hold once `ranges`
@@ -1107,13 +1093,7 @@ impl Applier {
                 )?;
                 match old {
                     Some((file, m)) if old_size >= SMALL_FILE || m.nlink() > 1 => {
-                        self.journal.write(rel, size, &ranges)?;
-                        self.journal_pending = true;
-                        write_ranges(file, &ranges, size).map_err(io_err(rel, "write"))?;
-                        self.set_meta_fd(file.as_fd(), rel, meta)?;
-                        file.sync_all().map_err(io_err(rel, "fsync"))?;
-                        self.journal.clear()?;
-                        self.journal_pending = false;
+                        self.patch_in_place(file, rel, size, &ranges, meta)?;
                     }
                     _ => {
                         let temp = self.create_temp(&parent, rel)?;
@@ -1268,13 +1248,7 @@ impl Applier {
         let parent = self.parent(rel, true)?;
         Self::note_created(&mut outcome, &parent);
         let name = parent.name.as_os_str();
-        if !matches!(
-            safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?,
-            None | Some(FileType::RegularFile)
-        ) {
-            self.remove_entry(parent.dir.as_fd(), name, rel)?;
-            outcome.removed.push(rel.to_path_buf());
-        }
+        self.clear_other_kind(&parent, rel, &mut outcome)?;
         self.set_meta_fd(data.as_fd(), rel, meta)?;
         data.sync_all().map_err(io_err(rel, "fsync"))?;
         match rustix::fs::renameat(&self.partial_dir, data_name.as_str(), &parent.dir, name) {
@@ -1314,25 +1288,11 @@ impl Applier {
         let mut outcome = Outcome::default();
         let parent = self.parent(rel, true)?;
         Self::note_created(&mut outcome, &parent);
-        let name = parent.name.as_os_str();
-        if !matches!(
-            safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?,
-            None | Some(FileType::RegularFile)
-        ) {
-            self.remove_entry(parent.dir.as_fd(), name, rel)?;
-            outcome.removed.push(rel.to_path_buf());
-        }
+        self.clear_other_kind(&parent, rel, &mut outcome)?;
         if let Some(linked) = self.hard_linked_file(&parent, rel)? {
             // Replacing the inode would split it from its other names: rewrite it in
             // place instead, under the journal like any in-place patch.
-            let ranges = [(0, bytes)];
-            self.journal.write(rel, size, &ranges)?;
-            self.journal_pending = true;
-            write_ranges(&linked, &ranges, size).map_err(io_err(rel, "write"))?;
-            self.set_meta_fd(linked.as_fd(), rel, meta)?;
-            linked.sync_all().map_err(io_err(rel, "fsync"))?;
-            self.journal.clear()?;
-            self.journal_pending = false;
+            self.patch_in_place(&linked, rel, size, &[(0, bytes)], meta)?;
         } else {
             let temp = self.create_temp(&parent, rel)?;
             temp.file()
@@ -1342,6 +1302,46 @@ impl Applier {
         }
         outcome.changed.push((rel.to_path_buf(), None, None));
         Ok(outcome)
+    }
+
+    /// Removes what stands at `parent`/name if it is not a regular file (a type change),
+    /// noting the removal in `outcome`.
+    fn clear_other_kind(
+        &mut self,
+        parent: &Parent,
+        rel: &Path,
+        outcome: &mut Outcome,
+    ) -> Result<(), ApplyError> {
+        let name = parent.name.as_os_str();
+        if !matches!(
+            safe_path::type_at(parent.dir.as_fd(), name).map_err(io_err(rel, "stat"))?,
+            None | Some(FileType::RegularFile)
+        ) {
+            self.remove_entry(parent.dir.as_fd(), name, rel)?;
+            outcome.removed.push(rel.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Writes `ranges` into `file` where it is, then cuts or extends it to `size`, under the
+    /// write-ahead journal: the record is durable before the file is touched and cleared
+    /// once the file is, so a crash in between is finished by [`Applier::open`].
+    fn patch_in_place(
+        &mut self,
+        file: &File,
+        rel: &Path,
+        size: u64,
+        ranges: &[(u64, &[u8])],
+        meta: &Meta,
+    ) -> Result<(), ApplyError> {
+        self.journal.write(rel, size, ranges)?;
+        self.journal_pending = true;
+        write_ranges(file, ranges, size).map_err(io_err(rel, "write"))?;
+        self.set_meta_fd(file.as_fd(), rel, meta)?;
+        file.sync_all().map_err(io_err(rel, "fsync"))?;
+        self.journal.clear()?;
+        self.journal_pending = false;
+        Ok(())
     }
 
     /// The regular file at `parent`/name opened for writing, if it has other names too.

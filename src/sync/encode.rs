@@ -31,7 +31,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 use fast_rsync::{Signature, SignatureOptions};
@@ -44,7 +43,7 @@ use super::delta::{
     MAX_DELTA,
 };
 use super::proto::{self, Change, FileData, Hash, Meta, Op, Range, RelPath, Want};
-use crate::index::{stat_times, FileKind, BLOCK_SIZE};
+use crate::index::{read_full, stat_times, FileKind, BLOCK_SIZE};
 use crate::pipeline::update::{Content, Update};
 
 /// Room a change may use beyond its data for range headers and block hashes: the rest of
@@ -516,20 +515,6 @@ fn read_sized(
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// Reads until `buf` is full or the file ends (it may have shrunk since the stat).
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// The version a delta is computed against.
