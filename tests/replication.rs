@@ -42,8 +42,13 @@ fn pair() -> (Net, Node, Node) {
     pair_with(&[], |_| {})
 }
 
-fn connected(b: &Node) -> bool {
-    b.log().contains("connected to peer")
+/// Waits until B's log shows A connected; panics with the log otherwise.
+fn assert_connected(b: &Node) {
+    assert!(
+        wait_until(CONVERGE, || b.log().contains("connected to peer")),
+        "B never saw A connect:\n{}",
+        b.log()
+    );
 }
 
 #[test]
@@ -52,11 +57,7 @@ fn every_operation_on_a_reaches_b() {
         return;
     }
     let (_net, a, b) = pair();
-    assert!(
-        wait_until(CONVERGE, || connected(&b)),
-        "B never saw A connect:\n{}",
-        b.log()
-    );
+    assert_connected(&b);
     let m = a.mnt();
     fs::write(m.join("created.txt"), b"hello\n").expect("create");
     fs::write(m.join("overwritten.txt"), b"first version").expect("create");
@@ -207,11 +208,7 @@ fn fsync_with_durability_sync_returns_once_b_has_the_data() {
         return;
     }
     let (_net, a, b) = pair_with(&["durability=sync"], |_| {});
-    assert!(
-        wait_until(CONVERGE, || connected(&b)),
-        "B never saw A connect:\n{}",
-        b.log()
-    );
+    assert_connected(&b);
     for round in 0..20 {
         let body = format!("round {round}\n").repeat(1000);
         let mut f = fs::File::create(a.mnt().join("synced.txt")).expect("create");
@@ -324,11 +321,7 @@ fn a_link_cut_for_30s_heals() {
         return;
     }
     let (net, a, b) = pair();
-    assert!(
-        wait_until(CONVERGE, || connected(&b)),
-        "B never saw A connect:\n{}",
-        b.log()
-    );
+    assert_connected(&b);
     net.cut();
     let start = Instant::now();
     let mut n = 0;
@@ -347,11 +340,7 @@ fn a_peer_with_an_unknown_key_gets_nothing_in() {
         return;
     }
     let (net, a, b) = pair();
-    assert!(
-        wait_until(CONVERGE, || connected(&b)),
-        "B never saw A connect:\n{}",
-        b.log()
-    );
+    assert_connected(&b);
     // A stranger in A's namespace: B does not know its key.
     let mut stranger = Node::new("stranger", Some(&net.a));
     fs::write(stranger.src().join("intruder.txt"), b"let me in").expect("write");
