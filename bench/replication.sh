@@ -11,7 +11,8 @@
 #      "Total bytes sent" and its bytes on the link;
 #   4. peak memory (VmHWM) of each daemon after the bulk sync.
 #
-# Usage: sudo bench/replication.sh            (LAT_WRITES=1000 SMALL_FILES=10000 by default)
+# Usage: sudo bench/replication.sh            (LAT_WRITES=1000 SMALL_FILES=10000 by default;
+#        PARTS=bulk runs only the bulk section)
 # Needs root, iproute2, python3 and rsync (installed with apt-get if missing).
 set -euo pipefail
 
@@ -21,6 +22,9 @@ SMALL_FILES=${SMALL_FILES:-10000}
 BIG_FILES=${BIG_FILES:-4}
 BIG_MIB=${BIG_MIB:-64}
 HUGE_MIB=${HUGE_MIB:-1024}
+# PARTS=bulk (or latency, delta, comma-separated) runs only those sections.
+PARTS=${PARTS:-latency,bulk,delta}
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 command -v rsync >/dev/null || { apt-get update -qq && apt-get install -y -qq rsync >/dev/null; }
 cargo build --release --workspace --quiet
@@ -107,10 +111,25 @@ for i in range(big):
 EOF
 }
 
+mkdir -p "$WORK/rsync-dst"
+cat >"$WORK/rsyncd.conf" <<EOF
+pid file = $WORK/rsyncd.pid
+[m]
+    path = $WORK/rsync-dst
+    read only = false
+    uid = root
+    gid = root
+    use chroot = no
+EOF
+ip netns exec "$NS_B" rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --address=198.18.0.2 --port=8730 &
+PIDS+=($!)
+sleep 0.5
+
 echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 
 # 1. Latency.
+if part latency; then
 start_pair
 sleep 1
 python3 - "$WORK/a/mnt" "$WORK/b/mnt" "$LAT_WRITES" <<'EOF'
@@ -142,8 +161,10 @@ print(f"latency, 4 KiB file A mount -> B mount, {n} writes: p50 {p50:.2f} ms (ta
       f"p99 {p99:.2f} ms (target < 10, ratio {p99 / 10:.2f})")
 EOF
 reset_pair
+fi
 
 # 2. Bulk initial sync, and memory.
+if part bulk; then
 make_tree "$WORK/a/src"
 sync
 # Files and bytes of regular files (directory sizes differ between file systems' histories).
@@ -163,19 +184,6 @@ HWM_B=$(awk '/VmHWM/{print $2}' /proc/"$PID_b"/status)
 diff -r "$WORK/a/src" "$WORK/b/src" >/dev/null || { echo "bulk sync: trees differ"; exit 1; }
 reset_pair
 
-mkdir -p "$WORK/rsync-dst"
-cat >"$WORK/rsyncd.conf" <<EOF
-pid file = $WORK/rsyncd.pid
-[m]
-    path = $WORK/rsync-dst
-    read only = false
-    uid = root
-    gid = root
-    use chroot = no
-EOF
-ip netns exec "$NS_B" rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --address=198.18.0.2 --port=8730 &
-PIDS+=($!)
-sleep 0.5
 make_tree "$WORK/a/src"
 sync
 T0=$(date +%s.%N)
@@ -187,8 +195,10 @@ printf 'bulk initial sync, %d files, %d MiB: filesync %.2f s, rsync %.2f s: %.2f
 printf 'peak memory during the bulk sync (VmHWM): sender %d MiB, receiver %d MiB\n' $((HWM_A / 1024)) $((HWM_B / 1024))
 rm -rf "${WORK:?}/a/src" "${WORK:?}/rsync-dst"
 mkdir -p "$WORK/a/src" "$WORK/rsync-dst"
+fi
 
 # 3. 4 KiB changed in the middle of a 1 GiB file.
+if part delta; then
 python3 - "$WORK/a/src/huge.img" "$HUGE_MIB" <<'EOF'
 import os, sys
 with open(sys.argv[1], "wb") as f:
@@ -215,3 +225,4 @@ RSYNC_LINK=$(($(tx_bytes) - BEFORE))
 RSYNC_SENT=$(echo "$RSYNC_OUT" | awk -F': ' '/Total bytes sent/{gsub(",","",$2); print $2}')
 printf '4 KiB changed in a %d MiB file: filesync sent %d bytes on the link; rsync: "Total bytes sent" %d, %d bytes on the link: filesync/rsync %.3f\n' \
     "$HUGE_MIB" "$OURS_BYTES" "$RSYNC_SENT" "$RSYNC_LINK" "$(echo "$OURS_BYTES / $RSYNC_LINK" | bc -l)"
+fi
