@@ -878,3 +878,71 @@ fn a_piece_sent_again_moves_the_resume_point_back() {
     }
     assert_eq!(node.read("f"), content);
 }
+
+#[test]
+fn deferred_files_appear_together_in_order_and_vanish_if_never_committed() {
+    let mut node = Node::new();
+    let mut shown = Vec::new();
+    for (path, content) in [("d/a", b"one".as_slice()), ("d/b", b"two"), ("c", b"three")] {
+        let applied = node
+            .applier()
+            .apply_deferred(&change(path, whole(content)), |paths| {
+                shown.extend_from_slice(paths)
+            })
+            .unwrap();
+        assert!(applied.durable);
+    }
+    // Waiting for the batch: nothing in place, nothing in the index.
+    assert!(shown.is_empty(), "{shown:?}");
+    assert!(!node.path("d/a").exists() && !node.path("c").exists());
+    assert!(node.index.get(Path::new("c")).unwrap().is_none());
+
+    // The same file again first finishes the batch, then replaces it: the later version wins.
+    node.applier()
+        .apply_deferred(&change("c", whole(b"four")), |paths| {
+            shown.extend_from_slice(paths)
+        })
+        .unwrap();
+    assert_eq!(node.read("c"), b"four");
+    for p in ["d/a", "d/b", "c"] {
+        assert!(
+            shown.contains(&PathBuf::from(p)),
+            "{p} not shown: {shown:?}"
+        );
+    }
+    // Any other kind of change finishes the batch before it is applied.
+    shown.clear();
+    let rename = Op::Rename {
+        to: RelPath(b"e".to_vec()),
+        exchange: false,
+    };
+    node.applier()
+        .apply_deferred(&change("c", rename), |paths| shown.extend_from_slice(paths))
+        .unwrap();
+    assert_eq!(node.read("e"), b"four");
+    assert!(!node.path("c").exists());
+    assert!(shown.contains(&PathBuf::from("e")), "{shown:?}");
+
+    node.applier()
+        .apply_deferred(&change("d/late", whole(b"late")), |_| {})
+        .unwrap();
+    let placed = node.applier().commit_deferred().unwrap();
+    assert_eq!(placed, vec![PathBuf::from("d/late")]);
+    assert_eq!(node.read("d/late"), b"late");
+    let record = node.index.get(Path::new("d/late")).unwrap().unwrap();
+    assert_eq!(record.size, 4);
+    assert_eq!(record.mode & 0o7777, 0o644);
+
+    // A crash before the batch is finished leaves no trace of it.
+    node.applier()
+        .apply_deferred(&change("d/lost", whole(b"lost")), |_| {})
+        .unwrap();
+    node.reopen();
+    assert!(!node.path("d/lost").exists());
+    let names: Vec<_> = std::fs::read_dir(node.path("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(node.index.get(Path::new("d/lost")).unwrap().is_none());
+}

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::error::Error;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,9 +119,15 @@ async fn apply<A: SteadyActor>(
                 }
             }
         }
-        // Acknowledged changes must be in the index first.
-        if let Err(err) = receiving.applier.commit_deferred() {
-            tracing::warn!("cannot record applied changes in the index: {err}; the next scan does");
+        // Acknowledged changes must be in place and in the index first.
+        match receiving.applier.commit_deferred() {
+            Ok(placed) => receiving.show(&placed),
+            Err(err) => {
+                tracing::warn!(
+                    "cannot finish a batch of changes: {err}; they are not acknowledged, so the peer sends them again"
+                );
+                acks.clear();
+            }
         }
         for (peer, seq) in acks {
             out.push(Reply::Send {
@@ -184,23 +191,14 @@ impl Receiving {
             }
         }
         // The mount shows the change as soon as it is in place, before the index commit.
+        // A new link changes the link count the other names show, too.
+        let existing = match &change.op {
+            Op::Link { existing } => crate::sync::safe_path::checked(existing).ok(),
+            _ => None,
+        };
         let (local, invalidate) = (&self.local, &self.invalidate);
         let result = self.applier.apply_deferred(change, |paths| {
-            // A new link changes the link count the other names show, too.
-            let existing = match &change.op {
-                Op::Link { existing } => crate::sync::safe_path::checked(existing).ok(),
-                _ => None,
-            };
-            for path in paths.iter().cloned().chain(existing) {
-                local.applied(&path);
-                invalidate.record(LocalChange {
-                    path: Some(path),
-                    file: None,
-                    kind: ChangeKind::Modified,
-                    source: Source::Fuse,
-                    pid: None,
-                });
-            }
+            show_paths(local, invalidate.as_ref(), paths, existing)
         });
         tracing::trace!(seq = change.seq, ok = result.is_ok(), "applied");
         match result {
@@ -224,6 +222,11 @@ impl Receiving {
                 (false, Vec::new())
             }
         }
+    }
+
+    /// Tells the local-change tracker and the kernel's caches about paths now in place.
+    fn show(&self, paths: &[PathBuf]) {
+        show_paths(&self.local, self.invalidate.as_ref(), paths, None);
     }
 
     /// Asks `peer` for `paths`, with what we hold of each so it can send a delta or resume.
@@ -350,5 +353,24 @@ impl Receiving {
             to: from,
             message: Message::WantFiles(wants),
         }]
+    }
+}
+
+/// Tells `local` and the kernel's caches (through `invalidate`) about `paths` and `also`.
+fn show_paths(
+    local: &LocalChanges,
+    invalidate: &dyn ChangeSink,
+    paths: &[PathBuf],
+    also: Option<PathBuf>,
+) {
+    for path in paths.iter().cloned().chain(also) {
+        local.applied(&path);
+        invalidate.record(LocalChange {
+            path: Some(path),
+            file: None,
+            kind: ChangeKind::Modified,
+            source: Source::Fuse,
+            pid: None,
+        });
     }
 }

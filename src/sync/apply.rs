@@ -145,7 +145,8 @@ pub struct Applied {
     /// directories created on the way, and removed paths (their subtrees implied).
     pub paths: Vec<PathBuf>,
     /// True when the change is in place, durable and recorded in the index, so it may be
-    /// acknowledged. False only for a non-final whole-file piece, which is staged (durable
+    /// acknowledged (after [`Applier::apply_deferred`]: once [`Applier::commit_deferred`]
+    /// returns `Ok`). False only for a non-final whole-file piece, which is staged (durable
     /// at checkpoints) while the target stays untouched.
     pub durable: bool,
 }
@@ -180,7 +181,27 @@ pub struct Applier {
     xattr_skip_logged: bool,
     /// Index records of durable files not yet committed (see [`Applier::apply_deferred`]).
     deferred: Vec<Update>,
+    /// New versions of files written whole, complete but not yet fsync'd nor in place:
+    /// [`Applier::commit_deferred`] makes them durable and puts them in place together.
+    pending: Vec<PendingFile>,
+    /// Bytes held in `pending`.
+    pending_bytes: u64,
+    /// Set while [`Applier::apply_deferred`] applies a change that may join `pending`.
+    place_later: bool,
 }
+
+/// A file written whole into an unnamed temporary file, waiting for
+/// [`Applier::commit_deferred`].
+struct PendingFile {
+    rel: PathBuf,
+    parent: Parent,
+    file: File,
+}
+
+/// At most this many files wait in [`Applier::commit_deferred`]'s batch...
+const MAX_PENDING_FILES: usize = 256;
+/// ... and at most this many bytes, so a batch's dirty pages stay small.
+const MAX_PENDING_BYTES: u64 = 32 << 20;
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -198,6 +219,8 @@ struct Outcome {
     removed: Vec<PathBuf>,
     /// Then read back from disk.
     changed: Vec<Update>,
+    /// The file waits in [`Applier::pending`]; nothing is in place yet.
+    placed_later: bool,
 }
 
 /// A path to record again: with the record whose block hashes may be reused and the
@@ -548,6 +571,9 @@ impl Applier {
             journal_pending: false,
             xattr_skip_logged: false,
             deferred: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            place_later: false,
         };
         applier.roll_forward()?;
         applier.remove_pending_temp()?;
@@ -589,8 +615,8 @@ impl Applier {
         let dirty = dirty_ranges(&ranges, size_before, record.size);
         let previous = self.live_record(&rel)?;
         self.commit(Outcome {
-            removed: Vec::new(),
             changed: vec![(rel, previous, Some(dirty))],
+            ..Outcome::default()
         })?;
         Ok(())
     }
@@ -668,11 +694,15 @@ impl Applier {
         self.apply_then(change, |_| {})
     }
 
-    /// Like [`Applier::apply_then`], except that a change whose index records are read
-    /// whole from disk (a file written whole, the common case of an initial sync) leaves
-    /// them for [`Applier::commit_deferred`], so a batch of files costs one index commit
-    /// instead of one each. The data is durable on return either way; only the index
-    /// lags, and a crash before the commit is repaired by the next scan.
+    /// Like [`Applier::apply_then`], but batched for the many small files of an initial
+    /// sync: a new version of a file written whole in one piece is left complete in an
+    /// unnamed temporary file, and [`Applier::commit_deferred`] later fsyncs the batch
+    /// together, puts every file in place and commits their index records in one
+    /// transaction. That turns two journal commits per file into two per batch. Until
+    /// then nothing is visible and a crash loses only the unnamed files (the sender has
+    /// no acknowledgement for them and sends them again). Any other change first
+    /// finishes the batch, so changes still take effect in order; `visible` then also
+    /// gets the paths the batch put in place.
     pub fn apply_deferred(
         &mut self,
         change: &Change,
@@ -681,17 +711,67 @@ impl Applier {
         self.apply_inner(change, visible, true)
     }
 
-    /// Commits the index records [`Applier::apply_deferred`] left.
-    pub fn commit_deferred(&mut self) -> Result<(), ApplyError> {
-        if self.deferred.is_empty() {
-            return Ok(());
-        }
+    /// Finishes what [`Applier::apply_deferred`] left: makes the waiting files durable,
+    /// puts them in place and commits the index records. Returns the paths now in place
+    /// (for cache invalidation). On `Err` some files of the batch may be missing; none is
+    /// torn, and the index records what is on disk.
+    pub fn commit_deferred(&mut self) -> Result<Vec<PathBuf>, ApplyError> {
+        let (mut shown, placing) = self.place_pending();
         let changed = std::mem::take(&mut self.deferred);
-        self.commit(Outcome {
-            removed: Vec::new(),
-            changed,
-        })
-        .map(drop)
+        if !changed.is_empty() {
+            let committed = self.commit(Outcome {
+                changed,
+                ..Outcome::default()
+            })?;
+            shown.extend(committed);
+            shown.sort_unstable();
+            shown.dedup();
+        }
+        placing.map(|()| shown)
+    }
+
+    /// Makes the files in [`Applier::pending`] durable and links them in: writeback of
+    /// all starts before any is waited for, so the file system commits them in one
+    /// journal transaction, and each directory is fsync'd once. Returns the paths placed
+    /// and the first error (the other files are still placed).
+    fn place_pending(&mut self) -> (Vec<PathBuf>, Result<(), ApplyError>) {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        for waiting in &pending {
+            start_writeback(&waiting.file);
+        }
+        let mut placed = Vec::with_capacity(pending.len());
+        let mut first_error = Ok(());
+        let mut dirs: Vec<(PathBuf, OwnedFd)> = Vec::new();
+        for PendingFile { rel, parent, file } in pending {
+            let result = file
+                .sync_all()
+                .map_err(io_err(&rel, "fsync"))
+                .and_then(|()| self.put_in_place(&parent, &rel, Temp::Unnamed(file)));
+            match result {
+                Ok(()) => {
+                    let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+                    if !dirs.iter().any(|(known, _)| *known == dir) {
+                        dirs.push((dir, parent.dir));
+                    }
+                    placed.push(rel);
+                }
+                Err(err) => {
+                    if first_error.is_ok() {
+                        first_error = Err(err);
+                    }
+                }
+            }
+        }
+        for (dir, fd) in dirs {
+            if let Err(err) = rustix::fs::fsync(&fd).map_err(io_err(&dir, "fsync of the directory"))
+            {
+                if first_error.is_ok() {
+                    first_error = Err(err);
+                }
+            }
+        }
+        (placed, first_error)
     }
 
     /// [`Applier::apply`], calling `visible` with the paths whose new state is in place
@@ -715,20 +795,42 @@ impl Applier {
             self.journal_pending = false;
         }
         let rel = checked(&change.path)?;
+        let may_wait = defer
+            && is_whole_in_one(&change.op)
+            && !self.pending.iter().any(|waiting| waiting.rel == rel);
+        let mut shown = Vec::new();
+        if !may_wait {
+            shown = self.commit_deferred()?;
+        }
+        self.place_later = may_wait;
         let result = self.apply_op(&rel, &change.op);
+        self.place_later = false;
         if result.is_err() {
             // A temporary name the failed change may have left (only where O_TMPFILE is
             // not supported, or between a link and its rename).
             self.remove_pending_temp()?;
         }
         let (outcome, durable) = result?;
+        if outcome.placed_later {
+            self.deferred.extend(outcome.changed);
+            if self.pending.len() >= MAX_PENDING_FILES || self.pending_bytes >= MAX_PENDING_BYTES {
+                shown.extend(self.commit_deferred()?);
+            }
+            visible(&shown);
+            tracing::trace!(seq = change.seq, path = ?rel, "change applied, placed later");
+            return Ok(Applied {
+                paths: vec![rel],
+                durable,
+            });
+        }
         let in_place: Vec<PathBuf> = outcome
             .removed
             .iter()
             .cloned()
             .chain(outcome.changed.iter().map(|(path, _, _)| path.clone()))
             .collect();
-        visible(&in_place);
+        shown.extend(in_place.iter().cloned());
+        visible(&shown);
         // Records read whole from disk do not depend on the index's earlier state, so
         // they may wait; anything else first commits what waits, keeping the order.
         let whole = outcome.removed.is_empty()
@@ -955,6 +1057,13 @@ impl Applier {
     /// Puts a complete, fsync'd temporary file in place of `parent.name` and makes that
     /// durable.
     fn place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
+        self.put_in_place(parent, rel, temp)?;
+        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
+    }
+
+    /// Links or renames a complete, fsync'd temporary file in place of `parent.name`;
+    /// durable once the directory is fsync'd.
+    fn put_in_place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
         let name = parent.name.as_os_str();
         match temp {
             Temp::Named(_, temp_name) => {
@@ -982,7 +1091,7 @@ impl Applier {
                 }
             }
         }
-        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
+        Ok(())
     }
 
     /// Opens the regular file at `parent.name` for patching. `None` when there is no
@@ -1298,7 +1407,20 @@ impl Applier {
             temp.file()
                 .write_all_at(bytes, 0)
                 .map_err(io_err(rel, "write"))?;
-            self.finish_temp(&parent, rel, temp, meta)?;
+            match temp {
+                // Only unnamed files wait: a crash leaves nothing of them behind.
+                Temp::Unnamed(file) if self.place_later && outcome.removed.is_empty() => {
+                    self.set_meta_fd(file.as_fd(), rel, meta)?;
+                    self.pending_bytes += size;
+                    self.pending.push(PendingFile {
+                        rel: rel.to_path_buf(),
+                        parent,
+                        file,
+                    });
+                    outcome.placed_later = true;
+                }
+                temp => self.finish_temp(&parent, rel, temp, meta)?,
+            }
         }
         outcome.changed.push((rel.to_path_buf(), None, None));
         Ok(outcome)
@@ -1605,7 +1727,7 @@ impl Applier {
     fn apply_remove(&mut self, rel: &Path) -> Result<Outcome, ApplyError> {
         let outcome = Outcome {
             removed: vec![rel.to_path_buf()],
-            changed: Vec::new(),
+            ..Outcome::default()
         };
         let parent = match safe_path::open_parent(self.root.as_fd(), rel, false) {
             Ok(p) => p,
@@ -1843,6 +1965,29 @@ struct PartialHead {
 
 /// The content hash peers agree on ([`content_hash`] over the BLAKE3 of each
 /// [`BLOCK_SIZE`] block), as the index and the sender's stored versions hold it.
+/// Whether `op` is a file sent whole in one piece (which [`Applier::apply_deferred`] may
+/// batch).
+fn is_whole_in_one(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::File {
+            data: FileData::Whole {
+                offset: 0,
+                last: true,
+                ..
+            },
+            ..
+        }
+    )
+}
+
+/// Starts writing `file`'s dirty pages without waiting; the fsync that follows waits. Only
+/// a hint: an error here shows again at the fsync.
+fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range reads no memory; the descriptor is open for the call.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 fn content_id(bytes: &[u8]) -> Hash {
     let hashes: Vec<Hash> = bytes
         .chunks(BLOCK_SIZE as usize)
