@@ -6,8 +6,10 @@
 //! - **New and small files, deltas, whole files** are built in a temporary file in the
 //!   target's directory (`O_TMPFILE`, so a crash leaves no name behind), given their
 //!   metadata, fsync'd, and then put in place in one step (`linkat` for a new name,
-//!   `rename` over an old one), and the directory is fsync'd. A reader sees the old file
-//!   or the new one, never a half-written one.
+//!   `rename` over an old one), and the directory is fsync'd (after the mount was told, so
+//!   a reader sees the file a flush sooner). A reader sees the old file or the new one,
+//!   never a half-written one. During an initial sync, files sent whole wait in a batch
+//!   that is made durable and put in place together ([`Applier::apply_deferred`]).
 //! - **Large files** (from [`SMALL_FILE`] bytes, or with more than one hard link, which a
 //!   rename would split) are patched in place under the redo [`Journal`]: the ranges are
 //!   journaled and fsync'd first, then written, the file fsync'd, the journal emptied.
@@ -188,6 +190,9 @@ pub struct Applier {
     pending_bytes: u64,
     /// Set while [`Applier::apply_deferred`] applies a change that may join `pending`.
     place_later: bool,
+    /// Directories a file was just put into, fsync'd once the change's `visible` callback
+    /// ran (see [`Applier::place`]).
+    unsynced_dirs: Vec<(PathBuf, OwnedFd)>,
 }
 
 /// A file written whole into an unnamed temporary file, waiting for
@@ -574,6 +579,7 @@ impl Applier {
             pending: Vec::new(),
             pending_bytes: 0,
             place_later: false,
+            unsynced_dirs: Vec::new(),
         };
         applier.roll_forward()?;
         applier.remove_pending_temp()?;
@@ -806,6 +812,7 @@ impl Applier {
         let result = self.apply_op(&rel, &change.op);
         self.place_later = false;
         if result.is_err() {
+            self.sync_placed_dirs()?;
             // A temporary name the failed change may have left (only where O_TMPFILE is
             // not supported, or between a link and its rename).
             self.remove_pending_temp()?;
@@ -817,6 +824,7 @@ impl Applier {
                 shown.extend(self.commit_deferred()?);
             }
             visible(&shown);
+            self.sync_placed_dirs()?;
             tracing::trace!(seq = change.seq, path = ?rel, "change applied, placed later");
             return Ok(Applied {
                 paths: vec![rel],
@@ -831,6 +839,7 @@ impl Applier {
             .collect();
         shown.extend(in_place.iter().cloned());
         visible(&shown);
+        self.sync_placed_dirs()?;
         // Records read whole from disk do not depend on the index's earlier state, so
         // they may wait; anything else first commits what waits, keeping the order.
         let whole = outcome.removed.is_empty()
@@ -1054,11 +1063,26 @@ impl Applier {
         Ok(Temp::Named(File::from(fd), name))
     }
 
-    /// Puts a complete, fsync'd temporary file in place of `parent.name` and makes that
-    /// durable.
+    /// Puts a complete, fsync'd temporary file in place of `parent.name`. The directory
+    /// is fsync'd by [`Applier::sync_placed_dirs`] after the mount was told (a reader may
+    /// see the new file a flush earlier; a crash in between brings back the old one,
+    /// never a torn one), and before the index records the change or it is acknowledged.
     fn place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
         self.put_in_place(parent, rel, temp)?;
-        rustix::fs::fsync(&parent.dir).map_err(io_err(rel, "fsync of the directory"))
+        let dir = parent
+            .dir
+            .try_clone()
+            .map_err(io_err(rel, "duplicating the directory's descriptor"))?;
+        self.unsynced_dirs.push((rel.to_path_buf(), dir));
+        Ok(())
+    }
+
+    /// Makes the names [`Applier::place`] put in place durable.
+    fn sync_placed_dirs(&mut self) -> Result<(), ApplyError> {
+        for (rel, dir) in std::mem::take(&mut self.unsynced_dirs) {
+            rustix::fs::fsync(&dir).map_err(io_err(&rel, "fsync of the directory"))?;
+        }
+        Ok(())
     }
 
     /// Links or renames a complete, fsync'd temporary file in place of `parent.name`;
