@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use filesync::capture::scan::scan;
 use filesync::change::{Change, ChangeKind, ChangeSink};
+use filesync::ignores::Ignores;
 use filesync::index::{record_for, Index};
 
 /// Collects what the scan reports.
@@ -53,7 +54,7 @@ fn main() -> Result<()> {
         "index" => index_tree(Path::new(arg(1)?), Path::new(arg(2)?)),
         "scan" => {
             let index = Index::open(Path::new(arg(2)?))?;
-            let stats = scan(Path::new(arg(1)?), &index, &Discard, None)?;
+            let stats = scan(Path::new(arg(1)?), &index, &Ignores::none(), &Discard, None)?;
             println!(
                 "seconds={:.4} changes={} files={} dirs={}",
                 stats.elapsed.as_secs_f64(),
@@ -130,7 +131,7 @@ fn index_tree(root: &Path, index_path: &Path) -> Result<()> {
     let index = Index::open(index_path)?;
     let sink = Collect::default();
     let started = Instant::now();
-    scan(root, &index, &sink, None)?;
+    scan(root, &index, &Ignores::none(), &sink, None)?;
     let changes = match sink.0.into_inner() {
         Ok(v) => v,
         Err(poisoned) => poisoned.into_inner(),

@@ -14,6 +14,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod identity;
+pub mod ignores;
 pub mod index;
 pub mod install;
 pub mod mount;

@@ -14,9 +14,10 @@ use crate::change::ChangeSink;
 use crate::config::Settings;
 use crate::fs::{OverlayFs, OverlayOptions};
 use crate::fuse::{spawn_invalidator, CachePolicy, FuseAdapter};
+use crate::ignores::Ignores;
 use crate::index::{Index, IndexError};
 use crate::pipeline::indexer::Indexer;
-use crate::pipeline::replication::{self, ReplicationError, ReplicationPlan};
+use crate::pipeline::replication::{self, LocalFolder, ReplicationError, ReplicationPlan};
 use crate::pipeline::scanner::ScanJob;
 use crate::pipeline::{self, MountGraph, Pipeline, StopError};
 
@@ -273,11 +274,15 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     // only the kernel's caches need to hear of it.
     let applied: Arc<dyn ChangeSink> = Arc::new(StaleSink(stale_tx));
     let settled = Arc::new(pipeline::Settled::default());
+    let ignores = Arc::new(Ignores::load(&plan.source));
     let replication = match &plan.replication {
         Some(replication) => Some(replication.start(
-            &plan.source,
-            &state_dir,
-            index.clone(),
+            LocalFolder {
+                source: &plan.source,
+                state_dir: &state_dir,
+                index: index.clone(),
+                ignores: ignores.clone(),
+            },
             applied,
             gate,
             settled.clone(),
@@ -290,9 +295,11 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         scan: ScanJob {
             root: plan.source.clone(),
             index,
+            ignores: ignores.clone(),
             sink: behind_the_back,
             interval: plan.settings.sync_interval,
         },
+        ignores,
         debounce: plan.settings.debounce,
         telemetry: plan.settings.telemetry,
         workdir: state_dir.clone(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use filesync::capture::scan::{scan, ScanError, ScanStats};
 use filesync::change::{AttrChange, Change, ChangeKind, ChangeSink, Source};
+use filesync::ignores::{Ignores, IGNORE_FILE};
 use filesync::index::{record_for, FileKind, FileRecord, Index, IndexError, BLOCK_SIZE};
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -223,7 +224,7 @@ fn a_corrupt_value_is_an_error_not_a_panic() {
     assert!(index.children(&p("")).is_err());
     let sink = Collect::default();
     assert!(matches!(
-        scan(&tree, &index, &sink, None),
+        scan(&tree, &index, &Ignores::none(), &sink, None),
         Err(ScanError::Index(IndexError::Corrupt { .. }))
     ));
     drop(index);
@@ -592,7 +593,7 @@ fn apply(index: &Index, root: &Path, changes: &[Change]) {
 
 fn run_scan(root: &Path, index: &Index) -> (Vec<Change>, ScanStats) {
     let sink = Collect::default();
-    let stats = scan(root, index, &sink, None).expect("scan");
+    let stats = scan(root, index, &Ignores::none(), &sink, None).expect("scan");
     (sink.take(), stats)
 }
 
@@ -870,7 +871,7 @@ fn scan_walks_paths_longer_than_path_max_and_skips_the_index_inside_the_tree() {
         progress_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     };
     let sink = Collect::default();
-    let stats = scan(root, &index, &sink, Some(&progress)).expect("scan");
+    let stats = scan(root, &index, &Ignores::none(), &sink, Some(&progress)).expect("scan");
     let changes = sink.take();
     assert_eq!(stats.dirs, 25);
     assert_eq!(stats.files, 1);
@@ -896,4 +897,37 @@ fn scan_walks_paths_longer_than_path_max_and_skips_the_index_inside_the_tree() {
     let (again, _) = run_scan(root, &index);
     assert!(again.is_empty(), "{again:?}");
     assert!(progress_calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn scan_leaves_out_ignored_entries_and_does_not_enter_ignored_directories() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("src");
+    fs::create_dir_all(root.join("build/deep")).expect("mkdir");
+    fs::create_dir_all(root.join("src")).expect("mkdir");
+    for f in [
+        "keep.txt",
+        "x.tmp",
+        "src/y.tmp",
+        "src/main.rs",
+        "build/deep/out.o",
+    ] {
+        fs::write(root.join(f), b"data").expect("write");
+    }
+    fs::write(root.join(IGNORE_FILE), "*.tmp\n/build/\n").expect("rules");
+    let index = Index::open(&dir.path().join("index.redb")).expect("open");
+    let sink = Collect::default();
+    let stats = scan(&root, &index, &Ignores::load(&root), &sink, None).expect("scan");
+    let reported: BTreeSet<String> = sink
+        .take()
+        .into_iter()
+        .map(|c| c.path.expect("path").display().to_string())
+        .collect();
+    let expected: BTreeSet<String> = [IGNORE_FILE, "keep.txt", "src", "src/main.rs"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(reported, expected);
+    // build/ was not entered: its directories were never opened.
+    assert_eq!(stats.dirs, 2, "{stats:?}");
 }

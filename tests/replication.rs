@@ -403,3 +403,58 @@ fn changes_behind_a_mirrors_back_are_reported_kept_and_reverted_on_request() {
     assert_converge(a.src(), b.src(), CONVERGE);
     assert_converge(a.mnt(), b.mnt(), CONVERGE);
 }
+
+#[test]
+fn ignored_paths_never_leave_their_node_in_either_direction() {
+    if !netns_available() {
+        return;
+    }
+    let net = Net::pair();
+    let mut a = Node::new("a", Some(&net.a));
+    let mut b = Node::new("b", Some(&net.b));
+    fs::write(a.src().join(".filesyncignore"), "*.secret\n/cache/\n").expect("rules");
+    fs::write(a.src().join("before.secret"), b"present at start").expect("write");
+    b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer()]);
+    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
+    assert_connected(&b);
+    // The rules travel like any file, so B ignores the same names.
+    assert!(
+        wait_until(CONVERGE, || b.src().join(".filesyncignore").exists()),
+        "the ignore file did not reach B:\n{}",
+        b.log()
+    );
+    let (ma, mb) = (a.mnt(), b.mnt());
+    fs::write(ma.join("a.secret"), b"from a").expect("write");
+    fs::create_dir(ma.join("cache")).expect("mkdir");
+    fs::write(ma.join("cache/blob"), b"cached").expect("write");
+    fs::write(ma.join("plain.txt"), b"shared").expect("write");
+    fs::write(mb.join("b.secret"), b"from b").expect("write");
+    fs::write(mb.join("notes.txt"), b"from b, shared").expect("write");
+    // Renamed into an ignored name: gone on the other side, never sent under the new one.
+    fs::write(ma.join("moved.txt"), b"soon hidden").expect("write");
+    assert!(wait_until(CONVERGE, || b.src().join("moved.txt").exists()));
+    fs::rename(ma.join("moved.txt"), ma.join("moved.secret")).expect("rename");
+    // Markers written last: changes travel in order, so anything sent before them is there.
+    fs::write(ma.join("marker-a"), b"done").expect("write");
+    fs::write(mb.join("marker-b"), b"done").expect("write");
+    assert!(
+        wait_until(CONVERGE, || b.src().join("marker-a").exists()
+            && a.src().join("marker-b").exists()),
+        "markers did not cross:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(wait_until(CONVERGE, || !b.src().join("moved.txt").exists()));
+    assert_eq!(
+        fs::read(b.src().join("plain.txt")).expect("plain"),
+        b"shared"
+    );
+    assert_eq!(
+        fs::read(a.src().join("notes.txt")).expect("notes"),
+        b"from b, shared"
+    );
+    for gone in ["a.secret", "before.secret", "cache", "moved.secret"] {
+        assert!(!b.src().join(gone).exists(), "{gone} reached B");
+    }
+    assert!(!a.src().join("b.secret").exists(), "b.secret reached A");
+}

@@ -26,6 +26,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RawDir, Stat};
 use rustix::io::Errno;
 
 use crate::change::{AttrChange, Change, ChangeKind, ChangeSink, FileId, Source};
+use crate::ignores::Ignores;
 use crate::index::{stat_times, FileKind, FileRecord, Index, IndexError, Snapshot};
 
 /// What a scan saw and reported.
@@ -83,7 +84,8 @@ const LISTING_BUFFER: usize = 64 * 1024;
 ///   `rm -r` would have produced).
 ///
 /// The backing folder itself is compared by its entries only. If the index file or its
-/// folder lies inside `root` they are skipped. `progress`, if given, is called with the
+/// folder lies inside `root` they are skipped, and so is whatever `ignores` matches (an
+/// ignored directory is not entered). `progress`, if given, is called with the
 /// files and bytes seen so far, from the scan's threads, at most every 100 ms and once at
 /// the end.
 ///
@@ -92,6 +94,7 @@ const LISTING_BUFFER: usize = 64 * 1024;
 pub fn scan(
     root: &Path,
     index: &Index,
+    ignores: &Ignores,
     sink: &dyn ChangeSink,
     progress: Option<&(dyn Fn(u64, u64) + Sync)>,
 ) -> Result<ScanStats, ScanError> {
@@ -110,6 +113,7 @@ pub fn scan(
     let snapshot = index.snapshot()?;
     let walk = Walk {
         index,
+        ignores,
         snapshot: &snapshot,
         sink,
         root_id: (root_st.st_dev, root_st.st_ino),
@@ -201,6 +205,7 @@ struct Counters {
 /// What every worker shares.
 struct Walk<'a> {
     index: &'a Index,
+    ignores: &'a Ignores,
     snapshot: &'a Snapshot<'a>,
     sink: &'a dyn ChangeSink,
     root_id: (u64, u64),
@@ -271,8 +276,8 @@ struct Buffers {
 /// One entry of a directory listing.
 struct Entry {
     name: Range<usize>,
-    /// `None`: could not be stat'ed, or is the index's own file; neither reported nor
-    /// compared.
+    /// `None`: could not be stat'ed, is the index's own file, or is ignored; neither
+    /// reported nor compared (nor, for a directory, entered).
     st: Option<Stat>,
 }
 
@@ -388,6 +393,14 @@ impl Walk<'_> {
             }
             let st = match rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if self.index.is_own((st.st_dev, st.st_ino), self.root_id) => None,
+                Ok(st)
+                    if self.ignores.is_ignored(
+                        &rel.join(OsStr::from_bytes(name.to_bytes())),
+                        FileKind::from_mode(st.st_mode) == FileKind::Dir,
+                    ) =>
+                {
+                    None
+                }
                 Ok(st) => Some(st),
                 // Deleted since the listing: it is not there.
                 Err(Errno::NOENT) => continue,

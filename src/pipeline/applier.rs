@@ -3,7 +3,7 @@
 //! once (cache invalidation), and drives the receiving side of catch-up: it compares the
 //! sender's directory digests and listings with the local index and asks for what differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,11 +16,14 @@ use super::session::{Incoming, Reply};
 use super::verifier::Checked;
 use crate::change::{Change as LocalChange, ChangeKind, ChangeSink, Source};
 use crate::identity::NodeId;
+use crate::ignores::{Ignores, IGNORE_FILE};
 use crate::index::Index;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::digest;
 use crate::sync::local::LocalChanges;
-use crate::sync::proto::{Change, DirDigest, Entry, FileData, Message, Op, RelPath, Want};
+use crate::sync::proto::{
+    Change, DirDigest, Entry, EntryKind, FileData, Message, Op, RelPath, Want,
+};
 
 /// Catch-up with one peer, while its listings arrive.
 #[derive(Default)]
@@ -48,6 +51,20 @@ pub struct Receiving {
     local: Arc<LocalChanges>,
     /// `filesync revert` requests, each with where to send the one-line answer.
     reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
+    /// This node's ignore rules: what they match is not taken from peers.
+    ignores: Arc<Ignores>,
+}
+
+/// What this node's ignore rules make of an incoming change.
+enum Admission {
+    /// Nothing it touches is ignored.
+    Apply,
+    /// Everything it touches is ignored.
+    Drop,
+    /// A rename into an ignored name: here the source is simply gone.
+    RemoveSource,
+    /// A rename or link out of an ignored name: the new name's content is needed whole.
+    FetchTarget(RelPath),
 }
 
 /// How long a whole-file transfer may pause before catch-up asks for the file anew.
@@ -61,6 +78,7 @@ impl Receiving {
         mirror: bool,
         local: Arc<LocalChanges>,
         reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
+        ignores: Arc<Ignores>,
     ) -> Receiving {
         Receiving {
             applier,
@@ -71,6 +89,7 @@ impl Receiving {
             arriving: HashMap::new(),
             local,
             reverts,
+            ignores,
         }
     }
 }
@@ -179,6 +198,78 @@ impl Receiving {
     /// Applies one change; returns whether it is durable (may be acknowledged) and what
     /// to tell the peer.
     fn apply_change(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
+        match self.admission(change) {
+            Admission::Apply => {}
+            Admission::Drop => {
+                tracing::debug!(path = ?change.path, "ignored here: not applied");
+                return (true, Vec::new());
+            }
+            Admission::RemoveSource => {
+                let removal = Change {
+                    seq: change.seq,
+                    path: change.path.clone(),
+                    op: Op::Remove,
+                };
+                return self.apply_change(from, &removal);
+            }
+            Admission::FetchTarget(path) => return (true, self.ask_for(from, vec![path])),
+        }
+        let touches_rules = self.touches_ignore_file(change);
+        let applied = self.apply_admitted(from, change);
+        if touches_rules {
+            self.ignores.reload();
+        }
+        applied
+    }
+
+    fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {
+        crate::sync::safe_path::checked(path).is_ok_and(|p| self.ignores.is_ignored(&p, is_dir))
+    }
+
+    fn admission(&self, change: &Change) -> Admission {
+        match &change.op {
+            Op::Rename { to, exchange } => {
+                let (source, target) =
+                    (self.is_ignored_here(&change.path), self.is_ignored_here(to));
+                match (source, target) {
+                    (false, false) => Admission::Apply,
+                    (true, true) => Admission::Drop,
+                    (false, true) if !exchange => Admission::RemoveSource,
+                    (false, true) => Admission::FetchTarget(change.path.clone()),
+                    (true, false) => Admission::FetchTarget(to.clone()),
+                }
+            }
+            Op::Link { existing } => {
+                if self.is_ignored(&change.path, false) {
+                    Admission::Drop
+                } else if self.is_ignored_here(existing) {
+                    Admission::FetchTarget(change.path.clone())
+                } else {
+                    Admission::Apply
+                }
+            }
+            Op::Remove => match self.is_ignored_here(&change.path) {
+                true => Admission::Drop,
+                false => Admission::Apply,
+            },
+            op => match self.is_ignored(&change.path, matches!(op, Op::Dir { .. })) {
+                true => Admission::Drop,
+                false => Admission::Apply,
+            },
+        }
+    }
+
+    /// Whether `path`, whose kind the change does not say, is ignored (by what is here).
+    fn is_ignored_here(&self, path: &RelPath) -> bool {
+        crate::sync::safe_path::checked(path).is_ok_and(|p| self.ignores.is_ignored_on_disk(&p))
+    }
+
+    fn touches_ignore_file(&self, change: &Change) -> bool {
+        let is_rules = |path: &RelPath| path.0 == IGNORE_FILE.as_bytes();
+        is_rules(&change.path) || matches!(&change.op, Op::Rename { to, .. } if is_rules(to))
+    }
+
+    fn apply_admitted(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
         if let Op::File {
             data: FileData::Whole { last, .. },
             ..
@@ -302,6 +393,11 @@ impl Receiving {
     fn compare_listing(&mut self, from: NodeId, dir: &RelPath, theirs: &[Entry]) -> Vec<Reply> {
         let ours = digest::listing(&self.index, dir).unwrap_or_default();
         let comparison = digest::compare(&ours, theirs);
+        let their_dirs: HashSet<&[u8]> = theirs
+            .iter()
+            .filter(|entry| entry.kind == EntryKind::Dir)
+            .map(|entry| entry.name.as_slice())
+            .collect();
         let child = |name: &[u8]| {
             let mut path = dir.0.clone();
             if !path.is_empty() {
@@ -335,6 +431,7 @@ impl Receiving {
         let wants: Vec<Want> = comparison
             .fetch
             .iter()
+            .filter(|name| !self.is_ignored(&child(name), their_dirs.contains(name.as_slice())))
             .map(|name| child(name))
             .filter(|path| !self.arriving.contains_key(path) && !local(path))
             .map(|path| self.want(path))

@@ -15,6 +15,7 @@ use steady_state::*;
 use super::update::{Content, Update};
 use super::Settled;
 use crate::change::{Change, ChangeKind, FileId, Source};
+use crate::ignores::{is_ignore_file, Ignores};
 
 /// The merged state of one path while its burst lasts.
 struct Pending {
@@ -245,15 +246,25 @@ pub async fn run(
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
     settled: Arc<Settled>,
+    ignores: Arc<Ignores>,
 ) -> Result<(), Box<dyn Error>> {
     match replica {
         Some(replica) => {
             let actor = actor.into_spotlight([&changes], [&updates, &replica]);
-            coalesce(actor, changes, updates, Some(replica), debounce, settled).await
+            coalesce(
+                actor,
+                changes,
+                updates,
+                Some(replica),
+                debounce,
+                settled,
+                ignores,
+            )
+            .await
         }
         None => {
             let actor = actor.into_spotlight([&changes], [&updates]);
-            coalesce(actor, changes, updates, None, debounce, settled).await
+            coalesce(actor, changes, updates, None, debounce, settled, ignores).await
         }
     }
 }
@@ -266,6 +277,7 @@ async fn coalesce<A: SteadyActor>(
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
     settled: Arc<Settled>,
+    ignores: Arc<Ignores>,
 ) -> Result<(), Box<dyn Error>> {
     let mut changes = changes.acquire_guard().await;
     let mut updates = updates.acquire_guard().await;
@@ -297,7 +309,7 @@ async fn coalesce<A: SteadyActor>(
             out.extend(coalescer.due(Instant::now()));
         }
         settled.set_coalescer_idle(coalescer.is_idle() && actor.avail_units(&mut changes) == 0);
-        for update in out {
+        for update in out.into_iter().flat_map(|update| admit(&ignores, update)) {
             if let Some(replica) = replica.as_mut() {
                 actor
                     .send_async(replica, update.clone(), SendSaturation::AwaitForRoom)
@@ -309,6 +321,83 @@ async fn coalesce<A: SteadyActor>(
         }
     }
     Ok(())
+}
+
+/// What of `update` passes the ignore rules: nothing when it touches only ignored paths; a
+/// removal when something moved into an ignored name; a rescan when something moved out
+/// of one (its content is unknown). A change of the ignore file itself reloads the rules
+/// and is followed by a rescan, which finds what they no longer ignore.
+fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
+    let rules_changed = match &update {
+        Update::Changed { path, .. } | Update::Removed { path, .. } => is_ignore_file(path),
+        Update::Renamed { from, to, .. } => is_ignore_file(from) || is_ignore_file(to),
+        Update::Linked { path, .. } => is_ignore_file(path),
+        Update::Rescan { .. } => false,
+    };
+    if rules_changed {
+        ignores.reload();
+        let sources = match &update {
+            Update::Changed { sources, .. }
+            | Update::Removed { sources, .. }
+            | Update::Renamed { sources, .. }
+            | Update::Linked { sources, .. }
+            | Update::Rescan { sources } => sources.clone(),
+        };
+        return vec![update, Update::Rescan { sources }];
+    }
+    let admitted = match update {
+        Update::Changed { ref path, .. } if ignores.is_ignored_on_disk(path) => None,
+        Update::Removed { ref path, dir, .. } if ignores.is_ignored(path, dir) => None,
+        Update::Renamed {
+            from,
+            to,
+            exchange,
+            sources,
+        } => match (
+            ignores.is_ignored_on_disk(&from),
+            ignores.is_ignored_on_disk(&to),
+        ) {
+            (false, false) => Some(Update::Renamed {
+                from,
+                to,
+                exchange,
+                sources,
+            }),
+            (true, true) => None,
+            (false, true) if !exchange => Some(Update::Removed {
+                dir: ignores.is_dir_on_disk(&to),
+                path: from,
+                sources,
+            }),
+            _ => Some(Update::Rescan { sources }),
+        },
+        Update::Linked {
+            path,
+            existing,
+            sources,
+        } => match (
+            ignores.is_ignored_on_disk(&path),
+            ignores.is_ignored_on_disk(&existing),
+        ) {
+            (false, false) => Some(Update::Linked {
+                path,
+                existing,
+                sources,
+            }),
+            (true, _) => None,
+            (false, true) => Some(Update::Changed {
+                path,
+                file: None,
+                created: true,
+                content: Content::Unknown,
+                metadata: true,
+                synced: false,
+                sources,
+            }),
+        },
+        other => Some(other),
+    };
+    admitted.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ use steady_state::actor_builder::ActorBuilder;
 use steady_state::{Graph, GraphBuilder, SoloAct};
 
 use crate::change::Change;
+use crate::ignores::Ignores;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
@@ -104,6 +105,8 @@ pub struct MountGraph {
     pub replication: Option<ReplicationGraph>,
     /// Shared with replication's session (see [`Settled`]).
     pub settled: Arc<Settled>,
+    /// The folder's ignore rules: the coalescer drops updates of ignored paths.
+    pub ignores: Arc<Ignores>,
 }
 
 /// What the replication actors work with.
@@ -175,6 +178,7 @@ impl Pipeline {
             workdir,
             replication,
             settled,
+            ignores,
         } = parts;
         let coalescer_settled = settled.clone();
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
@@ -210,6 +214,7 @@ impl Pipeline {
                     replica_tx.as_ref().map(|tx| tx.clone()),
                     debounce,
                     coalescer_settled.clone(),
+                    ignores.clone(),
                 )
             },
             SoloAct,

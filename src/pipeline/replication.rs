@@ -12,6 +12,7 @@ use super::ReplicationGraph;
 use crate::change::ChangeSink;
 use crate::config::{Mode, Replication, Settings};
 use crate::identity::{NodeId, NodeKey};
+use crate::ignores::Ignores;
 use crate::index::Index;
 use crate::net::{Link, LinkConfig, Listener, PeerSet};
 use crate::sync::apply::Applier;
@@ -71,6 +72,16 @@ impl std::fmt::Debug for ReplicationPlan {
     }
 }
 
+/// The mount's side of replication: its folder and what it keeps about it.
+pub struct LocalFolder<'a> {
+    /// The backing folder.
+    pub source: &'a Path,
+    /// The mount's private state folder.
+    pub state_dir: &'a Path,
+    pub index: Arc<Index>,
+    pub ignores: Arc<Ignores>,
+}
+
 impl ReplicationPlan {
     /// `None` when the mount has no peers and does not listen.
     pub fn check(settings: &Settings) -> Result<Option<ReplicationPlan>, ReplicationError> {
@@ -117,17 +128,21 @@ impl ReplicationPlan {
         self.settings.mode
     }
 
-    /// Opens what replication keeps (its state under `state_dir`), binds the listener and
-    /// starts dialing the peers.
+    /// Opens what replication keeps (its state under `folder.state_dir`), binds the
+    /// listener and starts dialing the peers.
     pub fn start(
         &self,
-        source: &Path,
-        state_dir: &Path,
-        index: Arc<Index>,
+        folder: LocalFolder<'_>,
         invalidate: Arc<dyn ChangeSink>,
         gate: Arc<SyncGate>,
         settled: Arc<super::Settled>,
     ) -> Result<ReplicationGraph, ReplicationError> {
+        let LocalFolder {
+            source,
+            state_dir,
+            index,
+            ignores,
+        } = folder;
         let local = Arc::new(LocalChanges::default());
         let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
         crate::control::serve(state_dir, move |command| match command {
@@ -220,6 +235,7 @@ impl ReplicationPlan {
                 mode == Mode::ReceiveOnly,
                 local.clone(),
                 revert_rx,
+                ignores,
             ),
             gate,
             local,

@@ -12,12 +12,15 @@ use steady_state::*;
 use super::indexer::ScanReason;
 use crate::capture::scan::scan;
 use crate::change::ChangeSink;
+use crate::ignores::Ignores;
 use crate::index::Index;
 
 /// What the scanner needs; shared with every restart of the actor.
 pub struct ScanJob {
     pub root: PathBuf,
     pub index: Arc<Index>,
+    /// What the walk leaves out.
+    pub ignores: Arc<Ignores>,
     /// Where findings go: the capture queue (and the mount's cache invalidator).
     pub sink: Arc<dyn ChangeSink>,
     /// Zero: no periodic scan (still at start-up and on request).
@@ -27,7 +30,13 @@ pub struct ScanJob {
 impl ScanJob {
     fn run(&self, why: &str) {
         let started = Instant::now();
-        match scan(&self.root, &self.index, self.sink.as_ref(), None) {
+        match scan(
+            &self.root,
+            &self.index,
+            &self.ignores,
+            self.sink.as_ref(),
+            None,
+        ) {
             Ok(stats) => tracing::info!(
                 why,
                 files = stats.files,
