@@ -47,6 +47,7 @@
 //! | `durability=LEVEL` | `[replication] durability` | | `async` (an `fsync` returns once local data is durable) or `sync` (also waits until every connected peer has it durably) | `async` |
 //! | `key=PATH` | `[replication] key` | | an absolute path to this node's key (`filesync keygen`) | `/etc/filesync/node.key` |
 //! | `compression=LEVEL` | `[replication] compression` | | `off` or a zstd level from 1 to 19 | 3 |
+//! | `keep_versions=DAYS` | `[replication] keep_versions` | | `off`, or how many days to keep what a peer's change replaced or removed (`filesync versions`), 1 to 36500 | 30 |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -84,6 +85,7 @@
 //! durability = "async"       # or "sync"
 //! key = "/etc/filesync/node.key"
 //! compression = 3            # zstd level, or "off"
+//! keep_versions = 30         # days, or "off"
 //! ```
 //!
 //! # Mount options
@@ -127,7 +129,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, peer, \
-     listen, mode, durability, key, compression, config";
+     listen, mode, durability, key, compression, keep_versions, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -195,10 +197,13 @@ const EXPECT_LISTEN: &str = "off, or an IP address and a port from 1 to 65535 su
 const EXPECT_MODE: &str = "sendreceive, sendonly or receiveonly";
 const EXPECT_DURABILITY: &str = "async or sync";
 const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
+const EXPECT_KEEP_VERSIONS: &str = "off or a number of days from 1 to 36500";
 /// Where the node key is when none is named.
 pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
 /// The zstd level when none is given: fast, and most of the gain.
 const DEFAULT_COMPRESSION: i32 = 3;
+/// Days versions are kept unless configured otherwise: a month.
+const DEFAULT_KEEP_VERSIONS_DAYS: u32 = 30;
 const EXPECT_TELEMETRY: &str = "off, or an IP address and a port from 1 to 65535 such as \
      127.0.0.1:9900 or [::1]:9900";
 
@@ -349,6 +354,8 @@ pub struct Replication {
     pub key: PathBuf,
     /// The zstd level; `None` sends everything uncompressed.
     pub compression: Option<i32>,
+    /// Days to keep what a peer's change replaced or removed; `None`: nothing is kept.
+    pub keep_versions: Option<u32>,
 }
 
 impl Replication {
@@ -450,6 +457,8 @@ pub struct MountOptions {
     pub key: Option<PathBuf>,
     /// `compression=off|LEVEL`: the zstd level; `Some(None)` is `off`.
     pub compression: Option<Option<i32>>,
+    /// `keep_versions=off|DAYS`: how long replaced files are kept; `Some(None)` is `off`.
+    pub keep_versions: Option<Option<u32>>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -491,6 +500,7 @@ impl MountOptions {
             durability: later.durability.or(self.durability),
             key: later.key.or(self.key),
             compression: later.compression.or(self.compression),
+            keep_versions: later.keep_versions.or(self.keep_versions),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -532,6 +542,9 @@ impl MountOptions {
             "key" => self.key = Some(check_absolute(needs("PATH")?, &origin)?),
             "compression" => {
                 self.compression = Some(check_compression(needs("off|LEVEL")?, &origin)?);
+            }
+            "keep_versions" => {
+                self.keep_versions = Some(check_keep_versions(needs("off|DAYS")?, &origin)?);
             }
             "config" => self.config = Some(check_absolute(needs("PATH")?, &origin)?),
             "allow_other" => {
@@ -883,6 +896,20 @@ fn check_compression(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<i32>, C
     }
 }
 
+/// Check a version keeping time: `off` (`None`) or whole days from 1 to 36500.
+fn check_keep_versions(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<u32>, ConfigError> {
+    if raw
+        .text()
+        .is_some_and(|text| text.eq_ignore_ascii_case("off"))
+    {
+        return Ok(None);
+    }
+    match raw.whole_number() {
+        Some(days @ 1..=36_500) => Ok(Some(days as u32)),
+        _ => Err(raw.invalid(origin, EXPECT_KEEP_VERSIONS)),
+    }
+}
+
 /// Peers from two sources: all of them, a later entry for the same ID replacing the
 /// earlier one (so a mount option can give an address the settings file lacks).
 fn merge_peers(earlier: Vec<PeerSpec>, later: Vec<PeerSpec>) -> Vec<PeerSpec> {
@@ -1102,8 +1129,8 @@ struct TelemetrySection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a [replication] table with the keys peers, listen, mode, durability, key and \
-                 compression"
+    expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
+                 compression and keep_versions"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
@@ -1112,6 +1139,7 @@ struct ReplicationSection {
     durability: Option<toml::Value>,
     key: Option<toml::Value>,
     compression: Option<toml::Value>,
+    keep_versions: Option<toml::Value>,
 }
 
 /// Check an optional value with `check`, naming `origin` if it is invalid.
@@ -1237,6 +1265,11 @@ impl ReplicationSection {
             raw(&self.compression),
             key("[replication].compression"),
             check_compression,
+        )?;
+        layer.keep_versions = checked(
+            raw(&self.keep_versions),
+            key("[replication].keep_versions"),
+            check_keep_versions,
         )?;
         Ok(())
     }
@@ -1375,6 +1408,9 @@ impl Host {
                     .key
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_PATH)),
                 compression: merged.compression.unwrap_or(Some(DEFAULT_COMPRESSION)),
+                keep_versions: merged
+                    .keep_versions
+                    .unwrap_or(Some(DEFAULT_KEEP_VERSIONS_DAYS)),
             },
             config_file,
             kernel: merged.kernel,
@@ -1537,6 +1573,7 @@ mod tests {
                     durability: Durability::Async,
                     key: PathBuf::from(DEFAULT_KEY_PATH),
                     compression: Some(3),
+                    keep_versions: Some(30),
                 },
                 config_file: None,
                 kernel: KernelFlags::default(),

@@ -20,6 +20,7 @@ use filesync::identity::{self, NodeKey};
 use filesync::install::{self, InstallPlan};
 use filesync::mount::{self, Detached, MountPlan};
 use filesync::pipeline::{self, Pipeline};
+use filesync::sync::versions;
 
 /// mount(8)'s exit status for a failed mount, which `mount -t fuse.filesync` passes on.
 const MOUNT_FAILED: u8 = 32;
@@ -129,6 +130,27 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// List the versions kept of a file that changes from peers replaced or removed
+    /// (oldest first), with when each was replaced.
+    Versions {
+        /// The file, as a path in a filesync mount (it need not exist any more).
+        path: PathBuf,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Put a kept version of a file back (through the mount, so peers get it too).
+    Restore {
+        /// The file, as a path in a filesync mount.
+        path: PathBuf,
+        /// The version that was current at this time (`YYYYMMDD-HHMMSS` in UTC, or RFC
+        /// 3339); the newest version by default.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
@@ -164,6 +186,12 @@ fn main() -> ExitCode {
             mountpoint,
             state_dir,
         } => run_revert(&mountpoint, state_dir),
+        Command::Versions { path, state_dir } => run_versions(&path, state_dir),
+        Command::Restore {
+            path,
+            at,
+            state_dir,
+        } => run_restore(&path, at.as_deref(), state_dir),
         Command::Demo => run_demo(),
     };
     match result {
@@ -354,6 +382,73 @@ fn run_revert(mountpoint: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<(
     let state_dir = state_dir.unwrap_or_else(|| mount::default_state_dir(&mountpoint));
     let answer = filesync::control::request(&state_dir, "revert")?;
     println!("{answer}");
+    Ok(())
+}
+
+/// The versions kept of `path` (a path in a filesync mount), with the path made absolute.
+fn kept_versions(
+    path: &Path,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, Vec<versions::Version>)> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
+        .with_context(|| format!("cannot find the folder of {}", path.display()))?;
+    let path = parent.join(path.file_name().context("give the path of a file")?);
+    let (mountpoint, rel) = mount::filesync_mount_of(&path).with_context(|| {
+        format!(
+            "{} is not in a filesync mount: give a path inside the mount point",
+            path.display()
+        )
+    })?;
+    let state_dir = state_dir.unwrap_or_else(|| mount::default_state_dir(&mountpoint));
+    let kept = versions::list(&state_dir, &rel)
+        .with_context(|| format!("cannot read the versions in {}", state_dir.display()))?;
+    Ok((path, kept))
+}
+
+fn run_versions(path: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (path, kept) = kept_versions(path, state_dir)?;
+    if kept.is_empty() {
+        println!("no versions of {} are kept", path.display());
+    }
+    for version in kept {
+        let size = std::fs::symlink_metadata(&version.path).map_or(0, |m| m.len());
+        println!(
+            "{}  {size:>12} bytes  {}",
+            versions::format_time(version.replaced),
+            version.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_restore(path: &Path, at: Option<&str>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let (path, kept) = kept_versions(path, state_dir)?;
+    let at = match at {
+        Some(text) => Some(versions::parse_time(text).with_context(|| {
+            format!("--at {text}: give a time as YYYYMMDD-HHMMSS (UTC) or RFC 3339")
+        })?),
+        None => None,
+    };
+    // What the file held at `at` is the first version replaced after it.
+    let chosen = match at {
+        None => kept.last(),
+        Some(at) => kept.iter().find(|v| v.replaced >= at),
+    };
+    let chosen = chosen.with_context(|| match at {
+        None => format!("no versions of {} are kept", path.display()),
+        Some(_) => format!(
+            "nothing of {} was replaced after that time: its content then is the current one",
+            path.display()
+        ),
+    })?;
+    versions::restore(chosen, &path)
+        .with_context(|| format!("cannot restore {}", path.display()))?;
+    println!(
+        "restored {} from the version replaced at {}",
+        path.display(),
+        versions::format_time(chosen.replaced)
+    );
     Ok(())
 }
 

@@ -161,6 +161,29 @@ fn is_mount_point(path: &Path) -> Result<bool, MountError> {
         .any(|field| Path::new(&unescape_mountinfo(field)) == path))
 }
 
+/// The filesync mount `path` (canonical) lies in: its mount point, and `path` relative
+/// to it. `None` when `path` is not inside a filesync mount.
+pub fn filesync_mount_of(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let fstype = format!("fuse.{SUBTYPE}");
+    let mountpoints: Vec<PathBuf> = table
+        .lines()
+        .filter(|line| {
+            line.split_once(" - ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                == Some(fstype.as_str())
+        })
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .collect();
+    // The innermost mount holding the path.
+    path.ancestors().find_map(|ancestor| {
+        let mountpoint = mountpoints.iter().find(|m| m.as_path() == ancestor)?;
+        let rel = path.strip_prefix(mountpoint).ok()?;
+        Some((mountpoint.clone(), rel.to_path_buf()))
+    })
+}
+
 /// mountinfo writes space, tab, newline and backslash as three-digit octal escapes.
 fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();

@@ -458,3 +458,71 @@ fn ignored_paths_never_leave_their_node_in_either_direction() {
     }
     assert!(!a.src().join("b.secret").exists(), "b.secret reached A");
 }
+
+#[test]
+fn what_a_peer_replaced_or_removed_is_kept_and_can_be_restored() {
+    if !netns_available() {
+        return;
+    }
+    let net = Net::pair();
+    let mut a = Node::new("a", Some(&net.a));
+    let mut b = Node::new("b", Some(&net.b));
+    b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer()]);
+    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
+    assert_connected(&b);
+    let (ma, mb) = (a.mnt(), b.mnt());
+    fs::write(ma.join("report.txt"), b"first draft").expect("write");
+    fs::write(ma.join("doomed.txt"), b"short-lived").expect("write");
+    assert!(wait_until(CONVERGE, || fs::read(mb.join("doomed.txt")).is_ok()));
+    fs::write(ma.join("report.txt"), b"second draft, longer").expect("overwrite");
+    fs::remove_file(ma.join("doomed.txt")).expect("remove");
+    assert!(wait_until(CONVERGE, || {
+        fs::read(b.src().join("report.txt")).is_ok_and(|c| c == b"second draft, longer")
+            && !b.src().join("doomed.txt").exists()
+    }));
+
+    let versions = |path: &Path| {
+        let out = run(
+            Command::new(common::BIN)
+                .arg("versions")
+                .arg(path)
+                .arg("--state-dir")
+                .arg(b.state()),
+            CONVERGE,
+        );
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let listed = versions(&mb.join("report.txt"));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains("report~"), "{listed}");
+    assert!(versions(&mb.join("doomed.txt")).contains("doomed~"));
+
+    // Restored through B's mount: a local change on B that reaches A.
+    let out = run(
+        Command::new(common::BIN)
+            .arg("restore")
+            .arg(mb.join("report.txt"))
+            .arg("--state-dir")
+            .arg(b.state()),
+        CONVERGE,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        fs::read(mb.join("report.txt")).expect("read"),
+        b"first draft"
+    );
+    assert!(
+        wait_until(CONVERGE, || fs::read(a.src().join("report.txt"))
+            .is_ok_and(|c| c == b"first draft")),
+        "the restored file did not reach A:\n{}",
+        b.log()
+    );
+    // A path outside any mount gets a one-line error.
+    let out = run(
+        Command::new(common::BIN).args(["versions", "/tmp/not-a-mount/x"]),
+        CONVERGE,
+    );
+    assert!(!out.status.success());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}

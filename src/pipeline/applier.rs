@@ -67,6 +67,9 @@ enum Admission {
     FetchTarget(RelPath),
 }
 
+/// How often versions past their keeping time are dropped (also at start).
+const EXPIRE_VERSIONS_EVERY: Duration = Duration::from_secs(3600);
+
 /// How long a whole-file transfer may pause before catch-up asks for the file anew.
 const STALLED: Duration = Duration::from_secs(15);
 
@@ -117,7 +120,12 @@ async fn apply<A: SteadyActor>(
     let mut replies = replies.acquire_guard().await;
     let mut receiving = receiving.lock();
     let idle_wait = Duration::from_millis(100);
+    let mut versions_expired = Instant::now();
     while actor.is_running(|| checked.is_closed_and_empty() && replies.mark_closed()) {
+        if versions_expired.elapsed() >= EXPIRE_VERSIONS_EVERY {
+            receiving.applier.expire_versions();
+            versions_expired = Instant::now();
+        }
         let _woken = await_for_any!(
             actor.wait_avail(&mut checked, 1),
             actor.wait_timeout(idle_wait)

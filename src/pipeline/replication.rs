@@ -203,7 +203,14 @@ impl ReplicationPlan {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         encoder.set_next_seq(u64::try_from(now.as_micros()).unwrap_or(u64::MAX / 2));
-        let applier = Applier::open(source, state_dir, index.clone())
+        let mut applier = Applier::open(source, state_dir, index.clone())
+            .map_err(|err| state(err.to_string()))?;
+        applier
+            .keep_versions(
+                self.settings
+                    .keep_versions
+                    .map(|days| Duration::from_secs(u64::from(days) * 24 * 3600)),
+            )
             .map_err(|err| state(err.to_string()))?;
         let compression = match self.settings.compression {
             Some(level) => CompressionPolicy::zstd(level),

@@ -51,7 +51,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fast_rsync::{Signature, SignatureOptions};
 use rustix::fs::{
@@ -63,6 +63,7 @@ use super::delta::content_hash;
 use super::journal::{Found, Journal, JournalError};
 use super::proto::{Change, Codec, FileData, Hash, Meta, Op, Payload, RelPath, Want};
 use super::safe_path::{self, Parent, PathError, ResolveError};
+use super::versions::{Versions, DEFAULT_KEEP, VERSIONS_DIR};
 use crate::index::{read_full, record_for, FileRecord, Index, IndexError, BLOCK_SIZE};
 
 /// Files from this size on are patched in place under the journal rather than copied.
@@ -193,7 +194,13 @@ pub struct Applier {
     /// Directories a file was just put into, fsync'd once the change's `visible` callback
     /// ran (see [`Applier::place`]).
     unsynced_dirs: Vec<(PathBuf, OwnedFd)>,
+    /// Where what the changes replace or remove is kept.
+    versions: Versions,
 }
+
+/// Files patched in place are copied into the version store first only up to this size;
+/// a larger one would cost its whole size per small change (see [`crate::sync::versions`]).
+pub const MAX_COPIED_VERSION: u64 = 256 << 20;
 
 /// A file written whole into an unnamed temporary file, waiting for
 /// [`Applier::commit_deferred`].
@@ -565,6 +572,7 @@ impl Applier {
             .open(&pending_path)
             .map_err(setup(&pending_path))?;
         let journal = Journal::open(state_dir)?;
+        let versions = Versions::open(state_dir, Some(DEFAULT_KEEP)).map_err(setup(state_dir))?;
         let mut applier = Applier {
             root: root_fd,
             state_dir: state_dir.to_path_buf(),
@@ -580,11 +588,36 @@ impl Applier {
             pending_bytes: 0,
             place_later: false,
             unsynced_dirs: Vec::new(),
+            versions,
         };
         applier.roll_forward()?;
         applier.remove_pending_temp()?;
         applier.sweep_partials();
         Ok(applier)
+    }
+
+    /// Keeps what changes replace or remove for `keep` (`None`: nothing is kept), and
+    /// drops versions older than that.
+    pub fn keep_versions(&mut self, keep: Option<Duration>) -> Result<(), ApplyError> {
+        self.versions =
+            Versions::open(&self.state_dir, keep).map_err(|source| ApplyError::Setup {
+                path: self.state_dir.join(VERSIONS_DIR),
+                source,
+            })?;
+        self.expire_versions();
+        Ok(())
+    }
+
+    /// Drops versions older than the keeping time.
+    pub fn expire_versions(&self) {
+        match self.versions.expire() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("dropped {n} expired version(s)"),
+            Err(err) => tracing::warn!(
+                "cannot drop expired versions in {}: {err}; check the folder's permissions",
+                self.state_dir.join(VERSIONS_DIR).display()
+            ),
+        }
     }
 
     /// Finishes the in-place patch the journal holds, if a crash interrupted one.
@@ -1010,13 +1043,22 @@ impl Applier {
         name: &OsStr,
         rel: &Path,
     ) -> Result<bool, ApplyError> {
-        match safe_path::type_at(dir, name).map_err(io_err(rel, "stat"))? {
-            None => Ok(false),
-            Some(FileType::Directory) => {
+        let Some(kind) = safe_path::type_at(dir, name).map_err(io_err(rel, "stat"))? else {
+            return Ok(false);
+        };
+        if self
+            .versions
+            .keep_moved(dir, name, rel)
+            .map_err(io_err(rel, "keeping the old version"))?
+        {
+            return Ok(true);
+        }
+        match kind {
+            FileType::Directory => {
                 remove_tree(dir, name).map_err(io_err(rel, "removing the directory tree"))?;
                 Ok(true)
             }
-            Some(_) => {
+            _ => {
                 match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
                     Ok(()) | Err(Errno::NOENT) => {}
                     Err(e) => return Err(io_err(rel, "unlink")(e)),
@@ -1085,12 +1127,20 @@ impl Applier {
         Ok(())
     }
 
+    /// Keeps the file about to be replaced at `parent.name` as a version.
+    fn keep_replaced(&self, parent: &Parent, rel: &Path) -> Result<(), ApplyError> {
+        self.versions
+            .keep_linked(parent.dir.as_fd(), &parent.name, rel)
+            .map_err(io_err(rel, "keeping the old version"))
+    }
+
     /// Links or renames a complete, fsync'd temporary file in place of `parent.name`;
     /// durable once the directory is fsync'd.
     fn put_in_place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
         let name = parent.name.as_os_str();
         match temp {
             Temp::Named(_, temp_name) => {
+                self.keep_replaced(parent, rel)?;
                 rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
                     .map_err(io_err(rel, "rename"))?;
             }
@@ -1108,6 +1158,7 @@ impl Applier {
                             AtFlags::SYMLINK_FOLLOW,
                         )
                         .map_err(io_err(rel, "link"))?;
+                        self.keep_replaced(parent, rel)?;
                         rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
                             .map_err(io_err(rel, "rename"))?;
                     }
@@ -1480,6 +1531,11 @@ impl Applier {
         ranges: &[(u64, &[u8])],
         meta: &Meta,
     ) -> Result<(), ApplyError> {
+        if file.metadata().map_or(0, |m| m.len()) <= MAX_COPIED_VERSION {
+            self.versions
+                .keep_copy(file, rel)
+                .map_err(io_err(rel, "keeping the old version"))?;
+        }
         self.journal.write(rel, size, ranges)?;
         self.journal_pending = true;
         write_ranges(file, ranges, size).map_err(io_err(rel, "write"))?;
@@ -1805,6 +1861,9 @@ impl Applier {
         let flags = if exchange {
             RenameFlags::EXCHANGE
         } else {
+            self.versions
+                .keep_linked(target.dir.as_fd(), to_name, to)
+                .map_err(io_err(to, "keeping the old version"))?;
             RenameFlags::empty()
         };
         match rustix::fs::renameat_with(&source.dir, from_name, &target.dir, to_name, flags) {

@@ -13,3 +13,4 @@ pub mod journal;
 pub mod local;
 pub mod proto;
 pub mod safe_path;
+pub mod versions;

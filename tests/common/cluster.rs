@@ -184,6 +184,11 @@ impl Node {
         &self.mnt
     }
 
+    /// The mount's state folder.
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
     pub fn scratch(&self) -> &Path {
         self.tmp.path()
     }
