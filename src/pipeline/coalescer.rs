@@ -15,6 +15,7 @@ use steady_state::*;
 use super::update::{Content, Update};
 use super::Settled;
 use crate::change::{Change, ChangeKind, FileId, Source};
+use crate::status::Stats;
 
 /// The merged state of one path while its burst lasts.
 struct Pending {
@@ -245,15 +246,25 @@ pub async fn run(
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
     settled: Arc<Settled>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     match replica {
         Some(replica) => {
             let actor = actor.into_spotlight([&changes], [&updates, &replica]);
-            coalesce(actor, changes, updates, Some(replica), debounce, settled).await
+            coalesce(
+                actor,
+                changes,
+                updates,
+                Some(replica),
+                debounce,
+                settled,
+                stats,
+            )
+            .await
         }
         None => {
             let actor = actor.into_spotlight([&changes], [&updates]);
-            coalesce(actor, changes, updates, None, debounce, settled).await
+            coalesce(actor, changes, updates, None, debounce, settled, stats).await
         }
     }
 }
@@ -266,6 +277,7 @@ async fn coalesce<A: SteadyActor>(
     replica: Option<SteadyTx<Update>>,
     debounce: Duration,
     settled: Arc<Settled>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     let mut changes = changes.acquire_guard().await;
     let mut updates = updates.acquire_guard().await;
@@ -287,8 +299,10 @@ async fn coalesce<A: SteadyActor>(
             let _woken =
                 await_for_any!(actor.wait_avail(&mut changes, 1), actor.wait_timeout(wait));
         }
+        stats.beat();
         let mut out = Vec::new();
         while let Some(change) = actor.try_take(&mut changes) {
+            stats.count_captured(change.source);
             out.extend(coalescer.push(change, Instant::now()));
         }
         if changes.is_closed_and_empty() {

@@ -46,6 +46,7 @@ use steady_state::actor_builder::ActorBuilder;
 use steady_state::{Graph, GraphBuilder, SoloAct};
 
 use crate::change::Change;
+use crate::status::Stats;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
@@ -104,6 +105,8 @@ pub struct MountGraph {
     pub replication: Option<ReplicationGraph>,
     /// Shared with replication's session (see [`Settled`]).
     pub settled: Arc<Settled>,
+    /// What `filesync status`, the metrics and systemd are told (see [`crate::status`]).
+    pub stats: Arc<Stats>,
 }
 
 /// What the replication actors work with.
@@ -175,6 +178,7 @@ impl Pipeline {
             workdir,
             replication,
             settled,
+            stats,
         } = parts;
         let coalescer_settled = settled.clone();
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
@@ -195,7 +199,7 @@ impl Pipeline {
         let replica_tx = match replication {
             Some(replication) => {
                 let (replica_tx, replica_rx) = channels.build::<Update>();
-                add_replication(&mut graph, replication, replica_rx);
+                add_replication(&mut graph, replication, replica_rx, stats.clone());
                 Some(replica_tx)
             }
             None => None,
@@ -210,6 +214,7 @@ impl Pipeline {
                     replica_tx.as_ref().map(|tx| tx.clone()),
                     debounce,
                     coalescer_settled.clone(),
+                    stats.clone(),
                 )
             },
             SoloAct,
@@ -248,6 +253,7 @@ fn add_replication(
     graph: &mut Graph,
     parts: ReplicationGraph,
     replica: steady_state::LazySteadyRx<Update>,
+    stats: Arc<Stats>,
 ) {
     let ReplicationGraph {
         sends,
@@ -268,6 +274,7 @@ fn add_replication(
         settled,
     });
     let compression = Arc::new(compression);
+    let compressor_stats = stats.clone();
     let session = Arc::new(Mutex::new(session));
     let receiving = Arc::new(Mutex::new(receiving));
     let data = graph.channel_builder().with_capacity(DATA_CHANNEL_CAPACITY);
@@ -298,6 +305,7 @@ fn add_replication(
                 raw_rx.clone(),
                 compressed_tx.clone(),
                 compression.clone(),
+                compressor_stats.clone(),
             )
         },
         SoloAct,
@@ -309,6 +317,7 @@ fn add_replication(
                 compressed_rx.clone(),
                 replies_rx.clone(),
                 peers.clone(),
+                stats.clone(),
             )
         },
         SoloAct,

@@ -127,25 +127,24 @@ impl ReplicationPlan {
         invalidate: Arc<dyn ChangeSink>,
         gate: Arc<SyncGate>,
         settled: Arc<super::Settled>,
+        observed: Observed<'_>,
     ) -> Result<ReplicationGraph, ReplicationError> {
+        let Observed { stats, commands } = observed;
         let local = Arc::new(LocalChanges::default());
         let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
-        crate::control::serve(state_dir, move |command| match command {
-            "revert" => {
-                let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
-                if revert_tx.send_timeout(answer_tx, CONTROL_WAIT).is_err() {
-                    return "the daemon is busy; try again".to_owned();
-                }
-                answer_rx
-                    .recv_timeout(CONTROL_WAIT)
-                    .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
+        commands.register("revert", move || {
+            let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+            if revert_tx.send_timeout(answer_tx, CONTROL_WAIT).is_err() {
+                return "the daemon is busy; try again".to_owned();
             }
-            other => format!("unknown command '{other}': this daemon knows 'revert'"),
-        })
-        .map_err(|err| ReplicationError::State {
-            path: state_dir.display().to_string(),
-            reason: err.to_string(),
-        })?;
+            answer_rx
+                .recv_timeout(CONTROL_WAIT)
+                .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
+        });
+        stats.set_node_id(self.key.id().to_string());
+        for (id, address) in &self.peers {
+            stats.add_peer(*id, *address);
+        }
         let state = |reason: String| ReplicationError::State {
             path: state_dir.display().to_string(),
             reason,
@@ -212,6 +211,7 @@ impl ReplicationPlan {
                 gate.clone(),
                 hello,
                 settled.clone(),
+                stats,
             ),
             receiving: Receiving::new(
                 applier,
@@ -226,6 +226,12 @@ impl ReplicationPlan {
             settled,
         })
     }
+}
+
+/// Where replication reports what it does: the mount's status and its control commands.
+pub struct Observed<'a> {
+    pub stats: Arc<crate::status::Stats>,
+    pub commands: &'a crate::control::Commands,
 }
 
 /// A new gate for `durability=sync`.
