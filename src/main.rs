@@ -463,18 +463,16 @@ fn collect_status(
         errors: Vec::new(),
     };
     for (mountpoint, state_dir) in targets {
+        // One line each: the control error already names the socket and the cause.
         let answer = filesync::control::request(&state_dir, "status")
-            .map_err(anyhow::Error::from)
+            .map_err(|err| format!("{err}; for a mount with state_dir=, give --state-dir DIR"))
             .and_then(|answer| {
                 serde_json::from_str(&answer)
-                    .with_context(|| format!("the daemon answered something else: {answer}"))
+                    .map_err(|err| format!("the daemon's answer is not a status ({err}): {answer}"))
             });
         match answer {
             Ok(status) => report.mounts.push(status),
-            Err(err) => report.errors.push(StatusError {
-                mountpoint,
-                error: format!("{err:#}; give its state folder with --state-dir"),
-            }),
+            Err(error) => report.errors.push(StatusError { mountpoint, error }),
         }
     }
     Ok(report)

@@ -276,12 +276,13 @@ impl Collector for StatsCollector {
             "Messages waiting in each peer's send queue",
             &per_peer(&|peer| Some(peer.send_queue as f64)),
         )?;
-        gauges(
-            &mut encoder,
+        let depth = ConstGauge::new(stats.capture_queue_depth() as f64);
+        depth.encode(encoder.encode_descriptor(
             "filesync_capture_queue_depth",
             "Captured changes waiting for the pipeline",
-            &[(Vec::new(), stats.capture_queue_depth() as f64)],
-        )?;
+            None,
+            depth.metric_type(),
+        )?)?;
         Ok(())
     }
 }

@@ -308,8 +308,8 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
             index.clone(),
             applied,
             gate,
-            settled.clone(),
-            replication::Observed {
+            replication::Shared {
+                settled: settled.clone(),
                 stats: stats.clone(),
                 commands: &commands,
             },

@@ -426,7 +426,7 @@ impl Stats {
                     path: "direct".to_owned(),
                     connected: state.connected,
                     rtt_us: if state.connected {
-                        traffic.rtt.map(|rtt| duration_micros(rtt))
+                        traffic.rtt.map(duration_micros)
                     } else {
                         None
                     },

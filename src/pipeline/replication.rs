@@ -126,10 +126,13 @@ impl ReplicationPlan {
         index: Arc<Index>,
         invalidate: Arc<dyn ChangeSink>,
         gate: Arc<SyncGate>,
-        settled: Arc<super::Settled>,
-        observed: Observed<'_>,
+        shared: Shared<'_>,
     ) -> Result<ReplicationGraph, ReplicationError> {
-        let Observed { stats, commands } = observed;
+        let Shared {
+            settled,
+            stats,
+            commands,
+        } = shared;
         let local = Arc::new(LocalChanges::default());
         let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
         commands.register("revert", move || {
@@ -228,8 +231,10 @@ impl ReplicationPlan {
     }
 }
 
-/// Where replication reports what it does: the mount's status and its control commands.
-pub struct Observed<'a> {
+/// What replication shares with the rest of the mount: whether its pipeline has settled,
+/// its status, and its control commands (replication answers `revert`).
+pub struct Shared<'a> {
+    pub settled: Arc<super::Settled>,
     pub stats: Arc<crate::status::Stats>,
     pub commands: &'a crate::control::Commands,
 }
