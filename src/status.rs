@@ -200,6 +200,9 @@ struct PeerState {
     name: Option<String>,
     connected: bool,
     last_error: Option<String>,
+    /// Whether this node dropped the current connection, with a reason in `last_error`
+    /// that says more than the disconnection will.
+    dropped: bool,
     /// Changes sent to the peer and not yet acknowledged: `(seq, when sent)`.
     sent: VecDeque<(u64, Instant)>,
     /// Changes received from the peer and not yet acknowledged: `(seq, when received)`.
@@ -335,6 +338,7 @@ impl Stats {
         let mut peers = self.peers.lock();
         let state = peers.entry(peer).or_default();
         state.connected = true;
+        state.dropped = false;
         state.address = Some(address);
         state.name = Some(name.to_owned());
         state.sent.clear();
@@ -343,16 +347,29 @@ impl Stats {
 
     /// The peer's connection ended; `error` when it ended badly.
     pub fn peer_disconnected(&self, peer: NodeId, error: Option<&str>) {
-        let mut peers = self.peers.lock();
-        let state = peers.entry(peer).or_default();
-        state.connected = false;
-        state.sent.clear();
-        state.received.clear();
-        if let Some(error) = error {
-            state.last_error = Some(error.to_owned());
-            drop(peers);
-            self.set_last_error(format!("peer {peer}: {error}"));
+        let dropped = {
+            let mut peers = self.peers.lock();
+            let state = peers.entry(peer).or_default();
+            state.connected = false;
+            state.sent.clear();
+            state.received.clear();
+            std::mem::take(&mut state.dropped)
+        };
+        if let Some(error) = error.filter(|_| !dropped) {
+            self.record_peer_error(peer, error);
         }
+    }
+
+    /// This node drops the connection to `peer` for `reason`: kept as the peer's last
+    /// error and the mount's.
+    pub fn peer_dropped(&self, peer: NodeId, reason: &str) {
+        self.peers.lock().entry(peer).or_default().dropped = true;
+        self.record_peer_error(peer, reason);
+    }
+
+    fn record_peer_error(&self, peer: NodeId, error: &str) {
+        self.peers.lock().entry(peer).or_default().last_error = Some(error.to_owned());
+        self.set_last_error(format!("peer {peer}: {error}"));
     }
 
     /// A link to `peer` ended for good; its traffic stays in the totals.
@@ -620,6 +637,16 @@ mod tests {
         assert!(report
             .last_error
             .is_some_and(|e| e.contains("reset by peer")));
+
+        // The reason this node dropped a connection says more than the disconnection.
+        stats.peer_connected(id, "127.0.0.1:1".parse().expect("address"), "b");
+        stats.peer_dropped(id, "it sent changes to a send-only node");
+        stats.peer_disconnected(id, Some("connection reset"));
+        let report = stats.report();
+        assert_eq!(
+            report.peers[0].last_error.as_deref(),
+            Some("it sent changes to a send-only node")
+        );
     }
 
     #[test]

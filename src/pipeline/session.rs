@@ -73,9 +73,10 @@ struct PeerLink {
 }
 
 /// The links of this node, shared by the session's two halves.
-#[derive(Default)]
 pub struct Peers {
     links: Mutex<Vec<PeerLink>>,
+    /// Where the reason a connection was dropped is kept for `filesync status`.
+    stats: Arc<Stats>,
 }
 
 impl Peers {
@@ -107,6 +108,7 @@ impl Peers {
     /// reconnects after its backoff).
     pub fn drop_peer(&self, peer: NodeId, reason: &str) {
         tracing::warn!("dropping the connection to peer {peer}: {reason}");
+        self.stats.peer_dropped(peer, reason);
         for link in self.links.lock().iter() {
             if link.link.peer() == peer {
                 link.link.disconnect();
@@ -215,7 +217,10 @@ impl Session {
         settled: Arc<Settled>,
         stats: Arc<Stats>,
     ) -> Session {
-        let peers = Arc::new(Peers::default());
+        let peers = Arc::new(Peers {
+            links: Mutex::new(Vec::new()),
+            stats: stats.clone(),
+        });
         for link in dialed {
             peers.add(link);
         }
