@@ -18,13 +18,17 @@ fn free_port() -> u16 {
 
 /// One `GET /metrics`: the status line and the body.
 fn scrape(address: SocketAddr) -> (String, String) {
+    get(address, "/metrics")
+}
+
+/// One `GET path`: the status line and the body.
+fn get(address: SocketAddr, path: &str) -> (String, String) {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .expect("send request");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
     let (head, body) = response
@@ -151,15 +155,7 @@ fn counters_move_when_files_change() {
         "{after:?}"
     );
 
-    let (status, _) = {
-        let mut stream = TcpStream::connect(address).expect("connect");
-        stream
-            .write_all(b"GET /other HTTP/1.1\r\n\r\n")
-            .expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        (response.lines().next().unwrap_or_default().to_owned(), ())
-    };
+    let (status, _) = get(address, "/other");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
 
