@@ -171,3 +171,36 @@ fn metrics_are_off_by_default() {
         m.stderr()
     );
 }
+
+#[test]
+fn a_taken_metrics_port_fails_the_mount_with_one_line() {
+    if !fuse_available() {
+        return;
+    }
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let address = taken.local_addr().expect("address");
+    let dir = common::open_tempdir();
+    let (src, mnt) = (dir.path().join("src"), dir.path().join("mnt"));
+    common::mkdir_mode(&src, 0o755);
+    common::mkdir_mode(&mnt, 0o755);
+    let out = common::run(
+        std::process::Command::new(common::BIN)
+            .arg("mount")
+            .arg(&src)
+            .arg(&mnt)
+            .arg("--foreground")
+            .arg("-o")
+            .arg(format!(
+                "state_dir={},telemetry=off,metrics={address}",
+                dir.path().join("state").display()
+            )),
+        Duration::from_secs(20),
+    );
+    assert!(!out.ok(), "mounted although the metrics port is taken");
+    assert_eq!(common::mount_type(&mnt), None);
+    let message = out.stderr.trim();
+    assert!(
+        message.starts_with("filesync: cannot serve metrics on") && !message.contains('\n'),
+        "{message}"
+    );
+}
