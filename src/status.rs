@@ -650,6 +650,13 @@ mod tests {
     }
 
     #[test]
+    fn every_fuse_op_has_its_own_counter() {
+        for (index, op) in FuseOp::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, index, "{} is out of order in ALL", op.name());
+        }
+    }
+
+    #[test]
     fn counters_count_by_kind() {
         let stats = Stats::new("/srv".into(), "/mnt".into(), "sendreceive".into());
         stats.count_fuse_op(FuseOp::Write);
