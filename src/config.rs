@@ -41,6 +41,7 @@
 //! | `watcher=KIND` | `[capture] watcher` | | `auto`, `ebpf`, `fanotify`, `inotify` or `scan` (no live watcher, only the periodic scan); `auto` tries eBPF, then fanotify, then inotify | `auto` |
 //! | `debounce_us=N` | `[capture] debounce_us` | | whole microseconds 0 to 1000000: how long the coalescer waits for more changes to a file before passing its update on; 0 does not wait | 1000 (1 ms) |
 //! | `telemetry=off\|ADDRESS:PORT` | `[telemetry] listen` | | `off`, or an IP address and a port from 1 to 65535 (`127.0.0.1:9900`, `[::1]:9900`) where the telemetry page is served. The default binds it to localhost only; any other address (such as `0.0.0.0:9900`) is accepted but exposes the page to everyone who can reach that address | `127.0.0.1:9900` |
+//! | `metrics=off\|ADDRESS:PORT` | `[metrics] listen` | | `off`, or an IP address and a port from 1 to 65535 where Prometheus text is served at `/metrics` (for example `127.0.0.1:9901`). Use a loopback address unless the scraper runs elsewhere: any other address exposes the figures to everyone who can reach it | `off` |
 //! | `peer=ID[@HOST:PORT]` | `[replication] peers` (a list of the same strings) | | a node ID as `filesync id` prints it, optionally with the address to dial; may be given several times, peers from every source are combined | none |
 //! | `listen=ADDRESS:PORT` | `[replication] listen` | | `off`, or an IP address and port where peers may connect (`0.0.0.0:7878` for every interface) | `off` |
 //! | `mode=MODE` | `[replication] mode` | | `sendreceive`, `sendonly` or `receiveonly` (local writes through the mount fail with `EROFS`) | `sendreceive` |
@@ -77,6 +78,9 @@
 //!
 //! [telemetry]
 //! listen = "127.0.0.1:9900"  # or "off"
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9901"  # default "off"
 //!
 //! [replication]
 //! peers = ["7QJVEH5-UEI5XBM-3ZCWMDW-EXAMPLE@10.0.0.2:7878"]  # IDs from `filesync id`
@@ -128,8 +132,8 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
-     passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, peer, \
-     listen, mode, durability, key, compression, keep_versions, config";
+     passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, metrics, \
+     peer, listen, mode, durability, key, compression, keep_versions, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -204,6 +208,8 @@ pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
 const DEFAULT_COMPRESSION: i32 = 3;
 /// Days versions are kept unless configured otherwise: a month.
 const DEFAULT_KEEP_VERSIONS_DAYS: u32 = 30;
+const EXPECT_METRICS: &str = "off, or an IP address and a port from 1 to 65535 such as \
+     127.0.0.1:9901 or [::1]:9901";
 const EXPECT_TELEMETRY: &str = "off, or an IP address and a port from 1 to 65535 such as \
      127.0.0.1:9900 or [::1]:9900";
 
@@ -445,6 +451,8 @@ pub struct MountOptions {
     pub debounce: Option<Duration>,
     /// `telemetry=off|ADDRESS:PORT`: where to serve the telemetry page; `Some(None)` is `off`.
     pub telemetry: Option<Option<SocketAddr>>,
+    /// `metrics=off|ADDRESS:PORT`: where to serve Prometheus text; `Some(None)` is `off`.
+    pub metrics: Option<Option<SocketAddr>>,
     /// `peer=ID[@HOST:PORT]`, repeatable: the nodes this one replicates with.
     pub peers: Vec<PeerSpec>,
     /// `listen=off|ADDRESS:PORT`: where peers may connect; `Some(None)` is `off`.
@@ -494,6 +502,7 @@ impl MountOptions {
             watcher: later.watcher.or(self.watcher),
             debounce: later.debounce.or(self.debounce),
             telemetry: later.telemetry.or(self.telemetry),
+            metrics: later.metrics.or(self.metrics),
             peers: merge_peers(self.peers, later.peers),
             listen: later.listen.or(self.listen),
             mode: later.mode.or(self.mode),
@@ -529,6 +538,9 @@ impl MountOptions {
             "debounce_us" => self.debounce = Some(check_debounce(needs("N")?, &origin)?),
             "telemetry" => {
                 self.telemetry = Some(check_telemetry(needs("off|ADDRESS:PORT")?, &origin)?);
+            }
+            "metrics" => {
+                self.metrics = Some(check_metrics(needs("off|ADDRESS:PORT")?, &origin)?);
             }
             "peer" => {
                 let peer = check_peer(needs("ID[@HOST:PORT]")?, &origin)?;
@@ -604,6 +616,8 @@ pub struct Settings {
     /// Where to serve the telemetry page; `None` is off. Any address is accepted, but only
     /// a loopback one (the default) keeps the page private.
     pub telemetry: Option<SocketAddr>,
+    /// Where to serve Prometheus text at `/metrics`; `None` (the default) is off.
+    pub metrics: Option<SocketAddr>,
     /// Replication: peers, listening address, mode, durability, key and compression.
     pub replication: Replication,
     /// The settings file actually read, if any, so it can be reported in the log.
@@ -816,6 +830,19 @@ fn check_telemetry(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<SocketAdd
             _ => Err(raw.invalid(origin, EXPECT_TELEMETRY)),
         },
         None => Err(raw.invalid(origin, EXPECT_TELEMETRY)),
+    }
+}
+
+/// Check a metrics address: `off` (`None`) or an IP socket address with a non-zero port.
+/// An address other than loopback is accepted, since the user asked for it.
+fn check_metrics(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<SocketAddr>, ConfigError> {
+    match raw.text() {
+        Some(text) if text.eq_ignore_ascii_case("off") => Ok(None),
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(address) if address.port() != 0 => Ok(Some(address)),
+            _ => Err(raw.invalid(origin, EXPECT_METRICS)),
+        },
+        None => Err(raw.invalid(origin, EXPECT_METRICS)),
     }
 }
 
@@ -1048,8 +1075,8 @@ fn is_ignored_standard_option(
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a settings file with [node], [sync], [mount], [capture], [telemetry] and \
-                 [replication]"
+    expecting = "a settings file with [node], [sync], [mount], [capture], [telemetry], \
+                 [metrics] and [replication]"
 )]
 struct SettingsFile {
     #[serde(default)]
@@ -1062,6 +1089,8 @@ struct SettingsFile {
     capture: CaptureSection,
     #[serde(default)]
     telemetry: TelemetrySection,
+    #[serde(default)]
+    metrics: MetricsSection,
     #[serde(default)]
     replication: ReplicationSection,
 }
@@ -1125,6 +1154,16 @@ struct TelemetrySection {
     listen: Option<toml::Value>,
 }
 
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [metrics] table with the key listen"
+)]
+struct MetricsSection {
+    listen: Option<toml::Value>,
+}
+
 /// `[replication]`: peers and how changes travel to them.
 #[derive(Debug, Default, Deserialize)]
 #[serde(
@@ -1160,6 +1199,7 @@ impl SettingsFile {
         self.mount.apply_to(file, &mut layer)?;
         self.capture.apply_to(file, &mut layer)?;
         self.telemetry.apply_to(file, &mut layer)?;
+        self.metrics.apply_to(file, &mut layer)?;
         self.replication.apply_to(file, &mut layer)?;
         Ok(layer)
     }
@@ -1241,6 +1281,15 @@ impl TelemetrySection {
     fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
         let listen = raw(&self.listen);
         layer.telemetry = checked(listen, key_in(file, "[telemetry].listen"), check_telemetry)?;
+        Ok(())
+    }
+}
+
+impl MetricsSection {
+    /// Check `[metrics]` and put its value into `layer`.
+    fn apply_to(&self, file: &Path, layer: &mut MountOptions) -> Result<(), ConfigError> {
+        let listen = raw(&self.listen);
+        layer.metrics = checked(listen, key_in(file, "[metrics].listen"), check_metrics)?;
         Ok(())
     }
 }
@@ -1399,6 +1448,7 @@ impl Host {
             watcher: merged.watcher.flatten(),
             debounce: merged.debounce.unwrap_or(DEFAULT_DEBOUNCE),
             telemetry: merged.telemetry.unwrap_or(Some(DEFAULT_TELEMETRY)),
+            metrics: merged.metrics.flatten(),
             replication: Replication {
                 peers: merged.peers,
                 listen: merged.listen.flatten(),
@@ -1566,6 +1616,7 @@ mod tests {
                 watcher: None,
                 debounce: Duration::from_millis(1),
                 telemetry: Some("127.0.0.1:9900".parse().expect("address")),
+                metrics: None,
                 replication: Replication {
                     peers: Vec::new(),
                     listen: None,
@@ -1793,6 +1844,32 @@ mod tests {
         assert_eq!(
             telemetry("telemetry=127.0.0.1:9933", Some(off_in_file)),
             address("127.0.0.1:9933")
+        );
+    }
+
+    #[test]
+    fn metrics_is_off_unless_asked_for() {
+        let address = |text: &str| Some(text.parse::<SocketAddr>().expect("address"));
+        let file = "[metrics]\nlisten = \"127.0.0.1:9911\"\n";
+        let metrics = |o, f| settings(o, f, &[]).metrics;
+        assert_eq!(metrics("", None), None);
+        assert_eq!(metrics("", Some(file)), address("127.0.0.1:9911"));
+        assert_eq!(
+            metrics("metrics=[::1]:9922", Some(file)),
+            address("[::1]:9922")
+        );
+        assert_eq!(metrics("metrics=off", Some(file)), None);
+        assert_eq!(
+            metrics("metrics=0.0.0.0:9901", None),
+            address("0.0.0.0:9901")
+        );
+        assert_mentions(
+            &parse_error("metrics=localhost:9901"),
+            &["'metrics'", "127.0.0.1:9901"],
+        );
+        assert_mentions(
+            &error("", Some("[metrics]\nlisten = 9901\n"), &[]),
+            &["'[metrics].listen'"],
         );
     }
 

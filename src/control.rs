@@ -1,12 +1,19 @@
 //! The mount daemon's control socket: `<state folder>/control.sock`, owner-only, one
-//! command per connection, one line each way. `filesync revert` uses it; it is where
-//! `filesync status` will ask too.
+//! command per connection, one line each way. `filesync status` asks `status` (the answer
+//! is the mount's [`crate::status::MountStatus`] as JSON); `filesync revert` asks `revert`.
+//!
+//! The parts of the daemon that answer a command register it in the mount's [`Commands`],
+//! so the socket exists for every mount, replicating or not.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 /// The socket's name in the mount's state folder.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -16,6 +23,46 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest command line accepted.
 const MAX_LINE: u64 = 4096;
+
+/// The longest answer read: a status report with many peers is a few hundred bytes each.
+const MAX_ANSWER: u64 = 4 * 1024 * 1024;
+
+type Handler = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The commands one daemon answers, by name.
+#[derive(Clone, Default)]
+pub struct Commands {
+    handlers: Arc<Mutex<BTreeMap<String, Handler>>>,
+}
+
+impl Commands {
+    /// Makes `name` answered by `handler` (replacing an earlier handler of that name).
+    pub fn register(&self, name: &str, handler: impl Fn() -> String + Send + Sync + 'static) {
+        self.handlers
+            .lock()
+            .insert(name.to_owned(), Arc::new(handler));
+    }
+
+    /// The answer to one command line.
+    pub fn answer(&self, command: &str) -> String {
+        let handler = self.handlers.lock().get(command).cloned();
+        match handler {
+            Some(handler) => handler(),
+            None => {
+                let known: Vec<String> = self
+                    .handlers
+                    .lock()
+                    .keys()
+                    .map(|name| format!("'{name}'"))
+                    .collect();
+                format!(
+                    "unknown command '{command}': this daemon knows {}",
+                    known.join(", ")
+                )
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -95,8 +142,42 @@ pub fn request(state_dir: &Path, command: &str) -> Result<String, ControlError> 
         .write_all(format!("{command}\n").as_bytes())
         .map_err(exchange)?;
     let mut reply = String::new();
-    BufReader::new((&stream).take(MAX_LINE))
+    BufReader::new((&stream).take(MAX_ANSWER))
         .read_line(&mut reply)
         .map_err(exchange)?;
     Ok(reply.trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_answer_by_name() {
+        let commands = Commands::default();
+        commands.register("status", || "{}".to_owned());
+        commands.register("revert", || "nothing to revert".to_owned());
+        assert_eq!(commands.answer("status"), "{}");
+        assert_eq!(
+            commands.answer("reboot"),
+            "unknown command 'reboot': this daemon knows 'revert', 'status'"
+        );
+    }
+
+    #[test]
+    fn a_request_gets_the_answer_over_the_socket() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let commands = Commands::default();
+        let long = "x".repeat(100_000);
+        let answer = long.clone();
+        commands.register("status", move || answer.clone());
+        let serving = commands.clone();
+        serve(dir.path(), move |line| serving.answer(line)).expect("serve");
+        let mode = std::fs::metadata(dir.path().join(SOCKET_NAME))
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(request(dir.path(), "status").expect("answer"), long);
+    }
 }

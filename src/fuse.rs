@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use crate::fs::{
     Attr, AttrChange, Caller, Errno, Opened, OverlayFs, Stale, TimeChange, XattrReply,
 };
+use crate::status::{FuseOp, Stats};
 
 /// How long the kernel may keep names, attributes and data it was told.
 #[derive(Debug, Clone, Copy)]
@@ -91,16 +92,24 @@ pub struct FuseAdapter {
     inode_io: Mutex<HashMap<u64, InodeIo>>,
     /// The inode and mode of every open file handle.
     handle_io: Mutex<HashMap<u64, (u64, IoMode)>>,
+    /// Counts requests by kind, for the metrics.
+    stats: Arc<Stats>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<OverlayFs>, passthrough: bool, cache: CachePolicy) -> Self {
+    pub fn new(
+        fs: Arc<OverlayFs>,
+        passthrough: bool,
+        cache: CachePolicy,
+        stats: Arc<Stats>,
+    ) -> Self {
         FuseAdapter {
             fs,
             cache,
             passthrough: AtomicBool::new(passthrough),
             inode_io: Mutex::new(HashMap::new()),
             handle_io: Mutex::new(HashMap::new()),
+            stats,
         }
     }
 
@@ -347,6 +356,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.stats.count_fuse_op(FuseOp::Lookup);
         match self.fs.lookup(parent.0, name) {
             // Inode number 0 tells the kernel to remember that the name does not exist.
             Err(Errno::NOENT) if self.cache.negative_entries => {
@@ -361,6 +371,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.stats.count_fuse_op(FuseOp::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(attr) => reply.attr(&self.cache.ttl, &file_attr(&attr)),
             Err(err) => reply.error(errno(err)),
@@ -385,6 +396,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.stats.count_fuse_op(FuseOp::Setattr);
         let change = AttrChange {
             mode,
             uid,
@@ -400,6 +412,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.stats.count_fuse_op(FuseOp::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(err) => reply.error(errno(err)),
@@ -416,6 +429,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.stats.count_fuse_op(FuseOp::Mknod);
         let result = self
             .fs
             .mknod(parent.0, name, mode, u64::from(rdev), caller(req));
@@ -431,14 +445,17 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.stats.count_fuse_op(FuseOp::Mkdir);
         self.reply_entry(self.fs.mkdir(parent.0, name, mode, caller(req)), reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count_fuse_op(FuseOp::Unlink);
         reply_empty(self.fs.unlink(parent.0, name, caller(req)), reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count_fuse_op(FuseOp::Rmdir);
         reply_empty(self.fs.rmdir(parent.0, name, caller(req)), reply);
     }
 
@@ -450,6 +467,7 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.stats.count_fuse_op(FuseOp::Symlink);
         self.reply_entry(
             self.fs.symlink(parent.0, link_name, target, caller(req)),
             reply,
@@ -466,6 +484,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Rename);
         let result = self.fs.rename(
             parent.0,
             name,
@@ -485,6 +504,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.stats.count_fuse_op(FuseOp::Link);
         self.reply_entry(
             self.fs.link(ino.0, newparent.0, newname, caller(req)),
             reply,
@@ -492,6 +512,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count_fuse_op(FuseOp::Open);
         match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(opened) => self.serve_open(ino.0, opened, reply, |reply, backing| {
                 let fh = FileHandle(opened.fh);
@@ -515,6 +536,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.stats.count_fuse_op(FuseOp::Read);
         match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(err) => reply.error(errno(err)),
@@ -533,6 +555,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.stats.count_fuse_op(FuseOp::Write);
         match self.fs.write(fh.0, offset, data, caller(req)) {
             Ok(written) => reply.written(written),
             Err(err) => reply.error(errno(err)),
@@ -547,6 +570,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Flush);
         reply_empty(self.fs.flush(fh.0), reply);
     }
 
@@ -560,6 +584,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Release);
         let written_by_kernel = self.end_io(fh.0);
         reply_empty(self.fs.release(fh.0, written_by_kernel, caller(req)), reply);
     }
@@ -572,10 +597,12 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Fsync);
         reply_empty(self.fs.fsync(fh.0, datasync, caller(req)), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count_fuse_op(FuseOp::Opendir);
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(err) => reply.error(errno(err)),
@@ -590,6 +617,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.stats.count_fuse_op(FuseOp::Readdir);
         let result = self.fs.readdir(fh.0, offset, |entry, next| {
             reply.add(
                 INodeNo(entry.ino),
@@ -612,6 +640,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.stats.count_fuse_op(FuseOp::Readdir);
         let dir_attr = match self.fs.getattr(ino.0) {
             Ok(attr) => file_attr(&attr),
             Err(err) => return reply.error(errno(err)),
@@ -644,6 +673,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Releasedir);
         reply_empty(self.fs.releasedir(fh.0), reply);
     }
 
@@ -655,10 +685,12 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Fsyncdir);
         reply_empty(self.fs.fsyncdir(fh.0, datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.stats.count_fuse_op(FuseOp::Statfs);
         match self.fs.statfs(ino.0) {
             Ok(st) => reply.statfs(
                 st.f_blocks,
@@ -684,6 +716,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Setxattr);
         reply_empty(
             self.fs.setxattr(ino.0, name, value, flags, caller(req)),
             reply,
@@ -691,18 +724,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.stats.count_fuse_op(FuseOp::Getxattr);
         reply_xattr(self.fs.getxattr(ino.0, name, size), reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.stats.count_fuse_op(FuseOp::Listxattr);
         reply_xattr(self.fs.listxattr(ino.0, size), reply);
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count_fuse_op(FuseOp::Removexattr);
         reply_empty(self.fs.removexattr(ino.0, name, caller(req)), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.stats.count_fuse_op(FuseOp::Access);
         reply_empty(self.fs.access(ino.0, mask.bits()), reply);
     }
 
@@ -716,6 +753,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.stats.count_fuse_op(FuseOp::Create);
         let (attr, opened) = match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok(created) => created,
             Err(err) => return reply.error(errno(err)),
@@ -753,6 +791,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.stats.count_fuse_op(FuseOp::Ioctl);
         reply.error(fuser::Errno::ENOTTY);
     }
 
@@ -766,6 +805,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.stats.count_fuse_op(FuseOp::Fallocate);
         reply_empty(
             self.fs.fallocate(fh.0, offset, length, mode, caller(req)),
             reply,
@@ -781,6 +821,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.stats.count_fuse_op(FuseOp::Lseek);
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(position) => reply.offset(position),
             Err(err) => reply.error(errno(err)),
@@ -800,6 +841,7 @@ impl Filesystem for FuseAdapter {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.stats.count_fuse_op(FuseOp::CopyFileRange);
         let flags = u32::try_from(flags.bits()).unwrap_or(u32::MAX);
         match self.fs.copy_file_range(
             fh_in.0,

@@ -1,5 +1,6 @@
 //! `filesync install` / `filesync uninstall`: puts the binary, the mount(8)
-//! helper, the systemd unit and an example settings file in place.
+//! helper, the systemd unit template (`filesync@.service`, `Type=notify`, see
+//! [`crate::service`]) and an example settings file in place.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -33,6 +34,9 @@ const EXAMPLE_CONFIG: &str = r#"# filesync settings. Precedence: mount options >
 # threads = 4
 # log = "info"
 # log_file = "/var/log/filesync/data.log"
+
+[metrics]
+# listen = "127.0.0.1:9901"  # Prometheus text at /metrics; default off
 "#;
 
 /// Where things go. `root` is prepended to every path (like DESTDIR), so tests

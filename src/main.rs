@@ -151,6 +151,30 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Show each running mount: backing folder, watcher, mode, pending changes, replication
+    /// lag, last error, and every peer with its address, connection, round-trip time and
+    /// bytes in and out. Without MOUNTPOINT, every filesync mount in /proc/mounts.
+    ///
+    /// Examples:
+    ///   filesync status
+    ///   filesync status /mnt/data --json
+    ///   filesync status --watch
+    ///   filesync status --state-dir /var/lib/filesync/data --json | jq '.mounts[0].peers'
+    #[command(verbatim_doc_comment)]
+    Status {
+        /// The mount point to ask about (default: every filesync mount).
+        mountpoint: Option<PathBuf>,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print JSON ({"mounts": [...], "errors": [...]}) for scripts; with --watch, one
+        /// document per line.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
@@ -192,6 +216,12 @@ fn main() -> ExitCode {
             at,
             state_dir,
         } => run_restore(&path, at.as_deref(), state_dir),
+        Command::Status {
+            mountpoint,
+            state_dir,
+            json,
+            watch,
+        } => run_status(mountpoint.as_deref(), state_dir.as_deref(), json, watch),
         Command::Demo => run_demo(),
     };
     match result {
@@ -299,10 +329,28 @@ fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
         }
         None => {
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            builder.with_ansi(ansi).with_writer(std::io::stderr).init();
+            let builder = builder.with_ansi(ansi).with_writer(std::io::stderr);
+            // The journal stamps every line itself.
+            if stderr_is_journal() {
+                builder.without_time().init();
+            } else {
+                builder.init();
+            }
         }
     }
     Ok(())
+}
+
+/// Whether standard error is the journal: systemd then sets `JOURNAL_STREAM` to its
+/// device and inode (a child that inherited the variable but not the stream is not).
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", stat.st_dev, stat.st_ino)
 }
 
 fn run_watch(folder: &Path, options: &[String], config_file: Option<&Path>) -> anyhow::Result<()> {
@@ -450,6 +498,163 @@ fn run_restore(path: &Path, at: Option<&str>, state_dir: Option<PathBuf>) -> any
         versions::format_time(chosen.replaced)
     );
     Ok(())
+}
+
+/// Every mount point of a filesync mount, from /proc/mounts.
+fn filesync_mounts() -> anyhow::Result<Vec<PathBuf>> {
+    let table = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    let kind = format!("fuse.{}", mount::SUBTYPE);
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let mountpoint = fields.nth(1)?;
+            (fields.next()? == kind).then(|| PathBuf::from(mount::unescape_mountinfo(mountpoint)))
+        })
+        .collect())
+}
+
+/// What `filesync status --json` prints.
+#[derive(serde::Serialize)]
+struct StatusReport {
+    mounts: Vec<filesync::status::MountStatus>,
+    errors: Vec<StatusError>,
+}
+
+#[derive(serde::Serialize)]
+struct StatusError {
+    mountpoint: String,
+    error: String,
+}
+
+/// Asks each daemon for its status over its control socket.
+fn collect_status(
+    mountpoint: Option<&Path>,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<StatusReport> {
+    let targets: Vec<(String, PathBuf)> = match (mountpoint, state_dir) {
+        (_, Some(state_dir)) => vec![(
+            mountpoint.map_or_else(
+                || state_dir.display().to_string(),
+                |m| m.display().to_string(),
+            ),
+            state_dir.to_path_buf(),
+        )],
+        (Some(mountpoint), None) => {
+            let canonical = std::fs::canonicalize(mountpoint)
+                .with_context(|| format!("cannot find the mount point {}", mountpoint.display()))?;
+            vec![(
+                canonical.display().to_string(),
+                mount::default_state_dir(&canonical),
+            )]
+        }
+        (None, None) => filesync_mounts()?
+            .into_iter()
+            .map(|m| (m.display().to_string(), mount::default_state_dir(&m)))
+            .collect(),
+    };
+    let mut report = StatusReport {
+        mounts: Vec::new(),
+        errors: Vec::new(),
+    };
+    for (mountpoint, state_dir) in targets {
+        // One line each: the control error already names the socket and the cause.
+        let answer = filesync::control::request(&state_dir, "status")
+            .map_err(|err| format!("{err}; for a mount with state_dir=, give --state-dir DIR"))
+            .and_then(|answer| {
+                serde_json::from_str(&answer)
+                    .map_err(|err| format!("the daemon's answer is not a status ({err}): {answer}"))
+            });
+        match answer {
+            Ok(status) => report.mounts.push(status),
+            Err(error) => report.errors.push(StatusError { mountpoint, error }),
+        }
+    }
+    Ok(report)
+}
+
+fn run_status(
+    mountpoint: Option<&Path>,
+    state_dir: Option<&Path>,
+    json: bool,
+    watch: bool,
+) -> anyhow::Result<()> {
+    let explicit = mountpoint.is_some() || state_dir.is_some();
+    let clear = watch && !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let report = collect_status(mountpoint, state_dir)?;
+        if clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_status(&report);
+        }
+        if !watch {
+            if explicit && report.mounts.is_empty() {
+                bail!("no answer from the filesync daemon");
+            }
+            return Ok(());
+        }
+        // Ctrl-C ends the command (SIGINT's default action).
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn print_status(report: &StatusReport) {
+    if report.mounts.is_empty() && report.errors.is_empty() {
+        println!("no filesync mounts");
+    }
+    for mount in &report.mounts {
+        println!("{} (backing folder {})", mount.mountpoint, mount.backing);
+        println!(
+            "  watcher {}, mode {}, {} pending changes, replication lag {} ms, {} open conflicts",
+            mount.watcher,
+            mount.mode,
+            mount.pending_changes,
+            mount.replication_lag_ms,
+            mount.open_conflicts
+        );
+        if let Some(id) = &mount.node_id {
+            println!("  node {id}");
+        }
+        if let Some(error) = &mount.last_error {
+            println!("  last error: {error}");
+        }
+        for peer in &mount.peers {
+            let name = peer
+                .name
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            let address = peer.address.as_deref().unwrap_or("-");
+            let state = if peer.connected {
+                "connected"
+            } else {
+                "not connected"
+            };
+            let rtt = peer
+                .rtt_us
+                .map(|us| format!(", rtt {:.2} ms", us as f64 / 1000.0))
+                .unwrap_or_default();
+            println!("  peer {}{name}", peer.id);
+            println!(
+                "    {address} {}, {state}{rtt}, in {} B, out {} B, {} pending, lag {} ms",
+                peer.path,
+                peer.bytes_in,
+                peer.bytes_out,
+                peer.pending_changes,
+                peer.replication_lag_ms
+            );
+            if let Some(error) = &peer.last_error {
+                println!("    last error: {error}");
+            }
+        }
+    }
+    for error in &report.errors {
+        println!("{}: {}", error.mountpoint, error.error);
+    }
 }
 
 fn run_id(key_path: &Path) -> anyhow::Result<()> {

@@ -20,6 +20,7 @@ use crate::pipeline::indexer::Indexer;
 use crate::pipeline::replication::{self, LocalFolder, ReplicationError, ReplicationPlan};
 use crate::pipeline::scanner::ScanJob;
 use crate::pipeline::{self, MountGraph, Pipeline, StopError};
+use crate::status::{mode_name, Stats};
 
 /// The filesystem type the mount shows in `/proc/mounts` is `fuse.` followed by this.
 pub const SUBTYPE: &str = "filesync";
@@ -72,6 +73,10 @@ pub enum MountError {
     Pipeline(#[from] StopError),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 fn io_error<'a>(
@@ -184,8 +189,9 @@ pub fn filesync_mount_of(path: &Path) -> Option<(PathBuf, PathBuf)> {
     })
 }
 
-/// mountinfo writes space, tab, newline and backslash as three-digit octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
+/// mountinfo (and /proc/mounts) write space, tab, newline and backslash as three-digit
+/// octal escapes.
+pub fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -281,6 +287,23 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         .clone()
         .unwrap_or_else(|| default_state_dir(&plan.mountpoint));
     create_private_dir(&state_dir)?;
+    let stats = Arc::new(Stats::new(
+        plan.source.clone(),
+        plan.mountpoint.clone(),
+        mode_name(plan.settings.replication.mode).to_owned(),
+    ));
+    stats.set_capture_queue(queue.clone());
+    let commands = crate::control::Commands::default();
+    let reporting = stats.clone();
+    commands.register("status", move || {
+        serde_json::to_string(&reporting.report())
+            .unwrap_or_else(|err| format!("cannot encode the status: {err}"))
+    });
+    let answering = commands.clone();
+    crate::control::serve(&state_dir, move |command| answering.answer(command))?;
+    if let Some(address) = plan.settings.metrics {
+        crate::metrics::serve(address, stats.clone())?;
+    }
     let index = Arc::new(open_index(&state_dir.join("index.redb"))?);
     let root_fd = rustix::fs::open(
         &plan.source,
@@ -293,6 +316,11 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         ignore_pids: vec![std::process::id()],
     };
     let watcher = capture::start_watcher(&spec, behind_the_back.clone(), plan.settings.watcher)?;
+    stats.set_watcher(
+        watcher
+            .as_ref()
+            .map_or_else(|| "scan".to_owned(), |watcher| watcher.kind().to_string()),
+    );
     // What peers change is applied by this process (so no watcher reports it back), and
     // only the kernel's caches need to hear of it.
     let applied: Arc<dyn ChangeSink> = Arc::new(StaleSink(stale_tx));
@@ -308,7 +336,11 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
             },
             applied,
             gate,
-            settled.clone(),
+            replication::Shared {
+                settled: settled.clone(),
+                stats: stats.clone(),
+                commands: &commands,
+            },
         )?),
         None => None,
     };
@@ -328,13 +360,19 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         workdir: state_dir.clone(),
         replication,
         settled,
+        stats: stats.clone(),
     });
     let cache = if watcher.is_some() {
         CachePolicy::WATCHED
     } else {
         CachePolicy::UNWATCHED
     };
-    let adapter = FuseAdapter::new(overlay.clone(), plan.settings.passthrough, cache);
+    let adapter = FuseAdapter::new(
+        overlay.clone(),
+        plan.settings.passthrough,
+        cache,
+        stats.clone(),
+    );
     let mut session =
         Session::new(adapter, &plan.mountpoint, &fuse_config(plan)).map_err(|err| {
             match err.kind() {
@@ -357,8 +395,10 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         "mounted"
     );
     ready();
+    let notifier = crate::service::Notifier::ready(stats);
     let served = session.run().map_err(io_error("serve", &plan.mountpoint));
     tracing::info!(mountpoint = %plan.mountpoint.display(), "unmounted");
+    notifier.stopping();
     // The FUSE session is gone; stop capturing and let the graph drain what it holds.
     if let Some(watcher) = watcher {
         watcher.stop();

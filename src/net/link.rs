@@ -59,6 +59,8 @@ struct Shared {
     outgoing: Mutex<Option<Sender<Message>>>,
     /// The current socket, to cut it when the link closes.
     socket: Mutex<Option<TcpStream>>,
+    /// What connections that have ended carried.
+    finished: Mutex<Traffic>,
 }
 
 impl Shared {
@@ -125,6 +127,7 @@ impl Link {
             closing: AtomicBool::new(false),
             outgoing: Mutex::new(None),
             socket: Mutex::new(None),
+            finished: Mutex::new(Traffic::default()),
         });
         let (events_tx, events) = bounded(EVENT_QUEUE);
         let (stop, stop_rx) = bounded(0);
@@ -212,6 +215,22 @@ impl Link {
 
     pub fn peer(&self) -> NodeId {
         self.shared.peer
+    }
+
+    /// What the link has carried over all its connections, with the current connection's
+    /// round-trip time and queue. Read from the kernel, so it costs nothing until asked.
+    pub fn traffic(&self) -> Traffic {
+        let finished = self.shared.finished.lock();
+        let mut traffic = *finished;
+        if self.is_connected() {
+            if let Some(live) = self.shared.socket.lock().as_ref().and_then(tcp_traffic) {
+                traffic.bytes_in += live.bytes_in;
+                traffic.bytes_out += live.bytes_out;
+                traffic.rtt = live.rtt;
+            }
+            traffic.queued = self.shared.outgoing.lock().as_ref().map_or(0, Sender::len);
+        }
+        traffic
     }
 
     /// Sends what is queued (for at most a second), closes the connection and stops the
@@ -372,7 +391,15 @@ fn run_connection(ctx: &Context, established: Established) -> (String, bool) {
     let read_error = read_loop(ctx, receiver, idle_limit);
     first_error.lock().get_or_insert(read_error);
 
-    ctx.shared.connected.store(false, Ordering::SeqCst);
+    {
+        // Under the lock, so a concurrent `traffic()` counts this connection once.
+        let mut finished = ctx.shared.finished.lock();
+        if let Some(last) = tcp_traffic(&socket) {
+            finished.bytes_in += last.bytes_in;
+            finished.bytes_out += last.bytes_out;
+        }
+        ctx.shared.connected.store(false, Ordering::SeqCst);
+    }
     ctx.shared.outgoing.lock().take();
     drop(ended);
     let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -390,6 +417,48 @@ fn run_connection(ctx: &Context, established: Established) -> (String, bool) {
         tracing::warn!("connection to {peer} at {addr} dropped: {error}");
     }
     (error.to_string(), clean)
+}
+
+/// What a link carried, as the kernel counts it for TCP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Bytes received (TCP payload: the encrypted frames).
+    pub bytes_in: u64,
+    /// Bytes sent and acknowledged by the peer's kernel.
+    pub bytes_out: u64,
+    /// The smoothed round-trip time of the current connection.
+    pub rtt: Option<Duration>,
+    /// Messages waiting in the current connection's queue.
+    pub queued: usize,
+}
+
+/// The kernel's counters of one TCP connection (`TCP_INFO`); `None` if it will not say.
+fn tcp_traffic(socket: &TcpStream) -> Option<Traffic> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: the descriptor is a live socket; `info` is writable for `len` bytes and the
+    // kernel writes at most that many, reporting how many in `len`.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if result != 0 {
+        return None;
+    }
+    // SAFETY: tcp_info is plain integers, so the zeroed bytes the kernel did not fill (an
+    // older kernel fills fewer fields) are valid values too.
+    let info = unsafe { info.assume_init() };
+    Some(Traffic {
+        bytes_in: info.tcpi_bytes_received,
+        bytes_out: info.tcpi_bytes_acked,
+        rtt: (info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt))),
+        queued: 0,
+    })
 }
 
 /// Reads until the connection fails or ends; returns why.

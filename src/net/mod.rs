@@ -34,7 +34,7 @@ use std::time::Duration;
 use crate::identity::{NodeId, NodeKey};
 use crate::sync::proto;
 
-pub use link::{Link, Listener, Rejection};
+pub use link::{Link, Listener, Rejection, Traffic};
 
 /// The Noise protocol every connection speaks.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";

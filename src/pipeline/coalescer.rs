@@ -16,6 +16,7 @@ use super::update::{Content, Update};
 use super::Settled;
 use crate::change::{Change, ChangeKind, FileId, Source};
 use crate::ignores::{is_ignore_file, Ignores};
+use crate::status::Stats;
 
 /// The merged state of one path while its burst lasts.
 struct Pending {
@@ -238,33 +239,30 @@ impl Coalescer {
     }
 }
 
+/// What the coalescer works with besides its channels.
+pub struct CoalescerSetup {
+    pub debounce: Duration,
+    pub settled: Arc<Settled>,
+    pub ignores: Arc<Ignores>,
+    pub stats: Arc<Stats>,
+}
+
 /// The actor: changes from every capture source in, updates out.
 pub async fn run(
     actor: SteadyActorShadow,
     changes: SteadyRx<Change>,
     updates: SteadyTx<Update>,
     replica: Option<SteadyTx<Update>>,
-    debounce: Duration,
-    settled: Arc<Settled>,
-    ignores: Arc<Ignores>,
+    setup: Arc<CoalescerSetup>,
 ) -> Result<(), Box<dyn Error>> {
     match replica {
         Some(replica) => {
             let actor = actor.into_spotlight([&changes], [&updates, &replica]);
-            coalesce(
-                actor,
-                changes,
-                updates,
-                Some(replica),
-                debounce,
-                settled,
-                ignores,
-            )
-            .await
+            coalesce(actor, changes, updates, Some(replica), &setup).await
         }
         None => {
             let actor = actor.into_spotlight([&changes], [&updates]);
-            coalesce(actor, changes, updates, None, debounce, settled, ignores).await
+            coalesce(actor, changes, updates, None, &setup).await
         }
     }
 }
@@ -275,10 +273,15 @@ async fn coalesce<A: SteadyActor>(
     changes: SteadyRx<Change>,
     updates: SteadyTx<Update>,
     replica: Option<SteadyTx<Update>>,
-    debounce: Duration,
-    settled: Arc<Settled>,
-    ignores: Arc<Ignores>,
+    setup: &CoalescerSetup,
 ) -> Result<(), Box<dyn Error>> {
+    let CoalescerSetup {
+        debounce,
+        settled,
+        ignores,
+        stats,
+    } = setup;
+    let debounce = *debounce;
     let mut changes = changes.acquire_guard().await;
     let mut updates = updates.acquire_guard().await;
     let mut replica = match &replica {
@@ -299,8 +302,10 @@ async fn coalesce<A: SteadyActor>(
             let _woken =
                 await_for_any!(actor.wait_avail(&mut changes, 1), actor.wait_timeout(wait));
         }
+        stats.beat();
         let mut out = Vec::new();
         while let Some(change) = actor.try_take(&mut changes) {
+            stats.count_captured(change.source);
             out.extend(coalescer.push(change, Instant::now()));
         }
         if changes.is_closed_and_empty() {
@@ -309,7 +314,7 @@ async fn coalesce<A: SteadyActor>(
             out.extend(coalescer.due(Instant::now()));
         }
         settled.set_coalescer_idle(coalescer.is_idle() && actor.avail_units(&mut changes) == 0);
-        for update in out.into_iter().flat_map(|update| admit(&ignores, update)) {
+        for update in out.into_iter().flat_map(|update| admit(ignores, update)) {
             if let Some(replica) = replica.as_mut() {
                 actor
                     .send_async(replica, update.clone(), SendSaturation::AwaitForRoom)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use steady_state::*;
 
 use super::session::Outgoing;
+use crate::status::{payload_sizes, Stats};
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::proto::Message;
 
@@ -17,9 +18,10 @@ pub async fn run(
     raw: SteadyRx<Outgoing>,
     compressed: SteadyTx<Outgoing>,
     policy: Arc<CompressionPolicy>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     let actor = actor.into_spotlight([&raw], [&compressed]);
-    compress(actor, raw, compressed, policy).await
+    compress(actor, raw, compressed, policy, stats).await
 }
 
 async fn compress<A: SteadyActor>(
@@ -27,6 +29,7 @@ async fn compress<A: SteadyActor>(
     raw: SteadyRx<Outgoing>,
     compressed: SteadyTx<Outgoing>,
     policy: Arc<CompressionPolicy>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     let mut raw = raw.acquire_guard().await;
     let mut compressed = compressed.acquire_guard().await;
@@ -36,7 +39,10 @@ async fn compress<A: SteadyActor>(
         while let Some(mut outgoing) = actor.try_take(&mut raw) {
             if let Message::Change(change) = &mut outgoing.message {
                 tracing::trace!(seq = change.seq, "compressing");
+                let (raw_bytes, _) = payload_sizes(&change.op);
                 policy.compress_change(change);
+                let (_, compressed_bytes) = payload_sizes(&change.op);
+                stats.sent_payload.add(raw_bytes, compressed_bytes);
             }
             actor
                 .send_async(&mut compressed, outgoing, SendSaturation::AwaitForRoom)

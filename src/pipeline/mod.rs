@@ -47,6 +47,7 @@ use steady_state::{Graph, GraphBuilder, SoloAct};
 
 use crate::change::Change;
 use crate::ignores::Ignores;
+use crate::status::Stats;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
@@ -107,6 +108,8 @@ pub struct MountGraph {
     pub settled: Arc<Settled>,
     /// The folder's ignore rules: the coalescer drops updates of ignored paths.
     pub ignores: Arc<Ignores>,
+    /// What `filesync status`, the metrics and systemd are told (see [`crate::status`]).
+    pub stats: Arc<Stats>,
 }
 
 /// What the replication actors work with.
@@ -179,8 +182,14 @@ impl Pipeline {
             replication,
             settled,
             ignores,
+            stats,
         } = parts;
-        let coalescer_settled = settled.clone();
+        let coalescer_setup = Arc::new(coalescer::CoalescerSetup {
+            debounce,
+            settled: settled.clone(),
+            ignores,
+            stats: stats.clone(),
+        });
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
         let mut graph = new_graph(telemetry, &workdir);
         let channels = graph.channel_builder().with_capacity(CHANNEL_CAPACITY);
@@ -199,7 +208,7 @@ impl Pipeline {
         let replica_tx = match replication {
             Some(replication) => {
                 let (replica_tx, replica_rx) = channels.build::<Update>();
-                add_replication(&mut graph, replication, replica_rx);
+                add_replication(&mut graph, replication, replica_rx, stats.clone());
                 Some(replica_tx)
             }
             None => None,
@@ -212,9 +221,7 @@ impl Pipeline {
                     changes_rx.clone(),
                     updates_tx.clone(),
                     replica_tx.as_ref().map(|tx| tx.clone()),
-                    debounce,
-                    coalescer_settled.clone(),
-                    ignores.clone(),
+                    coalescer_setup.clone(),
                 )
             },
             SoloAct,
@@ -253,6 +260,7 @@ fn add_replication(
     graph: &mut Graph,
     parts: ReplicationGraph,
     replica: steady_state::LazySteadyRx<Update>,
+    stats: Arc<Stats>,
 ) {
     let ReplicationGraph {
         sends,
@@ -273,6 +281,7 @@ fn add_replication(
         settled,
     });
     let compression = Arc::new(compression);
+    let compressor_stats = stats.clone();
     let session = Arc::new(Mutex::new(session));
     let receiving = Arc::new(Mutex::new(receiving));
     let data = graph.channel_builder().with_capacity(DATA_CHANNEL_CAPACITY);
@@ -303,6 +312,7 @@ fn add_replication(
                 raw_rx.clone(),
                 compressed_tx.clone(),
                 compression.clone(),
+                compressor_stats.clone(),
             )
         },
         SoloAct,
@@ -314,6 +324,7 @@ fn add_replication(
                 compressed_rx.clone(),
                 replies_rx.clone(),
                 peers.clone(),
+                stats.clone(),
             )
         },
         SoloAct,

@@ -135,7 +135,7 @@ impl ReplicationPlan {
         folder: LocalFolder<'_>,
         invalidate: Arc<dyn ChangeSink>,
         gate: Arc<SyncGate>,
-        settled: Arc<super::Settled>,
+        shared: Shared<'_>,
     ) -> Result<ReplicationGraph, ReplicationError> {
         let LocalFolder {
             source,
@@ -143,24 +143,26 @@ impl ReplicationPlan {
             index,
             ignores,
         } = folder;
+        let Shared {
+            settled,
+            stats,
+            commands,
+        } = shared;
         let local = Arc::new(LocalChanges::default());
         let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
-        crate::control::serve(state_dir, move |command| match command {
-            "revert" => {
-                let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
-                if revert_tx.send_timeout(answer_tx, CONTROL_WAIT).is_err() {
-                    return "the daemon is busy; try again".to_owned();
-                }
-                answer_rx
-                    .recv_timeout(CONTROL_WAIT)
-                    .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
+        commands.register("revert", move || {
+            let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+            if revert_tx.send_timeout(answer_tx, CONTROL_WAIT).is_err() {
+                return "the daemon is busy; try again".to_owned();
             }
-            other => format!("unknown command '{other}': this daemon knows 'revert'"),
-        })
-        .map_err(|err| ReplicationError::State {
-            path: state_dir.display().to_string(),
-            reason: err.to_string(),
-        })?;
+            answer_rx
+                .recv_timeout(CONTROL_WAIT)
+                .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
+        });
+        stats.set_node_id(self.key.id().to_string());
+        for (id, address) in &self.peers {
+            stats.add_peer(*id, *address);
+        }
         let state = |reason: String| ReplicationError::State {
             path: state_dir.display().to_string(),
             reason,
@@ -234,6 +236,7 @@ impl ReplicationPlan {
                 gate.clone(),
                 hello,
                 settled.clone(),
+                stats,
             ),
             receiving: Receiving::new(
                 applier,
@@ -249,6 +252,14 @@ impl ReplicationPlan {
             settled,
         })
     }
+}
+
+/// What replication shares with the rest of the mount: whether its pipeline has settled,
+/// its status, and its control commands (replication answers `revert`).
+pub struct Shared<'a> {
+    pub settled: Arc<super::Settled>,
+    pub stats: Arc<crate::status::Stats>,
+    pub commands: &'a crate::control::Commands,
 }
 
 /// A new gate for `durability=sync`.

@@ -12,6 +12,7 @@ use steady_state::*;
 use super::session::{Outgoing, Peers, Reply};
 use crate::identity::NodeId;
 use crate::net::Link;
+use crate::status::Stats;
 use crate::sync::proto::Message;
 
 /// How long one message may wait for room in a link's queue before the link is treated
@@ -23,9 +24,10 @@ pub async fn run(
     outgoing: SteadyRx<Outgoing>,
     replies: SteadyRx<Reply>,
     peers: Arc<Peers>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     let actor = actor.into_spotlight([&outgoing, &replies], []);
-    send(actor, outgoing, replies, peers).await
+    send(actor, outgoing, replies, peers, stats).await
 }
 
 async fn send<A: SteadyActor>(
@@ -33,6 +35,7 @@ async fn send<A: SteadyActor>(
     outgoing: SteadyRx<Outgoing>,
     replies: SteadyRx<Reply>,
     peers: Arc<Peers>,
+    stats: Arc<Stats>,
 ) -> Result<(), Box<dyn Error>> {
     let mut outgoing = outgoing.acquire_guard().await;
     let mut replies = replies.acquire_guard().await;
@@ -45,10 +48,15 @@ async fn send<A: SteadyActor>(
         );
         while let Some(reply) = actor.try_take(&mut replies) {
             match reply {
-                Reply::Send { to, message } => deliver(&peers, Some(to), message),
+                Reply::Send { to, message } => {
+                    if let Message::Ack { seq } = message {
+                        stats.acked_to(to, seq);
+                    }
+                    deliver(&peers, &stats, Some(to), message);
+                }
                 Reply::Drop { peer, reason } => peers.drop_peer(peer, &reason),
                 Reply::ToSender { message } => match peers.a_sender() {
-                    Some(peer) => deliver(&peers, Some(peer), message),
+                    Some(peer) => deliver(&peers, &stats, Some(peer), message),
                     None => tracing::warn!(
                         "no peer that sends is connected; the request waits for the next catch-up"
                     ),
@@ -57,14 +65,19 @@ async fn send<A: SteadyActor>(
         }
         while let Some(Outgoing { to, message }) = actor.try_take(&mut outgoing) {
             tracing::trace!("sending");
-            deliver(&peers, to, message);
+            deliver(&peers, &stats, to, message);
         }
     }
     Ok(())
 }
 
-fn deliver(peers: &Peers, to: Option<NodeId>, message: Message) {
+fn deliver(peers: &Peers, stats: &Stats, to: Option<NodeId>, message: Message) {
     let targets = peers.targets(to);
+    if let Message::Change(change) = &message {
+        for (peer, _) in &targets {
+            stats.change_sent(*peer, change.seq);
+        }
+    }
     let Some(((last_peer, last_link), others)) = targets.split_last() else {
         return;
     };

@@ -20,7 +20,8 @@ use steady_state::*;
 use super::Settled;
 use crate::identity::NodeId;
 use crate::index::Index;
-use crate::net::{Link, LinkEvent, Listener};
+use crate::net::{Link, LinkEvent, Listener, Traffic};
+use crate::status::{payload_sizes, Stats, TrafficSource};
 use crate::sync::digest;
 use crate::sync::durability::SyncGate;
 use crate::sync::proto::{Hello, Message, Want};
@@ -72,9 +73,10 @@ struct PeerLink {
 }
 
 /// The links of this node, shared by the session's two halves.
-#[derive(Default)]
 pub struct Peers {
     links: Mutex<Vec<PeerLink>>,
+    /// Where the reason a connection was dropped is kept for `filesync status`.
+    stats: Arc<Stats>,
 }
 
 impl Peers {
@@ -106,6 +108,7 @@ impl Peers {
     /// reconnects after its backoff).
     pub fn drop_peer(&self, peer: NodeId, reason: &str) {
         tracing::warn!("dropping the connection to peer {peer}: {reason}");
+        self.stats.peer_dropped(peer, reason);
         for link in self.links.lock().iter() {
             if link.link.peer() == peer {
                 link.link.disconnect();
@@ -120,8 +123,9 @@ impl Peers {
         });
     }
 
-    /// The links to listen to; accepted links whose connection ended are closed here.
-    fn event_sources(&self) -> Vec<Arc<Link>> {
+    /// The links to listen to; accepted links whose connection ended are closed here (their
+    /// traffic stays in `stats`).
+    fn event_sources(&self, stats: &Stats) -> Vec<Arc<Link>> {
         let mut ended = Vec::new();
         let mut links = self.links.lock();
         links.retain(|peer| {
@@ -133,6 +137,9 @@ impl Peers {
         });
         let sources = links.iter().map(|p| p.link.clone()).collect();
         drop(links);
+        for link in &ended {
+            stats.retire_link(link.peer(), link.traffic());
+        }
         close_in_background(ended);
         sources
     }
@@ -151,6 +158,16 @@ impl Peers {
                 link.close();
             }
         }
+    }
+}
+
+impl TrafficSource for Peers {
+    fn traffic(&self) -> Vec<(NodeId, Traffic)> {
+        self.links
+            .lock()
+            .iter()
+            .map(|peer| (peer.link.peer(), peer.link.traffic()))
+            .collect()
     }
 }
 
@@ -184,6 +201,8 @@ pub struct Session {
     pub hello: Hello,
     /// Whether the local pipeline has indexed everything it captured.
     pub settled: Arc<Settled>,
+    /// Where connections, changes in flight and payload bytes are counted.
+    pub stats: Arc<Stats>,
     /// When each connected receiving peer is next offered a summary.
     summaries: HashMap<NodeId, Instant>,
 }
@@ -196,11 +215,16 @@ impl Session {
         gate: Arc<SyncGate>,
         hello: Hello,
         settled: Arc<Settled>,
+        stats: Arc<Stats>,
     ) -> Session {
-        let peers = Arc::new(Peers::default());
+        let peers = Arc::new(Peers {
+            links: Mutex::new(Vec::new()),
+            stats: stats.clone(),
+        });
         for link in dialed {
             peers.add(link);
         }
+        stats.set_traffic_source(peers.clone());
         Session {
             peers,
             listener,
@@ -208,6 +232,7 @@ impl Session {
             gate,
             hello,
             settled,
+            stats,
             summaries: HashMap::new(),
         }
     }
@@ -273,6 +298,7 @@ async fn receive<A: SteadyActor>(
     let mut jobs = jobs.acquire_guard().await;
     let mut session = session.lock();
     while actor.is_running(|| incoming.mark_closed() && jobs.mark_closed()) {
+        session.stats.beat();
         session.offer_due_summaries();
         let Some((link, event)) = next_event(&session) else {
             continue;
@@ -284,6 +310,7 @@ async fn receive<A: SteadyActor>(
                     hello.node_name,
                     describe(&hello)
                 );
+                session.stats.peer_connected(peer, addr, &hello.node_name);
                 session
                     .peers
                     .set_connected(&link, Some((peer, hello.clone())));
@@ -299,6 +326,9 @@ async fn receive<A: SteadyActor>(
                 } else {
                     tracing::warn!("connection to peer {peer} lost or refused: {reason}");
                 }
+                session
+                    .stats
+                    .peer_disconnected(peer, (!clean).then_some(reason.as_str()));
                 session.gate.disconnected(peer);
                 session.summaries.remove(&peer);
                 session.peers.set_connected(&link, None);
@@ -312,6 +342,11 @@ async fn receive<A: SteadyActor>(
                     | Message::Listing { .. }
                     | Message::CaughtUp => {
                         if session.hello.receives {
+                            if let Message::Change(change) = &message {
+                                session.stats.change_received(from, change.seq);
+                                let (raw, compressed) = payload_sizes(&change.op);
+                                session.stats.received_payload.add(raw, compressed);
+                            }
                             let item = Incoming { from, message };
                             actor
                                 .send_async(&mut incoming, item, SendSaturation::AwaitForRoom)
@@ -329,7 +364,10 @@ async fn receive<A: SteadyActor>(
                             .send_async(&mut jobs, job, SendSaturation::AwaitForRoom)
                             .await;
                     }
-                    Message::Ack { seq } => session.gate.acked(from, seq),
+                    Message::Ack { seq } => {
+                        session.stats.acked_by(from, seq);
+                        session.gate.acked(from, seq);
+                    }
                     Message::Error(text) => {
                         session
                             .peers
@@ -362,7 +400,7 @@ fn next_event(session: &Session) -> Option<(Arc<Link>, LinkEvent)> {
             );
         }
     }
-    let links = session.peers.event_sources();
+    let links = session.peers.event_sources(&session.stats);
     let mut select = Select::new();
     for link in &links {
         select.recv(link.events());
