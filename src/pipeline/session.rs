@@ -80,20 +80,24 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// The connected links to send `to` (one peer, or every peer that receives).
+    /// The connected links to send `to` (one peer, or every peer that receives): one per
+    /// peer (the first in the table), even when both nodes dialed each other and two
+    /// links are up, so nothing is sent twice or out of order.
     pub fn targets(&self, to: Option<NodeId>) -> Vec<(NodeId, Arc<Link>)> {
-        self.links
-            .lock()
-            .iter()
-            .filter_map(|peer| {
-                let (id, hello) = peer.connected.as_ref()?;
-                let wanted = match to {
-                    Some(to) => *id == to,
-                    None => hello.receives,
-                };
-                wanted.then(|| (*id, peer.link.clone()))
-            })
-            .collect()
+        let mut targets: Vec<(NodeId, Arc<Link>)> = Vec::new();
+        for peer in self.links.lock().iter() {
+            let Some((id, hello)) = peer.connected.as_ref() else {
+                continue;
+            };
+            let wanted = match to {
+                Some(to) => *id == to,
+                None => hello.receives,
+            };
+            if wanted && targets.iter().all(|(known, _)| known != id) {
+                targets.push((*id, peer.link.clone()));
+            }
+        }
+        targets
     }
 
     /// A connected peer that sends its changes, if any.
@@ -311,10 +315,13 @@ async fn receive<A: SteadyActor>(
                     describe(&hello)
                 );
                 session.stats.peer_connected(peer, addr, &hello.node_name);
+                // Both nodes may have dialed: a second link to a connected peer carries
+                // what is sent over it, but the peer is already caught up with.
+                let first = session.peers.targets(Some(peer)).is_empty();
                 session
                     .peers
                     .set_connected(&link, Some((peer, hello.clone())));
-                if session.hello.sends && hello.receives {
+                if first && session.hello.sends && hello.receives {
                     session.gate.connected(peer, 0);
                     session.summaries.insert(peer, Instant::now());
                 }
@@ -326,12 +333,14 @@ async fn receive<A: SteadyActor>(
                 } else {
                     tracing::warn!("connection to peer {peer} lost or refused: {reason}");
                 }
-                session
-                    .stats
-                    .peer_disconnected(peer, (!clean).then_some(reason.as_str()));
-                session.gate.disconnected(peer);
-                session.summaries.remove(&peer);
                 session.peers.set_connected(&link, None);
+                if session.peers.targets(Some(peer)).is_empty() {
+                    session
+                        .stats
+                        .peer_disconnected(peer, (!clean).then_some(reason.as_str()));
+                    session.gate.disconnected(peer);
+                    session.summaries.remove(&peer);
+                }
             }
             LinkEvent::Received(message) => {
                 let from = link.peer();
