@@ -554,22 +554,30 @@ fn nodes_that_dial_each_other_send_each_change_once() {
         a.log(),
         b.log()
     );
+    // Sixteen files of 256 KiB, each written by one write() (one FUSE request).
     let mut rng = fastrand::Rng::with_seed(7);
-    let data: Vec<u8> = std::iter::repeat_with(|| rng.u8(..))
-        .take(4 << 20)
+    let files: Vec<Vec<u8>> = (0..16)
+        .map(|_| {
+            std::iter::repeat_with(|| rng.u8(..))
+                .take(256 << 10)
+                .collect()
+        })
         .collect();
+    let total: u64 = files.iter().map(|f| f.len() as u64).sum();
     let before = net.bytes_sent_by_a();
-    fs::write(a.mnt().join("big.bin"), &data).expect("write");
-    assert!(wait_until(CONVERGE, || fs::read(b.src().join("big.bin"))
-        .is_ok_and(|c| c == data)));
+    for (i, data) in files.iter().enumerate() {
+        fs::write(a.mnt().join(format!("f{i}.bin")), data).expect("write");
+    }
+    assert!(wait_until(CONVERGE, || files.iter().enumerate().all(
+        |(i, data)| { fs::read(b.src().join(format!("f{i}.bin"))).is_ok_and(|c| c == *data) }
+    )));
     std::thread::sleep(Duration::from_secs(1));
     let sent = net.bytes_sent_by_a() - before;
     // Random bytes do not compress: sent twice would be 2 × the size; once, plus framing
     // and acknowledgements, stays well under 1.5 ×.
     assert!(
-        sent < data.len() as u64 * 3 / 2,
-        "A sent {sent} bytes for a {} byte file:\nA:\n{}\nB:\n{}",
-        data.len(),
+        sent < total * 3 / 2,
+        "A sent {sent} bytes for {total} bytes of files:\nA:\n{}\nB:\n{}",
         a.log(),
         b.log()
     );

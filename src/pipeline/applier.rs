@@ -44,8 +44,9 @@ pub struct Receiving {
     /// removed during catch-up.
     pub mirror: bool,
     catch_up: HashMap<NodeId, CatchUp>,
-    /// Whole-file transfers under way (path, when their last piece came): catch-up does
-    /// not ask for these again while they keep arriving.
+    /// Files changing live (path, when their last piece or range came): catch-up does not
+    /// ask for these while they keep arriving (the file may be half written, and a whole
+    /// copy would race with its live changes); a quiet one is compared again later.
     arriving: HashMap<RelPath, Instant>,
     /// Changes made here behind the mount's back (on a receive-only node).
     local: Arc<LocalChanges>,
@@ -278,16 +279,17 @@ impl Receiving {
     }
 
     fn apply_admitted(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
-        if let Op::File {
-            data: FileData::Whole { last, .. },
-            ..
-        } = &change.op
-        {
-            if *last {
+        match &change.op {
+            Op::File {
+                data: FileData::Whole { last: true, .. },
+                ..
+            } => {
                 self.arriving.remove(&change.path);
-            } else {
+            }
+            Op::File { .. } => {
                 self.arriving.insert(change.path.clone(), Instant::now());
             }
+            _ => {}
         }
         // The mount shows the change as soon as it is in place, before the index commit.
         // A new link changes the link count the other names show, too.
