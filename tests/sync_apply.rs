@@ -946,3 +946,38 @@ fn deferred_files_appear_together_in_order_and_vanish_if_never_committed() {
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(node.index.get(Path::new("d/lost")).unwrap().is_none());
 }
+
+#[test]
+fn a_file_sent_while_written_then_its_ranges_in_pieces_ends_whole() {
+    let mut node = Node::new();
+    let full = pattern(4 << 20, 9);
+    let with_blocks = |op: Op, content: &[u8], first: u64, last: u64| match op {
+        Op::File {
+            meta, size, data, ..
+        } => Op::File {
+            meta,
+            size,
+            data,
+            blocks: (first..last).map(|b| (b, block_hash(content, b))).collect(),
+        },
+        other => other,
+    };
+    // The first snapshot: what was written by the time the sender read it.
+    let snapshot = &full[..(1 << 20) + 4096];
+    let first = with_blocks(whole(snapshot), snapshot, 0, 9);
+    node.applier()
+        .apply_deferred(&change("big", first), |_| {})
+        .unwrap();
+    let mib = 1u64 << 20;
+    let per_block = BLOCK_SIZE;
+    for piece in 0..4u64 {
+        let (start, end) = (piece * mib, (piece + 1) * mib);
+        let op = ranges(4 * mib, &[(start, &full[start as usize..end as usize])]);
+        let op = with_blocks(op, &full, start / per_block, end / per_block);
+        node.applier()
+            .apply_deferred(&change("big", op), |_| {})
+            .unwrap_or_else(|e| panic!("piece {piece}: {e}"));
+    }
+    node.applier().commit_deferred().unwrap();
+    assert!(node.read("big") == full);
+}

@@ -388,6 +388,7 @@ fn check_blocks(
             }
         }
         if blake3::hash(&buf).as_bytes() != hash {
+            tracing::debug!(path = ?rel, block = index, old_size, size, ranges = ranges.len(), "block differs from the sender's");
             return Err(diverged());
         }
     }
