@@ -47,6 +47,7 @@
 //! | `durability=LEVEL` | `[replication] durability` | | `async` (an `fsync` returns once local data is durable) or `sync` (also waits until every connected peer has it durably) | `async` |
 //! | `key=PATH` | `[replication] key` | | an absolute path to this node's key (`filesync keygen`) | `/etc/filesync/node.key` |
 //! | `compression=LEVEL` | `[replication] compression` | | `off` or a zstd level from 1 to 19 | 3 |
+//! | `stun=HOST:PORT` | `[replication] stun` (a list of the same strings) | | a STUN server (`filesync stun-server` or any public one) that tells this node its public address and NAT type; may be given several times, servers from every source are combined; two servers at different addresses are needed to tell the NAT type | none |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -84,6 +85,7 @@
 //! durability = "async"       # or "sync"
 //! key = "/etc/filesync/node.key"
 //! compression = 3            # zstd level, or "off"
+//! stun = ["stun.example.org:3478", "198.18.0.3:3478"]  # STUN servers for NAT discovery
 //! ```
 //!
 //! # Mount options
@@ -127,7 +129,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, peer, \
-     listen, mode, durability, key, compression, config";
+     listen, mode, durability, key, compression, stun, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -195,6 +197,8 @@ const EXPECT_LISTEN: &str = "off, or an IP address and a port from 1 to 65535 su
 const EXPECT_MODE: &str = "sendreceive, sendonly or receiveonly";
 const EXPECT_DURABILITY: &str = "async or sync";
 const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
+const EXPECT_STUN: &str = "a STUN server as HOST:PORT, such as stun.example.org:3478 or \
+     198.18.0.1:3478";
 /// Where the node key is when none is named.
 pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
 /// The zstd level when none is given: fast, and most of the gain.
@@ -349,6 +353,8 @@ pub struct Replication {
     pub key: PathBuf,
     /// The zstd level; `None` sends everything uncompressed.
     pub compression: Option<i32>,
+    /// STUN servers (`HOST:PORT`) asked for this node's public address.
+    pub stun: Vec<String>,
 }
 
 impl Replication {
@@ -450,6 +456,8 @@ pub struct MountOptions {
     pub key: Option<PathBuf>,
     /// `compression=off|LEVEL`: the zstd level; `Some(None)` is `off`.
     pub compression: Option<Option<i32>>,
+    /// `stun=HOST:PORT`, repeatable: STUN servers for NAT discovery.
+    pub stun: Vec<String>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -491,6 +499,7 @@ impl MountOptions {
             durability: later.durability.or(self.durability),
             key: later.key.or(self.key),
             compression: later.compression.or(self.compression),
+            stun: merge_stun(self.stun, later.stun),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -532,6 +541,10 @@ impl MountOptions {
             "key" => self.key = Some(check_absolute(needs("PATH")?, &origin)?),
             "compression" => {
                 self.compression = Some(check_compression(needs("off|LEVEL")?, &origin)?);
+            }
+            "stun" => {
+                let server = check_stun(needs("HOST:PORT")?, &origin)?;
+                self.stun = merge_stun(std::mem::take(&mut self.stun), vec![server]);
             }
             "config" => self.config = Some(check_absolute(needs("PATH")?, &origin)?),
             "allow_other" => {
@@ -894,6 +907,33 @@ fn merge_peers(earlier: Vec<PeerSpec>, later: Vec<PeerSpec>) -> Vec<PeerSpec> {
     peers
 }
 
+/// Check a STUN server: `HOST:PORT` with a non-empty host and a non-zero port; the name is
+/// resolved by the discovery client, again on every round.
+fn check_stun(raw: Raw<'_>, origin: &Origin<'_>) -> Result<String, ConfigError> {
+    let text = raw.text().ok_or_else(|| raw.invalid(origin, EXPECT_STUN))?;
+    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(|c: char| c.is_whitespace() || c.is_control() || c == '/')
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(raw.invalid(origin, EXPECT_STUN))
+    }
+}
+
+/// STUN servers from two sources: all of them, each once.
+fn merge_stun(earlier: Vec<String>, later: Vec<String>) -> Vec<String> {
+    let mut servers = earlier;
+    for server in later {
+        if !servers.contains(&server) {
+            servers.push(server);
+        }
+    }
+    servers
+}
+
 /// Check a path that must be absolute, because a mount helper's working directory is unknown.
 fn check_absolute(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PathBuf, ConfigError> {
     match raw.text().map(Path::new) {
@@ -1102,11 +1142,12 @@ struct TelemetrySection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a [replication] table with the keys peers, listen, mode, durability, key and \
-                 compression"
+    expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
+                 compression and stun"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
+    stun: Option<Vec<toml::Value>>,
     listen: Option<toml::Value>,
     mode: Option<toml::Value>,
     durability: Option<toml::Value>,
@@ -1224,6 +1265,10 @@ impl ReplicationSection {
         for peer in self.peers.iter().flatten() {
             let peer = check_peer(Raw::Toml(peer), &key("[replication].peers"))?;
             layer.peers = merge_peers(std::mem::take(&mut layer.peers), vec![peer]);
+        }
+        for server in self.stun.iter().flatten() {
+            let server = check_stun(Raw::Toml(server), &key("[replication].stun"))?;
+            layer.stun = merge_stun(std::mem::take(&mut layer.stun), vec![server]);
         }
         layer.listen = checked(raw(&self.listen), key("[replication].listen"), check_listen)?;
         layer.mode = checked(raw(&self.mode), key("[replication].mode"), check_mode)?;
@@ -1375,6 +1420,7 @@ impl Host {
                     .key
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_PATH)),
                 compression: merged.compression.unwrap_or(Some(DEFAULT_COMPRESSION)),
+                stun: merged.stun,
             },
             config_file,
             kernel: merged.kernel,
@@ -1537,6 +1583,7 @@ mod tests {
                     durability: Durability::Async,
                     key: PathBuf::from(DEFAULT_KEY_PATH),
                     compression: Some(3),
+                    stun: Vec::new(),
                 },
                 config_file: None,
                 kernel: KernelFlags::default(),
@@ -1931,6 +1978,24 @@ mod tests {
             let name = bad.split('=').next().unwrap_or(bad);
             assert!(message.contains(name), "{bad}: {message}");
         }
+    }
+
+    #[test]
+    fn stun_servers_from_every_source() {
+        let parsed = MountOptions::parse("stun=198.18.0.1:3478,stun=[::1]:3478,stun=198.18.0.1:3478")
+            .expect("valid options");
+        assert_eq!(parsed.stun, vec!["198.18.0.1:3478", "[::1]:3478"]);
+        let file = "[replication]\nstun = [\"stun.example.org:3478\", \"198.18.0.1:3478\"]\n";
+        let replication = settings("stun=198.18.0.3:3478", Some(file), &[]).replication;
+        assert_eq!(
+            replication.stun,
+            vec!["stun.example.org:3478", "198.18.0.1:3478", "198.18.0.3:3478"]
+        );
+        for bad in ["stun=", "stun=host", "stun=host:0", "stun=:3478", "stun=a b:1"] {
+            assert_mentions(&parse_error(bad), &["stun", "HOST:PORT"]);
+        }
+        let message = error("", Some("[replication]\nstun = [3478]\n"), &[]);
+        assert_mentions(&message, &["[replication].stun", "HOST:PORT"]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::config::{Mode, Replication, Settings};
 use crate::identity::{NodeId, NodeKey};
 use crate::index::Index;
 use crate::net::{Link, LinkConfig, Listener, PeerSet};
+use crate::stun::{Keeper, KeeperConfig};
 use crate::sync::apply::Applier;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
@@ -130,6 +131,7 @@ impl ReplicationPlan {
     ) -> Result<ReplicationGraph, ReplicationError> {
         let local = Arc::new(LocalChanges::default());
         let (revert_tx, revert_rx) = crossbeam_channel::bounded(4);
+        let discovery = self.start_discovery();
         crate::control::serve(state_dir, move |command| match command {
             "revert" => {
                 let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
@@ -140,7 +142,11 @@ impl ReplicationPlan {
                     .recv_timeout(CONTROL_WAIT)
                     .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
             }
-            other => format!("unknown command '{other}': this daemon knows 'revert'"),
+            "stun" => discovery.as_ref().and_then(Keeper::latest).map_or_else(
+                || "no STUN discovery result (no stun= servers, or the first round is running)".to_owned(),
+                |found| found.summary(),
+            ),
+            other => format!("unknown command '{other}': this daemon knows 'revert' and 'stun'"),
         })
         .map_err(|err| ReplicationError::State {
             path: state_dir.display().to_string(),
@@ -225,6 +231,31 @@ impl ReplicationPlan {
             local,
             settled,
         })
+    }
+}
+
+impl ReplicationPlan {
+    /// NAT discovery when `stun=` servers are configured, from a UDP socket on the
+    /// replication port (so a later hole punch can use the same mapping), or on any port
+    /// when the node does not listen. Best effort: a failure is logged, the mount goes on.
+    fn start_discovery(&self) -> Option<Keeper> {
+        if self.settings.stun.is_empty() {
+            return None;
+        }
+        let local = self
+            .settings
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let started = std::net::UdpSocket::bind(local).and_then(|socket| {
+            Keeper::start(socket, KeeperConfig::new(self.settings.stun.clone()))
+        });
+        match started {
+            Ok(keeper) => Some(keeper),
+            Err(err) => {
+                tracing::warn!("NAT discovery not started: cannot use UDP {local}: {err}");
+                None
+            }
+        }
     }
 }
 
