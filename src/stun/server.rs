@@ -383,6 +383,91 @@ mod tests {
         assert!(limiter.allow(first, now));
     }
 
+    /// A valid Binding request with FINGERPRINT and one attribute of the given type.
+    fn request_with(kind: u16) -> Vec<u8> {
+        let mut message = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+        message.extend_from_slice(&[7; 12]);
+        message.extend_from_slice(&kind.to_be_bytes());
+        message.extend_from_slice(&[0x00, 0x04, 1, 2, 3, 4]);
+        with_fingerprint(message)
+    }
+
+    /// `message` with a FINGERPRINT appended (computed here, independently of the codec).
+    fn with_fingerprint(mut message: Vec<u8>) -> Vec<u8> {
+        let length = u16::try_from(message.len() - 20 + 8).expect("short message");
+        message[2..4].copy_from_slice(&length.to_be_bytes());
+        let crc = crc32fast::hash(&message) ^ 0x5354_554e;
+        message.extend_from_slice(&[0x80, 0x28, 0x00, 0x04]);
+        message.extend_from_slice(&crc.to_be_bytes());
+        message
+    }
+
+    #[test]
+    fn thousands_of_mutated_and_random_datagrams_never_panic_nor_grow() {
+        let source: SocketAddr = "198.18.0.9:5000".parse().expect("address");
+        let seeds = [
+            with_fingerprint(request_with(0x8022)[..28].to_vec()),
+            request_with(0x0024),
+            request_with(0x7fff),
+        ];
+        let mut rng = fastrand::Rng::with_seed(0x5354_554e);
+        let mut out = [0u8; MAX_MESSAGE];
+        let mut answered = 0;
+        for round in 0..6_000 {
+            let mut datagram = match round % 3 {
+                0 => (0..rng.usize(0..=MAX_MESSAGE + 8)).map(|_| rng.u8(..)).collect(),
+                _ => seeds[rng.usize(..seeds.len())].clone(),
+            };
+            if round % 3 != 0 {
+                for _ in 0..rng.usize(1..=4) {
+                    match rng.u8(..4) {
+                        0 if !datagram.is_empty() => {
+                            let at = rng.usize(..datagram.len());
+                            datagram[at] ^= 1 << rng.u8(..8);
+                        }
+                        1 => datagram.truncate(rng.usize(..=datagram.len())),
+                        2 => datagram.extend((0..rng.usize(1..8)).map(|_| rng.u8(..))),
+                        _ if datagram.len() >= 28 => {
+                            // Keep the message well-formed but with a recomputed FINGERPRINT, so
+                            // mutations reach the attribute decoders.
+                            let body = datagram[..datagram.len() - 8].to_vec();
+                            datagram = with_fingerprint(body);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(length) = handle_datagram(&datagram, source, &mut out) {
+                assert!(length <= datagram.len() + MAX_GROWTH);
+                answered += 1;
+            }
+        }
+        assert!(answered > 0, "no mutated request was still valid");
+    }
+
+    #[test]
+    fn answers_requests_and_refuses_unknown_required_attributes() {
+        let source: SocketAddr = "198.18.0.9:5000".parse().expect("address");
+        let mut out = [0u8; MAX_MESSAGE];
+        // Comprehension-optional unknown (0x8022 is SOFTWARE, known; 0xc0de is not): success.
+        let optional = request_with(0xc0de);
+        let length = handle_datagram(&optional, source, &mut out).expect("answered");
+        assert_eq!(&out[..2], &[0x01, 0x01], "a Binding success response");
+        assert!(length <= optional.len() + MAX_GROWTH);
+        // Comprehension-required unknown: a 420 error response naming it.
+        let required = request_with(0x7fff);
+        let length = handle_datagram(&required, source, &mut out).expect("answered");
+        assert_eq!(&out[..2], &[0x01, 0x11], "a Binding error response");
+        let answer = &out[..length];
+        assert!(answer.windows(2).any(|pair| pair == [0x7f, 0xff]));
+        assert!(answer.windows(4).any(|quad| quad == [0, 0, 4, 20]), "code 420");
+        // A broken FINGERPRINT: nothing.
+        let mut broken = optional.clone();
+        let last = broken.len() - 1;
+        broken[last] ^= 1;
+        assert_eq!(handle_datagram(&broken, source, &mut out), None);
+    }
+
     #[test]
     fn ipv6_sources_share_their_slash_64() {
         let mut limiter = RateLimiter::new(limit(1, 1, 8));
