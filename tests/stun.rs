@@ -2,7 +2,8 @@
 //!
 //! On loopback: the answer to a Binding request, checked byte by byte here (not with the
 //! codec under test); malformed datagrams get nothing and the server keeps serving; the
-//! per-source rate limit drops a flood while another source is still served.
+//! per-source rate limit drops a flood while another source is still served. A mount with
+//! `stun=` servers logs the address discovered from its replication port.
 //!
 //! Behind a NAT: network namespaces made here (a client, a router that masquerades with
 //! nftables, and a "public" namespace running `filesync stun-server` on two addresses), all
@@ -241,6 +242,55 @@ fn discovery_on_loopback_sees_the_socket_itself() {
     assert_eq!(found.reflexive, Some(socket.local_addr().expect("address")));
     assert_eq!(found.answers.len(), 2);
     assert_eq!(found.mapping, Mapping::EndpointIndependent);
+}
+
+#[test]
+fn a_mount_with_stun_servers_discovers_its_address_from_the_replication_port() {
+    if !common::fuse_available() {
+        return;
+    }
+    let server = Server::start(&ServerConfig {
+        listen: vec![
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from(([127, 0, 0, 3], 0)),
+        ],
+        rate_limit: RateLimit::default(),
+    })
+    .expect("start");
+    let keys = common::open_tempdir();
+    let key = keys.path().join("node.key");
+    common::run(
+        Command::new(common::BIN).args(["keygen", "--key"]).arg(&key),
+        Duration::from_secs(20),
+    )
+    .expect_ok("filesync keygen");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let stun: Vec<String> = server
+        .local_addrs()
+        .iter()
+        .map(|address| format!("stun={address}"))
+        .collect();
+    let mut options = vec![
+        format!("key={}", key.display()),
+        format!("listen=127.0.0.1:{port}"),
+    ];
+    options.extend(stun);
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let mount = common::Mount::new(&options);
+    let expected = format!("public address 127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mount.stderr().contains(&expected) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = mount.stderr();
+    assert!(log.contains(&expected), "no '{expected}' in the log:\n{log}");
+    assert!(log.contains("endpoint-independent"), "{log}");
+    let answer = filesync::control::request(&mount.scratch().join("state"), "stun")
+        .expect("ask the daemon");
+    assert!(answer.contains(&expected), "{answer}");
 }
 
 // ---- behind a NAT ----
