@@ -1982,16 +1982,27 @@ mod tests {
 
     #[test]
     fn stun_servers_from_every_source() {
-        let parsed = MountOptions::parse("stun=198.18.0.1:3478,stun=[::1]:3478,stun=198.18.0.1:3478")
-            .expect("valid options");
+        let parsed =
+            MountOptions::parse("stun=198.18.0.1:3478,stun=[::1]:3478,stun=198.18.0.1:3478")
+                .expect("valid options");
         assert_eq!(parsed.stun, vec!["198.18.0.1:3478", "[::1]:3478"]);
         let file = "[replication]\nstun = [\"stun.example.org:3478\", \"198.18.0.1:3478\"]\n";
         let replication = settings("stun=198.18.0.3:3478", Some(file), &[]).replication;
         assert_eq!(
             replication.stun,
-            vec!["stun.example.org:3478", "198.18.0.1:3478", "198.18.0.3:3478"]
+            vec![
+                "stun.example.org:3478",
+                "198.18.0.1:3478",
+                "198.18.0.3:3478"
+            ]
         );
-        for bad in ["stun=", "stun=host", "stun=host:0", "stun=:3478", "stun=a b:1"] {
+        for bad in [
+            "stun=",
+            "stun=host",
+            "stun=host:0",
+            "stun=:3478",
+            "stun=a b:1",
+        ] {
             assert_mentions(&parse_error(bad), &["stun", "HOST:PORT"]);
         }
         let message = error("", Some("[replication]\nstun = [3478]\n"), &[]);

@@ -100,7 +100,11 @@ fn check_success(answer: &[u8], transaction: [u8; 12]) -> SocketAddr {
     let (last_kind, last_value) = found.last().expect("attributes");
     assert_eq!(*last_kind, 0x8028, "FINGERPRINT comes last");
     let crc = crc32fast::hash(&answer[..answer.len() - 8]) ^ FINGERPRINT_XOR;
-    assert_eq!(last_value.as_slice(), crc.to_be_bytes().as_slice(), "FINGERPRINT");
+    assert_eq!(
+        last_value.as_slice(),
+        crc.to_be_bytes().as_slice(),
+        "FINGERPRINT"
+    );
     assert!(found.iter().any(|(kind, _)| *kind == 0x8022), "SOFTWARE");
     let (_, xor) = found
         .iter()
@@ -260,7 +264,9 @@ fn a_mount_with_stun_servers_discovers_its_address_from_the_replication_port() {
     let keys = common::open_tempdir();
     let key = keys.path().join("node.key");
     common::run(
-        Command::new(common::BIN).args(["keygen", "--key"]).arg(&key),
+        Command::new(common::BIN)
+            .args(["keygen", "--key"])
+            .arg(&key),
         Duration::from_secs(20),
     )
     .expect_ok("filesync keygen");
@@ -286,10 +292,13 @@ fn a_mount_with_stun_servers_discovers_its_address_from_the_replication_port() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = mount.stderr();
-    assert!(log.contains(&expected), "no '{expected}' in the log:\n{log}");
+    assert!(
+        log.contains(&expected),
+        "no '{expected}' in the log:\n{log}"
+    );
     assert!(log.contains("endpoint-independent"), "{log}");
-    let answer = filesync::control::request(&mount.scratch().join("state"), "stun")
-        .expect("ask the daemon");
+    let answer =
+        filesync::control::request(&mount.scratch().join("state"), "stun").expect("ask the daemon");
     assert!(answer.contains(&expected), "{answer}");
 }
 
@@ -355,21 +364,43 @@ impl Topology {
         }
         run(
             "ip",
-            &["-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "up0", "netns", p],
+            &[
+                "-n", r, "link", "add", "wan", "type", "veth", "peer", "name", "up0", "netns", p,
+            ],
         );
         run(
             "ip",
-            &["-n", r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", c],
+            &[
+                "-n", r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", c,
+            ],
         );
-        run("ip", &["-n", p, "addr", "add", "198.18.0.1/24", "dev", "up0"]);
-        run("ip", &["-n", p, "addr", "add", "198.18.0.3/24", "dev", "up0"]);
-        run("ip", &["-n", r, "addr", "add", "198.18.0.2/24", "dev", "wan"]);
-        run("ip", &["-n", r, "addr", "add", "10.77.0.1/24", "dev", "lan"]);
-        run("ip", &["-n", c, "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+        run(
+            "ip",
+            &["-n", p, "addr", "add", "198.18.0.1/24", "dev", "up0"],
+        );
+        run(
+            "ip",
+            &["-n", p, "addr", "add", "198.18.0.3/24", "dev", "up0"],
+        );
+        run(
+            "ip",
+            &["-n", r, "addr", "add", "198.18.0.2/24", "dev", "wan"],
+        );
+        run(
+            "ip",
+            &["-n", r, "addr", "add", "10.77.0.1/24", "dev", "lan"],
+        );
+        run(
+            "ip",
+            &["-n", c, "addr", "add", "10.77.0.2/24", "dev", "eth0"],
+        );
         for (namespace, device) in [(p, "up0"), (r, "wan"), (r, "lan"), (c, "eth0")] {
             run("ip", &["-n", namespace, "link", "set", device, "up"]);
         }
-        run("ip", &["-n", c, "route", "add", "default", "via", "10.77.0.1"]);
+        run(
+            "ip",
+            &["-n", c, "route", "add", "default", "via", "10.77.0.1"],
+        );
         run(
             "ip",
             &[
@@ -513,7 +544,10 @@ fn behind_plain_masquerade_the_mapping_is_endpoint_independent() {
     assert!(later.at > first.at, "no second round within 20 s");
     assert_eq!(later.reflexive, Some(kept));
     drop(keeper);
-    assert!(topology.stop_server(), "stun-server did not exit cleanly on SIGTERM");
+    assert!(
+        topology.stop_server(),
+        "stun-server did not exit cleanly on SIGTERM"
+    );
 }
 
 #[test]

@@ -143,7 +143,10 @@ impl ReplicationPlan {
                     .unwrap_or_else(|_| "the daemon did not answer in time; try again".to_owned())
             }
             "stun" => discovery.as_ref().and_then(Keeper::latest).map_or_else(
-                || "no STUN discovery result (no stun= servers, or the first round is running)".to_owned(),
+                || {
+                    "no STUN discovery result (no stun= servers, or the first round is running)"
+                        .to_owned()
+                },
                 |found| found.summary(),
             ),
             other => format!("unknown command '{other}': this daemon knows 'revert' and 'stun'"),

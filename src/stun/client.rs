@@ -162,7 +162,9 @@ fn discover_until(
     let mut buffer = [0u8; MAX_MESSAGE + 1];
     while !pending.is_empty() && !stop() {
         let now = Instant::now();
-        pending.retain_mut(|transaction| transmit_or_give_up(socket, transaction, retransmission, now));
+        pending.retain_mut(|transaction| {
+            transmit_or_give_up(socket, transaction, retransmission, now)
+        });
         let Some(next) = pending.iter().map(|transaction| transaction.next).min() else {
             break;
         };

@@ -31,8 +31,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use stun_rs::attributes::stun::{
-    ErrorCode, Fingerprint, MessageIntegrity, MessageIntegritySha256, Software,
-    UnknownAttributes, XorMappedAddress,
+    ErrorCode, Fingerprint, MessageIntegrity, MessageIntegritySha256, Software, UnknownAttributes,
+    XorMappedAddress,
 };
 use stun_rs::{MessageClass, MessageEncoderBuilder, StunMessage, StunMessageBuilder};
 
@@ -54,14 +54,18 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Why the server could not start. One line each, saying what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen for STUN on {address}: {source}; choose a free port or another address")]
+    #[error(
+        "cannot listen for STUN on {address}: {source}; choose a free port or another address"
+    )]
     Bind {
         address: SocketAddr,
         source: io::Error,
     },
     #[error("the STUN server needs at least one address to listen on: give --listen ADDRESS:PORT")]
     NoAddress,
-    #[error("the rate limit must allow at least one request per second and a burst of at least one")]
+    #[error(
+        "the rate limit must allow at least one request per second and a burst of at least one"
+    )]
     ZeroRate,
 }
 
@@ -72,8 +76,7 @@ pub fn handle_datagram(datagram: &[u8], source: SocketAddr, out: &mut [u8]) -> O
         return None;
     }
     let request = decode_message(datagram)?;
-    if request.class() != MessageClass::Request || request.method() != stun_rs::methods::BINDING
-    {
+    if request.class() != MessageClass::Request || request.method() != stun_rs::methods::BINDING {
         return None;
     }
     let has_integrity = request.get::<MessageIntegrity>().is_some()
@@ -317,7 +320,10 @@ fn serve(socket: &UdpSocket, limiter: &Mutex<RateLimiter>, stop: &AtomicBool) {
         if !allowed {
             dropped += 1;
             if last_report.elapsed() >= DROP_REPORT_EVERY {
-                tracing::info!(dropped, "STUN requests over the per-source rate limit dropped");
+                tracing::info!(
+                    dropped,
+                    "STUN requests over the per-source rate limit dropped"
+                );
                 dropped = 0;
                 last_report = Instant::now();
             }
@@ -415,7 +421,9 @@ mod tests {
         let mut answered = 0;
         for round in 0..6_000 {
             let mut datagram = match round % 3 {
-                0 => (0..rng.usize(0..=MAX_MESSAGE + 8)).map(|_| rng.u8(..)).collect(),
+                0 => (0..rng.usize(0..=MAX_MESSAGE + 8))
+                    .map(|_| rng.u8(..))
+                    .collect(),
                 _ => seeds[rng.usize(..seeds.len())].clone(),
             };
             if round % 3 != 0 {
@@ -460,7 +468,10 @@ mod tests {
         assert_eq!(&out[..2], &[0x01, 0x11], "a Binding error response");
         let answer = &out[..length];
         assert!(answer.windows(2).any(|pair| pair == [0x7f, 0xff]));
-        assert!(answer.windows(4).any(|quad| quad == [0, 0, 4, 20]), "code 420");
+        assert!(
+            answer.windows(4).any(|quad| quad == [0, 0, 4, 20]),
+            "code 420"
+        );
         // A broken FINGERPRINT: nothing.
         let mut broken = optional.clone();
         let last = broken.len() - 1;
