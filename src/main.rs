@@ -132,7 +132,7 @@ enum Command {
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
-    /// Run a STUN server (RFC 8489 Binding over UDP) that tells nodes their public address,
+    /// Run a STUN server (RFC 8489 Binding, over UDP and TCP) that tells nodes their public address,
     /// for mounts' `-o stun=HOST:PORT`. Runs in the foreground until Ctrl-C or SIGTERM.
     ///
     /// Each answer is at most 64 bytes larger than its request, and each source address

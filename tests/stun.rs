@@ -196,6 +196,43 @@ fn malformed_datagrams_get_nothing_and_the_server_keeps_serving() {
 }
 
 #[test]
+fn over_tcp_malformed_messages_close_the_connection_unanswered() {
+    let server = loopback_server(RateLimit::default());
+    let address = server.local_addrs()[0];
+    let valid = with_fingerprint(binding_request([8; 12]));
+    let mut wrong_cookie = valid.clone();
+    wrong_cookie[5] ^= 0xff;
+    let mut bad_fingerprint = valid.clone();
+    let last = bad_fingerprint.len() - 1;
+    bad_fingerprint[last] ^= 0x01;
+    for (what, message) in [
+        ("wrong magic cookie", wrong_cookie),
+        ("bad FINGERPRINT", bad_fingerprint),
+        ("garbage", common::Rng::new(8).bytes(64)),
+    ] {
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        stream.set_read_timeout(Some(ANSWER_WAIT)).expect("timeout");
+        std::io::Write::write_all(&mut stream, &message).expect("send");
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+        assert!(answer.is_empty(), "{what} was answered over TCP");
+    }
+    // Two requests on one connection, both answered.
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.set_read_timeout(Some(ANSWER_WAIT)).expect("timeout");
+    let local = stream.local_addr().expect("address");
+    for _ in 0..2 {
+        std::io::Write::write_all(&mut stream, &valid).expect("send");
+        let mut answer = vec![0u8; 20];
+        std::io::Read::read_exact(&mut stream, &mut answer).expect("a header");
+        let length = usize::from(u16::from_be_bytes([answer[2], answer[3]]));
+        answer.resize(20 + length, 0);
+        std::io::Read::read_exact(&mut stream, &mut answer[20..]).expect("the attributes");
+        assert_eq!(check_success(&answer, [8; 12]), local);
+    }
+}
+
+#[test]
 fn rate_limit_drops_a_flood_while_another_source_is_served() {
     let server = loopback_server(RateLimit {
         per_second: 1,
@@ -440,19 +477,32 @@ impl Topology {
         self.server = Some(child);
     }
 
-    /// A UDP socket in the client namespace (made by a thread that joined it; the socket
-    /// stays in that namespace whichever thread uses it).
-    fn client_socket(&self) -> UdpSocket {
+    /// Runs `f` in a thread that joined the client namespace; sockets it makes stay in
+    /// that namespace whichever thread uses them later.
+    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/var/run/netns/{}", self.client);
         std::thread::spawn(move || {
             let namespace = File::open(&path).expect("open the client namespace");
             // SAFETY: setns on a valid namespace fd changes only this thread's namespace.
             let joined = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-            UdpSocket::bind("0.0.0.0:0").expect("bind in the client namespace")
+            f()
         })
         .join()
-        .expect("client socket thread")
+        .expect("client namespace thread")
+    }
+
+    /// A UDP socket in the client namespace.
+    fn client_socket(&self) -> UdpSocket {
+        self.in_client(|| UdpSocket::bind("0.0.0.0:0").expect("bind in the client namespace"))
+    }
+
+    /// Discovery over TCP from a fixed port in the client namespace.
+    fn discover_tcp(&self) -> filesync::stun::Discovery {
+        self.in_client(|| {
+            let local = SocketAddr::from(([10, 77, 0, 2], 41_000));
+            filesync::stun::discover_tcp(local, &servers(), Duration::from_secs(5))
+        })
     }
 
     /// Stops the server with SIGTERM; true when it exited cleanly in time.
@@ -544,6 +594,17 @@ fn behind_plain_masquerade_the_mapping_is_endpoint_independent() {
     assert!(later.at > first.at, "no second round within 20 s");
     assert_eq!(later.reflexive, Some(kept));
     drop(keeper);
+
+    // Over TCP from one local port: the router keeps the port, so the same mapping again.
+    let over_tcp = topology.discover_tcp();
+    assert_eq!(over_tcp.answers.len(), 2, "{over_tcp:?}");
+    let tcp_reflexive = over_tcp.reflexive.expect("an address over TCP");
+    assert_eq!(tcp_reflexive.ip(), IpAddr::V4(ROUTER_PUBLIC));
+    assert_eq!(
+        over_tcp.mapping,
+        Mapping::EndpointIndependent,
+        "{over_tcp:?}"
+    );
     assert!(
         topology.stop_server(),
         "stun-server did not exit cleanly on SIGTERM"
@@ -565,4 +626,7 @@ fn behind_a_random_port_nat_the_mapping_is_endpoint_dependent() {
         .iter()
         .all(|answer| answer.reflexive.ip() == IpAddr::V4(ROUTER_PUBLIC)));
     assert_eq!(found.mapping, Mapping::EndpointDependent, "{found:?}");
+    let over_tcp = topology.discover_tcp();
+    assert_eq!(over_tcp.answers.len(), 2, "{over_tcp:?}");
+    assert_eq!(over_tcp.mapping, Mapping::EndpointDependent, "{over_tcp:?}");
 }

@@ -8,6 +8,11 @@
 //! if it matches an outstanding transaction ID, comes from that server's address, has a
 //! valid FINGERPRINT when it has one, and holds no unknown comprehension-required attribute.
 //!
+//! [`discover_tcp`] asks the same over TCP, from a fixed local address bound with
+//! SO_REUSEADDR and SO_REUSEPORT: a TCP mapping is not the UDP one, and TCP hole punching
+//! (simultaneous open from the replication port) needs the TCP mapping of that very port.
+//! TCP needs no retransmissions; each server gets one bounded connection.
+//!
 //! The mapping is endpoint-independent when at least two servers at different IP addresses
 //! saw the same reflexive address, endpoint-dependent when any two answers differ, and
 //! unknown otherwise (fewer than two answers, or all from one IP address, which cannot
@@ -120,6 +125,70 @@ pub fn discover(
     retransmission: &Retransmission,
 ) -> Discovery {
     discover_until(socket, servers, retransmission, &|| false)
+}
+
+/// Asks every server in `servers`, one TCP connection each from `local` (bound with
+/// SO_REUSEADDR and SO_REUSEPORT, so the replication listener can share the port if it
+/// sets SO_REUSEPORT too), for the reflexive address of that local port. Each connection
+/// takes at most `timeout` to connect and `timeout` to answer.
+pub fn discover_tcp(local: SocketAddr, servers: &[SocketAddr], timeout: Duration) -> Discovery {
+    let mut answers = Vec::new();
+    let mut bound = local;
+    for &server in servers {
+        match ask_tcp(local, server, timeout) {
+            Ok((reflexive, from)) => {
+                bound = from;
+                if let Some(reflexive) = reflexive {
+                    answers.push(Answer { server, reflexive });
+                }
+            }
+            Err(err) => tracing::debug!(%server, "STUN over TCP failed: {err}"),
+        }
+    }
+    Discovery {
+        local: bound,
+        reflexive: answers.first().map(|answer| answer.reflexive),
+        mapping: classify(&answers),
+        answers,
+        at: Instant::now(),
+    }
+}
+
+/// One Binding transaction over TCP: the reflexive address (`None` for an error response)
+/// and the local address actually bound.
+fn ask_tcp(
+    local: SocketAddr,
+    server: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(Option<SocketAddr>, SocketAddr)> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SockAddr::from(local))?;
+    socket.connect_timeout(&SockAddr::from(server), timeout)?;
+    let mut stream = std::net::TcpStream::from(socket);
+    let bound = stream.local_addr()?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let id = TransactionId::default();
+    let request =
+        binding_request(id).ok_or_else(|| io::Error::other("cannot encode a Binding request"))?;
+    std::io::Write::write_all(&mut stream, &request)?;
+    let mut buffer = [0u8; MAX_MESSAGE];
+    let length = super::server::read_message(&mut stream, &mut buffer)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no STUN answer"))?;
+    match buffer.get(..length).and_then(parse_response) {
+        Some((answered, reflexive)) if answered == id => Ok((reflexive, bound)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a Binding response to our request",
+        )),
+    }
 }
 
 /// A request in flight to one server.
@@ -525,6 +594,27 @@ mod tests {
         assert_eq!(classify(&[one, moved]), Mapping::EndpointDependent);
         let port_only = answer("198.18.0.1:3479", "198.18.5.5:4001");
         assert_eq!(classify(&[one, port_only]), Mapping::EndpointDependent);
+    }
+
+    #[test]
+    fn over_tcp_two_servers_see_the_same_local_port() {
+        let server = crate::stun::Server::start(&crate::stun::ServerConfig {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                SocketAddr::from(([127, 0, 0, 3], 0)),
+            ],
+            rate_limit: crate::stun::RateLimit::default(),
+        })
+        .expect("start");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        let found = discover_tcp(local, server.local_addrs(), Duration::from_secs(5));
+        assert_eq!(found.reflexive, Some(local), "{found:?}");
+        assert_eq!(found.answers.len(), 2, "{found:?}");
+        assert_eq!(found.mapping, Mapping::EndpointIndependent);
     }
 
     #[test]

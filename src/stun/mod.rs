@@ -13,9 +13,9 @@
 //!
 //! Discovery runs over UDP from one socket that the node keeps (see [`client::Keeper`]):
 //! the mapping it reports is that socket's, and the keeper's periodic requests keep it
-//! alive in the NAT. Replication itself runs over TCP; a TCP mapping is not the same as a
-//! UDP one, so the hole-punching step that uses the result must punch with the same UDP
-//! socket (or learn its TCP mapping separately).
+//! alive in the NAT. Replication itself runs over TCP, and a TCP mapping is not the UDP
+//! one: [`discover_tcp`] asks over TCP from a given local port (SO_REUSEPORT), which is
+//! what TCP simultaneous open from the replication port needs. The server answers both.
 //!
 //! # Safety against abuse
 //!
@@ -27,7 +27,9 @@
 pub mod client;
 pub mod server;
 
-pub use client::{discover, Discovery, Keeper, KeeperConfig, Mapping, Retransmission};
+pub use client::{
+    discover, discover_tcp, Discovery, Keeper, KeeperConfig, Mapping, Retransmission,
+};
 pub use server::{handle_datagram, RateLimit, Server, ServerConfig, ServerError};
 
 /// The SOFTWARE attribute both sides send: the product and its version.

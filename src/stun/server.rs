@@ -1,4 +1,5 @@
-//! `filesync stun-server`: a STUN Binding server over UDP (RFC 8489).
+//! `filesync stun-server`: a STUN Binding server over UDP and TCP (RFC 8489), on the same
+//! port number of each address.
 //!
 //! - A Binding request gets a success response with XOR-MAPPED-ADDRESS (the source address
 //!   the request came from), SOFTWARE and FINGERPRINT. MAPPED-ADDRESS is left out: it only
@@ -19,13 +20,18 @@
 //! table of sources is capped, the oldest entry giving way, so a flood of spoofed sources
 //! costs bounded memory.
 //!
-//! [`handle_datagram`] is the whole per-datagram logic without sockets, so the fuzz target
+//! Over TCP (which proves the source address, so amplification is moot) each connection
+//! may carry a few requests, one after the other; it is closed at the first malformed one,
+//! after [`TCP_IDLE`] of silence, or after [`TCP_MAX_REQUESTS`]. At most
+//! [`TCP_MAX_CONNECTIONS`] are open at once; the rate limit applies to them as well.
+//!
+//! [`handle_datagram`] is the whole per-message logic without sockets, so the fuzz target
 //! and the tests exercise exactly what the server runs.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +53,13 @@ const MAX_LISTED_UNKNOWN: usize = 16;
 
 /// How often a serving thread looks at the stop flag when no datagram arrives.
 const POLL: Duration = Duration::from_millis(200);
+
+/// How long a TCP connection may stay silent before it is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(5);
+/// How many requests one TCP connection may carry.
+pub const TCP_MAX_REQUESTS: usize = 16;
+/// How many TCP connections may be open at once; more are closed at once.
+pub const TCP_MAX_CONNECTIONS: usize = 256;
 
 /// How often the count of requests dropped by the rate limit is logged, at most.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -255,26 +268,40 @@ impl Server {
             let socket = UdpSocket::bind(address).map_err(bind_error)?;
             socket.set_read_timeout(Some(POLL)).map_err(bind_error)?;
             let bound = socket.local_addr().map_err(bind_error)?;
-            sockets.push((socket, bound));
-        }
-        let limiter = Arc::new(Mutex::new(RateLimiter::new(config.rate_limit)));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut server = Server {
-            addresses: sockets.iter().map(|(_, bound)| *bound).collect(),
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
-        for (socket, bound) in sockets {
-            let (limiter, stop) = (limiter.clone(), stop.clone());
-            let thread = std::thread::Builder::new()
-                .name("stun-server".into())
-                .spawn(move || serve(&socket, &limiter, &stop))
+            // The same port over TCP, so a client can ask either way at one address.
+            let listener = TcpListener::bind(bound)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
                 .map_err(|source| ServerError::Bind {
                     address: bound,
                     source,
                 })?;
+            sockets.push((socket, listener, bound));
+        }
+        let limiter = Arc::new(Mutex::new(RateLimiter::new(config.rate_limit)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            addresses: sockets.iter().map(|(_, _, bound)| *bound).collect(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        for (socket, listener, bound) in sockets {
+            let thread_error = |source| ServerError::Bind {
+                address: bound,
+                source,
+            };
+            let (limiter_udp, stop_udp) = (limiter.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("stun-server".into())
+                .spawn(move || serve(&socket, &limiter_udp, &stop_udp))
+                .map_err(thread_error)?;
             server.threads.push(thread);
-            tracing::info!(address = %bound, "STUN server listening");
+            let (limiter_tcp, stop_tcp) = (limiter.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("stun-server-tcp".into())
+                .spawn(move || serve_tcp(&listener, &limiter_tcp, &stop_tcp))
+                .map_err(thread_error)?;
+            server.threads.push(thread);
+            tracing::info!(address = %bound, "STUN server listening (UDP and TCP)");
         }
         Ok(server)
     }
@@ -342,6 +369,104 @@ fn serve(socket: &UdpSocket, limiter: &Mutex<RateLimiter>, stop: &AtomicBool) {
             }
         }
     }
+}
+
+/// Accepts TCP connections until `stop` is set, each served in a thread of its own.
+fn serve_tcp(listener: &TcpListener, limiter: &Arc<Mutex<RateLimiter>>, stop: &Arc<AtomicBool>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let (stream, source) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(err) if is_timeout(&err) => {
+                std::thread::sleep(TCP_ACCEPT_POLL);
+                continue;
+            }
+            Err(err) => {
+                // Such as EMFILE: back off instead of spinning.
+                tracing::debug!("STUN TCP accept failed: {err}");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::Relaxed) >= TCP_MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        let (limiter, stop, done) = (limiter.clone(), stop.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("stun-tcp".into())
+            .spawn(move || {
+                if let Err(err) = answer_tcp(stream, source, &limiter, &stop) {
+                    tracing::debug!(%source, "STUN TCP connection ended: {err}");
+                }
+                done.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How often the TCP listener looks for a new connection.
+const TCP_ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Answers the requests on one TCP connection, one after the other; returns at the first
+/// malformed or unanswerable one, at end of stream, or when a limit is reached.
+fn answer_tcp(
+    mut stream: TcpStream,
+    source: SocketAddr,
+    limiter: &Mutex<RateLimiter>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TCP_IDLE))?;
+    stream.set_write_timeout(Some(TCP_IDLE))?;
+    let mut message = [0u8; MAX_MESSAGE];
+    let mut response = [0u8; MAX_MESSAGE];
+    for _ in 0..TCP_MAX_REQUESTS {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let Some(length) = read_message(&mut stream, &mut message)? else {
+            break;
+        };
+        let allowed = limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow(source.ip(), Instant::now());
+        let request = message.get(..length).unwrap_or_default();
+        let answer = if allowed {
+            handle_datagram(request, source, &mut response)
+        } else {
+            None
+        };
+        match answer.and_then(|length| response.get(..length)) {
+            Some(answer) => stream.write_all(answer)?,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Reads one STUN message from a stream (its header says how long it is) into `buffer`;
+/// `None` at a clean end of stream or when the header announces more than fits.
+pub(super) fn read_message(
+    stream: &mut impl Read,
+    buffer: &mut [u8; MAX_MESSAGE],
+) -> io::Result<Option<usize>> {
+    let header_size = stun_rs::MESSAGE_HEADER_SIZE;
+    let (header, body) = buffer.split_at_mut(header_size);
+    match stream.read_exact(header) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    let declared = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let Some(body) = body.get_mut(..declared) else {
+        return Ok(None);
+    };
+    stream.read_exact(body)?;
+    Ok(Some(header_size + declared))
 }
 
 fn is_timeout(err: &io::Error) -> bool {
