@@ -76,9 +76,7 @@ pub enum ServerError {
     },
     #[error("the STUN server needs at least one address to listen on: give --listen ADDRESS:PORT")]
     NoAddress,
-    #[error(
-        "the rate limit must allow at least one request per second and a burst of at least one"
-    )]
+    #[error("the STUN rate limit cannot be zero: give --rate and --burst of 1 or more")]
     ZeroRate,
 }
 
@@ -92,6 +90,8 @@ pub fn handle_datagram(datagram: &[u8], source: SocketAddr, out: &mut [u8]) -> O
     if request.class() != MessageClass::Request || request.method() != stun_rs::methods::BINDING {
         return None;
     }
+    // The codec already refuses MESSAGE-INTEGRITY it cannot check (we give it no key);
+    // this says so here too, so the rule holds whatever the codec does.
     let has_integrity = request.get::<MessageIntegrity>().is_some()
         || request.get::<MessageIntegritySha256>().is_some();
     if has_integrity {
