@@ -49,6 +49,7 @@
 //! | `key=PATH` | `[replication] key` | | an absolute path to this node's key (`filesync keygen`) | `/etc/filesync/node.key` |
 //! | `compression=LEVEL` | `[replication] compression` | | `off` or a zstd level from 1 to 19 | 3 |
 //! | `keep_versions=DAYS` | `[replication] keep_versions` | | `off`, or how many days to keep what a peer's change replaced or removed (`filesync versions`), 1 to 36500 | 30 |
+//! | `stun=HOST:PORT` | `[replication] stun` (a list of the same strings) | | a STUN server (`filesync stun-server` or any public one) that tells this node its public address and NAT type; may be given several times, servers from every source are combined; two servers at different addresses are needed to tell the NAT type | none |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -90,6 +91,7 @@
 //! key = "/etc/filesync/node.key"
 //! compression = 3            # zstd level, or "off"
 //! keep_versions = 30         # days, or "off"
+//! stun = ["stun.example.org:3478", "198.18.0.3:3478"]  # STUN servers for NAT discovery
 //! ```
 //!
 //! # Mount options
@@ -133,7 +135,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, metrics, \
-     peer, listen, mode, durability, key, compression, keep_versions, config";
+     peer, listen, mode, durability, key, compression, keep_versions, stun, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -202,6 +204,8 @@ const EXPECT_MODE: &str = "sendreceive, sendonly or receiveonly";
 const EXPECT_DURABILITY: &str = "async or sync";
 const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
 const EXPECT_KEEP_VERSIONS: &str = "off or a number of days from 1 to 36500";
+const EXPECT_STUN: &str = "a STUN server as HOST:PORT, such as stun.example.org:3478 or \
+     198.18.0.1:3478";
 /// Where the node key is when none is named.
 pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
 /// The zstd level when none is given: fast, and most of the gain.
@@ -362,6 +366,8 @@ pub struct Replication {
     pub compression: Option<i32>,
     /// Days to keep what a peer's change replaced or removed; `None`: nothing is kept.
     pub keep_versions: Option<u32>,
+    /// STUN servers (`HOST:PORT`) asked for this node's public address.
+    pub stun: Vec<String>,
 }
 
 impl Replication {
@@ -467,6 +473,8 @@ pub struct MountOptions {
     pub compression: Option<Option<i32>>,
     /// `keep_versions=off|DAYS`: how long replaced files are kept; `Some(None)` is `off`.
     pub keep_versions: Option<Option<u32>>,
+    /// `stun=HOST:PORT`, repeatable: STUN servers for NAT discovery.
+    pub stun: Vec<String>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -510,6 +518,7 @@ impl MountOptions {
             key: later.key.or(self.key),
             compression: later.compression.or(self.compression),
             keep_versions: later.keep_versions.or(self.keep_versions),
+            stun: merge_stun(self.stun, later.stun),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -557,6 +566,10 @@ impl MountOptions {
             }
             "keep_versions" => {
                 self.keep_versions = Some(check_keep_versions(needs("off|DAYS")?, &origin)?);
+            }
+            "stun" => {
+                let server = check_stun(needs("HOST:PORT")?, &origin)?;
+                self.stun = merge_stun(std::mem::take(&mut self.stun), vec![server]);
             }
             "config" => self.config = Some(check_absolute(needs("PATH")?, &origin)?),
             "allow_other" => {
@@ -948,6 +961,33 @@ fn merge_peers(earlier: Vec<PeerSpec>, later: Vec<PeerSpec>) -> Vec<PeerSpec> {
     peers
 }
 
+/// Check a STUN server: `HOST:PORT` with a non-empty host and a non-zero port; the name is
+/// resolved by the discovery client, again on every round.
+fn check_stun(raw: Raw<'_>, origin: &Origin<'_>) -> Result<String, ConfigError> {
+    let text = raw.text().ok_or_else(|| raw.invalid(origin, EXPECT_STUN))?;
+    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(|c: char| c.is_whitespace() || c.is_control() || c == '/')
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(raw.invalid(origin, EXPECT_STUN))
+    }
+}
+
+/// STUN servers from two sources: all of them, each once.
+fn merge_stun(earlier: Vec<String>, later: Vec<String>) -> Vec<String> {
+    let mut servers = earlier;
+    for server in later {
+        if !servers.contains(&server) {
+            servers.push(server);
+        }
+    }
+    servers
+}
+
 /// Check a path that must be absolute, because a mount helper's working directory is unknown.
 fn check_absolute(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PathBuf, ConfigError> {
     match raw.text().map(Path::new) {
@@ -1169,10 +1209,11 @@ struct MetricsSection {
 #[serde(
     deny_unknown_fields,
     expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
-                 compression and keep_versions"
+                 compression, keep_versions and stun"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
+    stun: Option<Vec<toml::Value>>,
     listen: Option<toml::Value>,
     mode: Option<toml::Value>,
     durability: Option<toml::Value>,
@@ -1301,6 +1342,10 @@ impl ReplicationSection {
         for peer in self.peers.iter().flatten() {
             let peer = check_peer(Raw::Toml(peer), &key("[replication].peers"))?;
             layer.peers = merge_peers(std::mem::take(&mut layer.peers), vec![peer]);
+        }
+        for server in self.stun.iter().flatten() {
+            let server = check_stun(Raw::Toml(server), &key("[replication].stun"))?;
+            layer.stun = merge_stun(std::mem::take(&mut layer.stun), vec![server]);
         }
         layer.listen = checked(raw(&self.listen), key("[replication].listen"), check_listen)?;
         layer.mode = checked(raw(&self.mode), key("[replication].mode"), check_mode)?;
@@ -1461,6 +1506,7 @@ impl Host {
                 keep_versions: merged
                     .keep_versions
                     .unwrap_or(Some(DEFAULT_KEEP_VERSIONS_DAYS)),
+                stun: merged.stun,
             },
             config_file,
             kernel: merged.kernel,
@@ -1625,6 +1671,7 @@ mod tests {
                     key: PathBuf::from(DEFAULT_KEY_PATH),
                     compression: Some(3),
                     keep_versions: Some(30),
+                    stun: Vec::new(),
                 },
                 config_file: None,
                 kernel: KernelFlags::default(),
@@ -2045,6 +2092,35 @@ mod tests {
             let name = bad.split('=').next().unwrap_or(bad);
             assert!(message.contains(name), "{bad}: {message}");
         }
+    }
+
+    #[test]
+    fn stun_servers_from_every_source() {
+        let parsed =
+            MountOptions::parse("stun=198.18.0.1:3478,stun=[::1]:3478,stun=198.18.0.1:3478")
+                .expect("valid options");
+        assert_eq!(parsed.stun, vec!["198.18.0.1:3478", "[::1]:3478"]);
+        let file = "[replication]\nstun = [\"stun.example.org:3478\", \"198.18.0.1:3478\"]\n";
+        let replication = settings("stun=198.18.0.3:3478", Some(file), &[]).replication;
+        assert_eq!(
+            replication.stun,
+            vec![
+                "stun.example.org:3478",
+                "198.18.0.1:3478",
+                "198.18.0.3:3478"
+            ]
+        );
+        for bad in [
+            "stun=",
+            "stun=host",
+            "stun=host:0",
+            "stun=:3478",
+            "stun=a b:1",
+        ] {
+            assert_mentions(&parse_error(bad), &["stun", "HOST:PORT"]);
+        }
+        let message = error("", Some("[replication]\nstun = [3478]\n"), &[]);
+        assert_mentions(&message, &["[replication].stun", "HOST:PORT"]);
     }
 
     #[test]

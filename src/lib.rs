@@ -5,7 +5,8 @@
 //! - [`fs`]: the overlay core, every operation done on the backing folder by file descriptor.
 //! - [`config`]: mount options, settings file and environment, merged with a fixed precedence.
 //! - [`sync`]: replication messages, deltas and crash-safe apply; [`net`]: the encrypted
-//!   transport between nodes; [`identity`]: node keys and IDs.
+//!   transport between nodes; [`identity`]: node keys and IDs; [`stun`]: the STUN server
+//!   and the discovery of this node's public address.
 
 pub mod capture;
 pub mod change;
@@ -23,4 +24,5 @@ pub mod net;
 pub mod pipeline;
 pub mod service;
 pub mod status;
+pub mod stun;
 pub mod sync;

@@ -178,6 +178,33 @@ enum Command {
     /// Show filesync working: mount a temporary folder, write through it, show the write
     /// land in the backing folder, unmount and clean up.
     Demo,
+    /// Run a STUN server (RFC 8489 Binding, over UDP and TCP) that tells nodes their public address,
+    /// for mounts' `-o stun=HOST:PORT`. Runs in the foreground until Ctrl-C or SIGTERM.
+    ///
+    /// Each answer is at most 64 bytes larger than its request, and each source address
+    /// gets at most --rate answers per second (after a burst of --burst), so the server
+    /// cannot be used to amplify traffic.
+    ///
+    /// Examples:
+    ///   filesync stun-server                          # 127.0.0.1:3478 only
+    ///   filesync stun-server --listen 0.0.0.0:3478    # every interface
+    ///   filesync stun-server --listen 198.18.0.1:3478 --listen 198.18.0.3:3478
+    #[command(verbatim_doc_comment)]
+    StunServer {
+        /// Where to answer; repeat for several addresses (two addresses let a client tell
+        /// its NAT type from one server).
+        #[arg(long, value_name = "ADDRESS:PORT", default_value = "127.0.0.1:3478")]
+        listen: Vec<std::net::SocketAddr>,
+        /// Answers per second per source address (per /64 for IPv6).
+        #[arg(long, value_name = "N", default_value_t = filesync::stun::RateLimit::default().per_second)]
+        rate: u32,
+        /// Answers a quiet source may get at once.
+        #[arg(long, value_name = "N", default_value_t = filesync::stun::RateLimit::default().burst)]
+        burst: u32,
+        /// A tracing filter for the log on standard error.
+        #[arg(long, value_name = "FILTER", default_value = "info")]
+        log: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -223,6 +250,12 @@ fn main() -> ExitCode {
             watch,
         } => run_status(mountpoint.as_deref(), state_dir.as_deref(), json, watch),
         Command::Demo => run_demo(),
+        Command::StunServer {
+            listen,
+            rate,
+            burst,
+            log,
+        } => run_stun_server(listen, rate, burst, &log),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -655,6 +688,31 @@ fn print_status(report: &StatusReport) {
     for error in &report.errors {
         println!("{}: {}", error.mountpoint, error.error);
     }
+}
+
+fn run_stun_server(
+    listen: Vec<std::net::SocketAddr>,
+    rate: u32,
+    burst: u32,
+    log: &str,
+) -> anyhow::Result<()> {
+    use filesync::stun::{RateLimit, Server, ServerConfig};
+    init_logging(log, None)?;
+    let config = ServerConfig {
+        listen,
+        rate_limit: RateLimit {
+            per_second: rate,
+            burst,
+            ..RateLimit::default()
+        },
+    };
+    // Before the server announces itself, so a signal right after is never missed.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot handle signals")?;
+    let server = Server::start(&config)?;
+    signals.forever().next();
+    drop(server);
+    tracing::info!("STUN server stopped");
+    Ok(())
 }
 
 fn run_id(key_path: &Path) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use crate::identity::{NodeId, NodeKey};
 use crate::ignores::Ignores;
 use crate::index::Index;
 use crate::net::{Link, LinkConfig, Listener, PeerSet};
+use crate::stun::{Keeper, KeeperConfig};
 use crate::sync::apply::Applier;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
@@ -163,6 +164,16 @@ impl ReplicationPlan {
         for (id, address) in &self.peers {
             stats.add_peer(*id, *address);
         }
+        let discovery = self.start_discovery();
+        commands.register("stun", move || {
+            discovery.as_ref().and_then(Keeper::latest).map_or_else(
+                || {
+                    "no STUN discovery result (no stun= servers, or the first round is running)"
+                        .to_owned()
+                },
+                |found| found.summary(),
+            )
+        });
         let state = |reason: String| ReplicationError::State {
             path: state_dir.display().to_string(),
             reason,
@@ -260,6 +271,31 @@ pub struct Shared<'a> {
     pub settled: Arc<super::Settled>,
     pub stats: Arc<crate::status::Stats>,
     pub commands: &'a crate::control::Commands,
+}
+
+impl ReplicationPlan {
+    /// NAT discovery when `stun=` servers are configured, from a UDP socket on the
+    /// replication port (so a later hole punch can use the same mapping), or on any port
+    /// when the node does not listen. Best effort: a failure is logged, the mount goes on.
+    fn start_discovery(&self) -> Option<Keeper> {
+        if self.settings.stun.is_empty() {
+            return None;
+        }
+        let local = self
+            .settings
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let started = std::net::UdpSocket::bind(local).and_then(|socket| {
+            Keeper::start(socket, KeeperConfig::new(self.settings.stun.clone()))
+        });
+        match started {
+            Ok(keeper) => Some(keeper),
+            Err(err) => {
+                tracing::warn!("NAT discovery not started: cannot use UDP {local}: {err}");
+                None
+            }
+        }
+    }
 }
 
 /// A new gate for `durability=sync`.
