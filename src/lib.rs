@@ -19,4 +19,6 @@ pub mod install;
 pub mod mount;
 pub mod net;
 pub mod pipeline;
+pub mod progress;
 pub mod sync;
+pub mod telemetry;
