@@ -8,7 +8,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{HumanBytes, HumanCount, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{
+    HumanBytes, HumanCount, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressStyle,
+};
 
 use crate::sync::proto::{FileData, Message, Op};
 
@@ -143,7 +145,10 @@ impl TransferLog {
         let (bytes, completes_file) = match data {
             FileData::Unchanged => (0, true),
             FileData::Ranges(ranges) => (
-                ranges.iter().map(|range| u64::from(range.data.raw_len)).sum(),
+                ranges
+                    .iter()
+                    .map(|range| u64::from(range.data.raw_len))
+                    .sum(),
                 true,
             ),
             FileData::Delta { delta, .. } => (u64::from(delta.raw_len), true),

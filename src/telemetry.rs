@@ -68,8 +68,8 @@ impl TelemetryFront {
     /// Listens on `address` and picks a free loopback port for steady_state's own server,
     /// which the caller hands to steady_state (see [`TelemetryFront::upstream`]).
     pub fn start(address: SocketAddr) -> Result<TelemetryFront, TelemetryError> {
-        let listener =
-            TcpListener::bind(address).map_err(|source| TelemetryError::Bind { address, source })?;
+        let listener = TcpListener::bind(address)
+            .map_err(|source| TelemetryError::Bind { address, source })?;
         let bound = listener
             .local_addr()
             .map_err(|source| TelemetryError::Bind { address, source })?;
@@ -149,7 +149,9 @@ fn answer(request: Request, upstream: SocketAddr) {
             if path_of(&url) == format!("/{VIZ_SCRIPT}") {
                 request.respond(Response::new(
                     StatusCode(200),
-                    header("Content-Type", "text/javascript").into_iter().collect(),
+                    header("Content-Type", "text/javascript")
+                        .into_iter()
+                        .collect(),
                     VIZ_LITE_JS,
                     Some(VIZ_LITE_JS.len()),
                     None,

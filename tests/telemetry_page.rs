@@ -84,10 +84,7 @@ impl Browser {
             cmd.pre_exec(move || {
                 let input = libc::fcntl(child_in, libc::F_DUPFD, 10);
                 let output = libc::fcntl(child_out, libc::F_DUPFD, 10);
-                if input < 0
-                    || output < 0
-                    || libc::dup2(input, 3) < 0
-                    || libc::dup2(output, 4) < 0
+                if input < 0 || output < 0 || libc::dup2(input, 3) < 0 || libc::dup2(output, 4) < 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -133,15 +130,17 @@ impl Browser {
         let mut bytes = serde_json::to_vec(&message).expect("a JSON command");
         bytes.push(0);
         if let Err(err) = self.commands.write_all(&bytes) {
-            panic!("cannot send {method} to chromium ({err}); its log:\n{}", self.log());
+            panic!(
+                "cannot send {method} to chromium ({err}); its log:\n{}",
+                self.log()
+            );
         }
         let deadline = Instant::now() + CHROMIUM_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let answer = self
-                .answers
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("chromium did not answer {method}; its log:\n{}", self.log()));
+            let answer = self.answers.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("chromium did not answer {method}; its log:\n{}", self.log())
+            });
             if answer["id"] == json!(id) {
                 assert!(answer["error"].is_null(), "{method} failed: {answer}");
                 return answer["result"].clone();
