@@ -489,7 +489,7 @@ impl DemoNode {
             let _ = daemon.wait();
         }
         if is_mounted(&self.mounted()) {
-            let _ = rustix::mount::unmount(&self.mounted(), rustix::mount::UnmountFlags::DETACH);
+            let _ = rustix::mount::unmount(self.mounted(), rustix::mount::UnmountFlags::DETACH);
         }
     }
 }
