@@ -769,7 +769,9 @@ fn is_mounted(mountpoint: &Path) -> bool {
 /// A scan's findings, counted by kind and, with `--list`, printed as JSON lines.
 struct ScanReport<'a> {
     kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    list: bool,
+    /// Whether differences are still printed: off without `--list`, and once standard
+    /// output is closed (as by `| head`).
+    listing: std::sync::atomic::AtomicBool,
     progress: &'a filesync::progress::ScanProgress,
 }
 
@@ -786,9 +788,16 @@ impl filesync::change::ChangeSink for ScanReport<'_> {
         if let Ok(mut kinds) = self.kinds.lock() {
             *kinds.entry(kind).or_default() += 1;
         }
-        if self.list {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.listing.load(Relaxed) {
             if let Ok(line) = serde_json::to_string(&change) {
-                self.progress.suspend(|| println!("{line}"));
+                let printed = self.progress.suspend(|| {
+                    use std::io::Write;
+                    writeln!(std::io::stdout().lock(), "{line}")
+                });
+                if printed.is_err() {
+                    self.listing.store(false, Relaxed);
+                }
             }
         }
     }
@@ -831,13 +840,20 @@ fn run_scan(
             root.display()
         );
     }
-    let index = filesync::index::Index::open(&index_path)?;
+    let index = match filesync::index::Index::open(&index_path) {
+        Err(filesync::index::IndexError::Locked { path }) => bail!(
+            "the index {} is in use by the running mount: unmount it first (while mounted, \
+             its own scan runs at start-up and every sync_interval)",
+            path.display()
+        ),
+        opened => opened?,
+    };
     let expected = index.len()?;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let progress = filesync::progress::ScanProgress::new(expected, terminal);
     let report = ScanReport {
         kinds: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-        list,
+        listing: std::sync::atomic::AtomicBool::new(list),
         progress: &progress,
     };
     let update = |files, bytes| progress.update(files, bytes);

@@ -51,14 +51,15 @@ impl ScanProgress {
             ProgressDrawTarget::stderr(),
         );
         let template = if expected > 0 {
-            "{spinner} scanning [{wide_bar}] {human_pos}/{human_len} files, {msg}, {per_sec}, {eta} left"
+            "{spinner} [{bar:20}] {human_pos}/{human_len} files {msg} ETA {eta}"
         } else {
-            "{spinner} scanning {human_pos} files, {msg}, {per_sec}, {elapsed}"
+            "{spinner} scanning: {human_pos} files {msg} {elapsed}"
         };
         // The templates are constant; a bad one only loses the layout, not the progress.
         if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
         }
+        bar.set_message("starting");
         bar.enable_steady_tick(Duration::from_millis(200));
         ScanProgress {
             bar,
@@ -72,15 +73,15 @@ impl ScanProgress {
     /// threads (see [`crate::capture::scan::scan`]).
     pub fn update(&self, files: u64, bytes: u64) {
         let rate = per_second(bytes, self.started.elapsed());
-        let message = format!("{} ({}/s)", HumanBytes(bytes), HumanBytes(rate));
-        if let Some(length) = self.bar.length() {
+        self.bar
+            .set_message(format!("{} {}/s", HumanBytes(bytes), HumanBytes(rate)));
+        self.bar.update(|state| {
             // The index may know fewer entries than the folder has now.
-            if files > length {
-                self.bar.set_length(files);
+            if state.len().is_some_and(|length| files > length) {
+                state.set_len(files);
             }
-        }
-        self.bar.set_position(files);
-        self.bar.set_message(message);
+            state.set_pos(files);
+        });
         if let Some(last) = &self.plain {
             let Ok(mut last) = last.lock() else { return };
             if last.elapsed() >= PLAIN_EVERY {
