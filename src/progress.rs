@@ -173,8 +173,6 @@ impl TransferLog {
             transfer.last_line = now;
             let elapsed = now.duration_since(transfer.started);
             tracing::info!(
-                files = transfer.files,
-                bytes = transfer.bytes,
                 "receiving from peers: {} files, {} in {} ({}/s)",
                 HumanCount(transfer.files),
                 HumanBytes(transfer.bytes),
