@@ -322,11 +322,15 @@ fn serve_detached(plan: &MountPlan, link: mount::DaemonLink) {
 fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
     // fuser unmounts again when its session ends; after a plain `umount` that always fails
     // with a WARN that means nothing. It is that module's only warning, so keep its errors.
-    let filter = if filter.contains("fuser") {
-        filter.to_owned()
-    } else {
-        format!("{filter},fuser::session=error")
-    };
+    let mut filter = filter.to_owned();
+    if !filter.contains("fuser") {
+        filter.push_str(",fuser::session=error");
+    }
+    // steady_state logs the private port of its own server, which our telemetry front
+    // (src/telemetry.rs) stands in front of; the front logs the address to open.
+    if !filter.contains("steady_state") {
+        filter.push_str(",steady_state::telemetry::metrics_server=warn");
+    }
     let filter = EnvFilter::try_new(&filter).with_context(|| {
         format!("invalid log filter '{filter}': use e.g. info or filesync=debug")
     })?;
