@@ -492,8 +492,16 @@ impl DemoNode {
             let _ = daemon.kill();
             let _ = daemon.wait();
         }
-        if is_mounted(&self.mounted()) {
-            let _ = rustix::mount::unmount(self.mounted(), rustix::mount::UnmountFlags::DETACH);
+        // A killed daemon leaves a dead mount: detach it (`umount -l`), as root directly,
+        // otherwise through fuse3's setuid helper.
+        let mounted = self.mounted();
+        if is_mounted(&mounted)
+            && rustix::mount::unmount(&mounted, rustix::mount::UnmountFlags::DETACH).is_err()
+        {
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z", "--"])
+                .arg(&mounted)
+                .status();
         }
     }
 }
@@ -550,7 +558,7 @@ impl Demo {
 
     fn check_interrupted(&self) -> anyhow::Result<()> {
         if self.interrupted.load(std::sync::atomic::Ordering::Relaxed) {
-            bail!("interrupted; cleaning up");
+            bail!("interrupted");
         }
         Ok(())
     }
@@ -610,6 +618,24 @@ impl Demo {
 
 fn run_demo() -> anyhow::Result<()> {
     let mut demo = Demo::create()?;
+    let shown = show_demo(&mut demo);
+    let interrupted = demo.interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    drop(demo);
+    match shown {
+        // Whatever failed then (a write on a mount going away, say) is the interruption.
+        Err(_) if interrupted => {
+            bail!("interrupted: unmounted both nodes and removed the demo folder")
+        }
+        Err(err) => Err(err),
+        Ok(()) => {
+            println!("\nunmounted both nodes and removed the demo folder");
+            Ok(())
+        }
+    }
+}
+
+/// The demo itself; the caller cleans up.
+fn show_demo(demo: &mut Demo) -> anyhow::Result<()> {
     let ids = demo
         .nodes
         .iter()
@@ -702,8 +728,6 @@ fn run_demo() -> anyhow::Result<()> {
     for entry in walk_files(&to) {
         println!("  {}", entry.display());
     }
-    drop(demo);
-    println!("\nunmounted both nodes and removed the demo folder");
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,30 +91,23 @@ fn the_demo_shows_two_nodes_syncing_and_cleans_up() {
     assert_nothing_left(tmp.path());
 }
 
-#[test]
-fn an_interrupted_demo_cleans_up() {
-    if !common::fuse_available() {
-        return;
-    }
+/// Runs the demo until node b is mounted, then sends SIGINT to the demo alone or, as
+/// Ctrl-C in a terminal does, to its whole process group (the daemons too).
+fn interrupt_demo(whole_group: bool) {
     let tmp = demo_tmpdir();
-    let output = tmp.path().join("..").join(format!(
-        "{}.out",
-        tmp.path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
+    let logs = tempfile::tempdir().expect("a folder for the demo's output");
+    let (stdout, stderr) = (logs.path().join("stdout"), logs.path().join("stderr"));
     let mut demo = Command::new(BIN)
         .arg("demo")
         .env("TMPDIR", tmp.path())
+        .process_group(0)
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&output).expect("demo output file"))
-        .stderr(Stdio::null())
+        .stdout(std::fs::File::create(&stdout).expect("demo output file"))
+        .stderr(std::fs::File::create(&stderr).expect("demo error file"))
         .spawn()
         .expect("start filesync demo");
-    // Interrupt once node b is mounted: a daemon runs and its mount is live.
     let deadline = Instant::now() + DEMO_LIMIT;
-    while !std::fs::read_to_string(&output)
+    while !std::fs::read_to_string(&stdout)
         .unwrap_or_default()
         .contains("node b is mounted")
     {
@@ -124,14 +118,36 @@ fn an_interrupted_demo_cleans_up() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-    unsafe { libc::kill(demo.id() as libc::pid_t, libc::SIGINT) };
+    let pid = demo.id() as libc::pid_t;
+    let target = if whole_group { -pid } else { pid };
+    // SAFETY: kill has no memory-safety preconditions; the target is our own child (and
+    // the process group it leads).
+    unsafe { libc::kill(target, libc::SIGINT) };
     let status = common::wait_child(&mut demo, DEMO_LIMIT).unwrap_or_else(|| {
         let _ = demo.kill();
         panic!("the interrupted demo did not exit");
     });
-    let shown = std::fs::read_to_string(&output).unwrap_or_default();
-    let _ = std::fs::remove_file(&output);
-    assert!(!status.success(), "an interrupted demo fails: {shown}");
+    let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(!status.success(), "an interrupted demo fails");
+    assert!(
+        said.contains("interrupted") && said.lines().count() == 1,
+        "one line says the demo was interrupted:\n{said}"
+    );
     assert_nothing_left(tmp.path());
+}
+
+#[test]
+fn an_interrupted_demo_cleans_up() {
+    if !common::fuse_available() {
+        return;
+    }
+    interrupt_demo(false);
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_cleans_up() {
+    if !common::fuse_available() {
+        return;
+    }
+    interrupt_demo(true);
 }
