@@ -12,15 +12,18 @@
 //!
 //! The front also drops steady_state's `Access-Control-Allow-Origin: *`, so web pages the
 //! user visits cannot read the graph or the metrics through the browser.
+//!
+//! The server is a small one on `std::net`: one thread accepts, each connection gets a
+//! thread of its own (a bounded number at once) and one request, answered with
+//! `Connection: close`. (tiny_http was tried first: under load its thread pool can miss a
+//! wake-up, and a request then waits until a long-lived keep-alive connection ends.)
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
 /// viz.js 1.8.2's `viz-lite.js` (Graphviz compiled to JavaScript), as published in the npm
 /// registry; `vendor/viz.js-1.8.2/README.md` has its origin, licence and checksum.
@@ -29,12 +32,17 @@ const VIZ_LITE_JS: &[u8] = include_bytes!("../vendor/viz.js-1.8.2/viz-lite.js");
 /// The script's name, which the rewritten pages load from this server.
 const VIZ_SCRIPT: &str = "viz-lite.js";
 
-/// How many threads answer the browser: the page loads a few files at once, then polls
-/// `/graph.dot`.
-const WORKERS: usize = 4;
+/// How many connections are served at once; more are closed at once. A browser opens six.
+const MAX_CONNECTIONS: usize = 32;
 
-/// How often an idle worker checks whether the front is stopping.
-const STOP_POLL: Duration = Duration::from_millis(200);
+/// How often the idle acceptor checks whether the front is stopping.
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// How long a browser may take to send its request or read the answer, per read or write.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest request head read (request line and headers).
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// How long a request to steady_state's server may take, per connect, read and write.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,45 +67,34 @@ pub enum TelemetryError {
 pub struct TelemetryFront {
     address: SocketAddr,
     upstream: SocketAddr,
-    server: Arc<Server>,
     stopping: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl TelemetryFront {
     /// Listens on `address` and picks a free loopback port for steady_state's own server,
     /// which the caller hands to steady_state (see [`TelemetryFront::upstream`]).
     pub fn start(address: SocketAddr) -> Result<TelemetryFront, TelemetryError> {
-        let listener = TcpListener::bind(address)
-            .map_err(|source| TelemetryError::Bind { address, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| TelemetryError::Bind { address, source })?;
+        let bind_error = |source| TelemetryError::Bind { address, source };
+        let listener = TcpListener::bind(address).map_err(bind_error)?;
+        let bound = listener.local_addr().map_err(bind_error)?;
+        // Non-blocking, so that the acceptor notices when the front stops.
+        listener.set_nonblocking(true).map_err(bind_error)?;
         let upstream = free_loopback_port().map_err(TelemetryError::Loopback)?;
-        let server = Server::from_listener(listener, None).map_err(|err| TelemetryError::Bind {
-            address,
-            source: std::io::Error::other(err.to_string()),
-        })?;
-        let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::with_capacity(WORKERS);
-        for n in 0..WORKERS {
-            let (server, stopping) = (server.clone(), stopping.clone());
-            let worker = std::thread::Builder::new()
-                .name(format!("telemetry-{n}"))
-                .spawn(move || serve(&server, &stopping, upstream));
-            match worker {
-                Ok(worker) => workers.push(worker),
-                Err(err) => tracing::warn!("cannot start a telemetry page thread: {err}"),
-            }
-        }
+        let acceptor = {
+            let stopping = stopping.clone();
+            std::thread::Builder::new()
+                .name("telemetry".into())
+                .spawn(move || accept(&listener, &stopping, upstream))
+                .map_err(bind_error)?
+        };
         tracing::info!("telemetry page at http://{bound}/");
         Ok(TelemetryFront {
             address: bound,
             upstream,
-            server,
             stopping,
-            workers,
+            acceptor: Some(acceptor),
         })
     }
 
@@ -115,9 +112,8 @@ impl TelemetryFront {
 impl Drop for TelemetryFront {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        self.server.unblock();
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
         }
     }
 }
@@ -129,60 +125,154 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()
 }
 
-fn serve(server: &Server, stopping: &AtomicBool, upstream: SocketAddr) {
+/// Accepts connections until the front stops; each is answered on a thread of its own.
+/// Those threads end by themselves: every read and write on them has a timeout.
+fn accept(listener: &TcpListener, stopping: &AtomicBool, upstream: SocketAddr) {
+    let active = Arc::new(AtomicUsize::new(0));
     while !stopping.load(Ordering::Acquire) {
-        match server.recv_timeout(STOP_POLL) {
-            Ok(Some(request)) => answer(request, upstream),
-            Ok(None) => {}
-            Err(err) => {
-                tracing::warn!("the telemetry page stopped accepting requests: {err}");
-                return;
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
             }
+            Err(err) => {
+                tracing::debug!("telemetry page: accept failed: {err}");
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let served = active.clone();
+        let spawned = std::thread::Builder::new()
+            .name("telemetry-client".into())
+            .spawn(move || {
+                if let Err(err) = answer(client, upstream) {
+                    tracing::debug!("telemetry page: cannot answer a request: {err}");
+                }
+                served.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(err) = spawned {
+            active.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!("telemetry page: cannot start a thread for a request: {err}");
         }
     }
 }
 
-fn answer(request: Request, upstream: SocketAddr) {
-    let result = match request.method() {
-        Method::Get | Method::Head => {
-            let url = request.url().to_owned();
-            if path_of(&url) == format!("/{VIZ_SCRIPT}") {
-                request.respond(Response::new(
-                    StatusCode(200),
-                    header("Content-Type", "text/javascript")
-                        .into_iter()
-                        .collect(),
-                    VIZ_LITE_JS,
-                    Some(VIZ_LITE_JS.len()),
-                    None,
-                ))
-            } else {
-                match fetch(upstream, &url).and_then(localized) {
-                    Ok(reply) => request.respond(reply.into_response()),
-                    Err(err) => request.respond(
-                        Response::from_string(format!(
-                            "steady_state's telemetry server did not answer: {err}\n"
-                        ))
-                        .with_status_code(502),
-                    ),
-                }
-            }
-        }
-        _ => request.respond(Response::empty(405)),
-    };
-    if let Err(err) = result {
-        tracing::debug!("telemetry page: cannot answer a request: {err}");
+/// Reads one request from `client` and answers it.
+fn answer(mut client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    client.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let head = read_request_head(&mut client)?;
+    let mut words = head.split_whitespace();
+    let (method, url) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut client, 405, None, false, b"", head_only);
     }
+    if !url.starts_with('/') || url.chars().any(|c| !c.is_ascii_graphic()) {
+        return respond(&mut client, 400, None, false, b"", head_only);
+    }
+    if path_of(url) == format!("/{VIZ_SCRIPT}") {
+        return respond(
+            &mut client,
+            200,
+            Some("text/javascript"),
+            false,
+            VIZ_LITE_JS,
+            head_only,
+        );
+    }
+    match fetch(upstream, url).and_then(localized) {
+        Ok(reply) => respond(
+            &mut client,
+            reply.status,
+            reply.content_type.as_deref(),
+            reply.gzipped,
+            &reply.body,
+            head_only,
+        ),
+        Err(err) => {
+            let text = format!("steady_state's telemetry server did not answer: {err}\n");
+            respond(
+                &mut client,
+                502,
+                Some("text/plain"),
+                false,
+                text.as_bytes(),
+                head_only,
+            )
+        }
+    }
+}
+
+/// The request line and headers, up to the blank line that ends them.
+fn read_request_head(client: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 2048];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        if head.len() > MAX_REQUEST_HEAD {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request head too long",
+            ));
+        }
+        let read = client.read(&mut chunk)?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(chunk.get(..read).unwrap_or_default());
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn respond(
+    client: &mut TcpStream,
+    status: u16,
+    content_type: Option<&str>,
+    gzipped: bool,
+    body: &[u8],
+    head_only: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        502 => "Bad Gateway",
+        _ => "Status",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+        body.len()
+    );
+    // Only a plain header value is passed on from upstream.
+    if let Some(kind) =
+        content_type.filter(|kind| kind.chars().all(|c| c == ' ' || c.is_ascii_graphic()))
+    {
+        head.push_str(&format!("Content-Type: {kind}\r\n"));
+    }
+    if gzipped {
+        head.push_str("Content-Encoding: gzip\r\n");
+    }
+    if status == 405 {
+        head.push_str("Allow: GET, HEAD\r\n");
+    }
+    head.push_str("\r\n");
+    client.write_all(head.as_bytes())?;
+    if !head_only {
+        client.write_all(body)?;
+    }
+    client.flush()
 }
 
 /// The path of a request URL, without its query.
 fn path_of(url: &str) -> &str {
     url.split_once('?').map_or(url, |(path, _)| path)
-}
-
-/// A header, or none if `value` is not plain ASCII (as only a broken upstream would send).
-fn header(name: &str, value: &str) -> Option<Header> {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
 }
 
 /// One answer of steady_state's server.
@@ -192,20 +282,6 @@ struct Reply {
     content_type: Option<String>,
     gzipped: bool,
     body: Vec<u8>,
-}
-
-impl Reply {
-    fn into_response(self) -> Response<std::io::Cursor<Vec<u8>>> {
-        let mut response = Response::from_data(self.body).with_status_code(self.status);
-        let content_type = self.content_type.as_deref();
-        if let Some(content_type) = content_type.and_then(|kind| header("Content-Type", kind)) {
-            response = response.with_header(content_type);
-        }
-        if let Some(gzip) = header("Content-Encoding", "gzip").filter(|_| self.gzipped) {
-            response = response.with_header(gzip);
-        }
-        response
-    }
 }
 
 /// GET `url` from steady_state's server. It answers each connection once, with a
@@ -358,6 +434,60 @@ mod tests {
             local.map(|reply| (reply.gzipped, reply.body)),
             Some((false, b"<script src=\"viz-lite.js\"></script>".to_vec()))
         );
+    }
+
+    /// A GET through `front`, the whole answer as text (bodies here are small and ASCII,
+    /// except the script, whose length is what matters).
+    fn get(front: SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(front).unwrap_or_else(|err| panic!("{err}"));
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        stream.write_all(request.as_bytes()).ok();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).ok();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn the_front_serves_the_page_with_the_local_script() {
+        let front = TelemetryFront::start((Ipv4Addr::LOCALHOST, 0).into())
+            .unwrap_or_else(|err| panic!("{err}"));
+        // Stands in for steady_state: one gzipped page pointing at the CDN.
+        let upstream = TcpListener::bind(front.upstream()).unwrap_or_else(|err| panic!("{err}"));
+        let fake = std::thread::spawn(move || {
+            let (mut stream, _) = upstream.accept().unwrap_or_else(|err| panic!("{err}"));
+            let mut request = [0u8; 1024];
+            let read = stream.read(&mut request).unwrap_or(0);
+            let mut packed = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            packed
+                .write_all(b"<script src=\"https://unpkg.com/viz.js@1.8.2/viz-lite.js\"></script>")
+                .ok();
+            let body = packed.finish().unwrap_or_default();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\ncontent-encoding: gzip\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).ok();
+            stream.write_all(&body).ok();
+            String::from_utf8_lossy(&request[..read]).into_owned()
+        });
+        let page = get(front.address(), "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        assert!(
+            page.ends_with("<script src=\"viz-lite.js\"></script>"),
+            "{page}"
+        );
+        assert!(!page.contains("Access-Control"), "{page}");
+        let asked = fake.join().unwrap_or_default();
+        assert!(asked.starts_with("GET / HTTP/1.1\r\n"), "{asked}");
+
+        let script = get(front.address(), "GET /viz-lite.js HTTP/1.1\r\n\r\n");
+        assert!(script.contains(&format!("Content-Length: {}", VIZ_LITE_JS.len())));
+        assert!(script.len() > VIZ_LITE_JS.len());
+        let refused = get(front.address(), "POST / HTTP/1.1\r\n\r\n");
+        assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+        // steady_state is not there any more: the page says so instead of hanging.
+        let missing = get(front.address(), "GET /graph.dot HTTP/1.1\r\n\r\n");
+        assert!(missing.starts_with("HTTP/1.1 502"), "{missing}");
     }
 
     #[test]

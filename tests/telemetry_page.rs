@@ -68,6 +68,11 @@ impl Browser {
                 "--disable-dev-shm-usage",
                 "--no-first-run",
                 "--window-size=1280,900",
+                // The page draws in requestAnimationFrame and polls with timers: never
+                // throttle them as for a tab in the background.
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows",
                 "--remote-debugging-pipe",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
@@ -152,14 +157,22 @@ impl Browser {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Shows `url` in the browser's one tab, in front.
     fn open(&mut self, url: &str) {
-        let target = self.call("Target.createTarget", json!({"url": url}));
+        let targets = self.call("Target.getTargets", json!({}));
+        let tab = targets["targetInfos"]
+            .as_array()
+            .and_then(|targets| targets.iter().find(|target| target["type"] == "page"))
+            .map(|tab| tab["targetId"].clone())
+            .unwrap_or_else(|| panic!("chromium has no tab: {targets}"));
         let attached = self.call(
             "Target.attachToTarget",
-            json!({"targetId": target["targetId"], "flatten": true}),
+            json!({"targetId": tab, "flatten": true}),
         );
         self.session = attached["sessionId"].as_str().map(str::to_owned);
         assert!(self.session.is_some(), "no session: {attached}");
+        self.call("Page.bringToFront", json!({}));
+        self.call("Page.navigate", json!({"url": url}));
     }
 
     /// The value of a JavaScript expression in the page.
@@ -225,15 +238,23 @@ fn the_telemetry_page_shows_the_actor_graph_offline() {
     let mut chromium = Browser::start(&net.a, &browser, profile.path());
     chromium.open(PAGE);
 
-    // The graph appears once the worker's first fetch of graph.dot is laid out by viz.js.
+    // The graph appears once the worker's first fetch of graph.dot is laid out by viz.js,
+    // and fills in as each actor first reports.
+    let actors = ["capture", "coalescer", "indexer", "scanner"];
+    let drawn = |dom: &str| dom.contains("<svg") && actors.iter().all(|actor| dom.contains(actor));
     let deadline = Instant::now() + CHROMIUM_TIMEOUT;
     let mut dom = chromium.dom();
-    while !(dom.contains("<svg") && dom.contains("coalescer")) && Instant::now() < deadline {
+    while !drawn(&dom) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
         dom = chromium.dom();
     }
-    assert!(dom.contains("<svg"), "the graph was not drawn:\n{dom}");
-    for actor in ["capture", "coalescer", "indexer", "scanner"] {
+    if !dom.contains("<svg") {
+        let loads = chromium.eval(
+            "JSON.stringify({state: document.readyState, loaded: performance.getEntriesByType('resource').map(e => e.name + ' ' + Math.round(e.duration) + ' ms ' + e.responseStatus)})",
+        );
+        panic!("the graph was not drawn ({loads}):\n{dom}");
+    }
+    for actor in actors {
         assert!(
             dom.contains(actor),
             "the drawn graph does not show the actor {actor}:\n{dom}"
