@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use std::sync::Arc;
@@ -25,11 +26,28 @@ use filesync::sync::versions;
 /// mount(8)'s exit status for a failed mount, which `mount -t fuse.filesync` passes on.
 const MOUNT_FAILED: u8 = 32;
 
+/// `--version`: the crate's version and the wire protocol's, which two nodes must share.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        filesync::sync::proto::PROTOCOL_VERSION
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "filesync",
-    version,
-    about = "A FUSE overlay filesystem that mirrors writes to other machines in real time"
+    version = VERSION.as_str(),
+    propagate_version = true,
+    about = "A FUSE overlay filesystem that mirrors writes to other machines in real time",
+    after_help = "\
+Examples:
+  filesync demo                                 two nodes on this machine, syncing
+  filesync keygen                               this node's key and ID
+  filesync mount /srv/data /mnt/data -o peer=ID@host:7878
+  filesync COMMAND --help                       examples for each command
+  filesync man | man -l -                       the manual page"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,11 +57,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Mount SOURCE at MOUNTPOINT: everything written to MOUNTPOINT lands in SOURCE.
-    ///
-    /// Examples:
-    ///   filesync mount /srv/data /mnt/data
-    ///   filesync mount /srv/data /mnt/data -o node_name=laptop,allow_other --foreground
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "\
+Examples:
+  filesync mount /srv/data /mnt/data
+  filesync mount /srv/data /mnt/data -o node_name=laptop,allow_other --foreground
+  filesync mount /srv/data /mnt/data -o peer=ID@10.0.0.2:7878
+  filesync mount /srv/replica /mnt/data -o listen=0.0.0.0:7878,peer=ID,mode=receiveonly
+  filesync mount /srv/data /mnt/data -o telemetry=127.0.0.1:9900   (open http://127.0.0.1:9900)")]
     Mount {
         /// The backing folder: the truth, where every change lands.
         source: PathBuf,
@@ -63,11 +83,10 @@ enum Command {
     },
     /// Print every change made to FOLDER as it happens, one JSON line each (path, kind,
     /// byte range, pid, source), until Ctrl-C.
-    ///
-    /// Examples:
-    ///   filesync watch /srv/data
-    ///   filesync watch /srv/data -o watcher=fanotify | jq .
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "\
+Examples:
+  filesync watch /srv/data
+  filesync watch /srv/data -o watcher=fanotify | jq .")]
     Watch {
         folder: PathBuf,
         /// Options as for mount; these matter here: watcher=auto|ebpf|fanotify|inotify,
@@ -80,23 +99,30 @@ enum Command {
     },
     /// Install the binary, the mount.fuse.filesync helper and the systemd unit, so that
     /// `mount -t fuse.filesync` and /etc/fstab lines work.
+    #[command(after_help = "\
+Examples:
+  sudo filesync install
+  filesync install --root /tmp/pkgroot          (for packaging)")]
     Install {
         /// Install below this folder instead of / (for packaging).
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
     /// Remove what `install` put in place (the settings folder is kept).
+    #[command(after_help = "\
+Examples:
+  sudo filesync uninstall
+  filesync uninstall --root /tmp/pkgroot")]
     Uninstall {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
     /// Make this node's key pair, store it (mode 0600) and print the node ID, which
     /// peers list in their `-o peer=` options.
-    ///
-    /// Examples:
-    ///   filesync keygen
-    ///   filesync keygen --key /etc/filesync/other.key --force
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "\
+Examples:
+  filesync keygen
+  filesync keygen --key /etc/filesync/other.key --force")]
     Keygen {
         /// Where to store the key.
         #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
@@ -106,11 +132,10 @@ enum Command {
         force: bool,
     },
     /// Print this node's ID (its public key, with a check code against typos).
-    ///
-    /// Examples:
-    ///   filesync id
-    ///   filesync id --key /etc/filesync/other.key
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "\
+Examples:
+  filesync id
+  filesync id --key /etc/filesync/other.key")]
     Id {
         /// The key file written by `filesync keygen`.
         #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
@@ -118,11 +143,10 @@ enum Command {
     },
     /// Undo the changes made behind a receive-only mount's back: each locally changed path
     /// gets the sending peer's version again (or is removed if the peer lacks it).
-    ///
-    /// Examples:
-    ///   filesync revert /mnt/data
-    ///   filesync revert /mnt/data --state-dir /var/lib/filesync/data
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "\
+Examples:
+  filesync revert /mnt/data
+  filesync revert /mnt/data --state-dir /var/lib/filesync/data")]
     Revert {
         /// The mount point of the receive-only mount.
         mountpoint: PathBuf,
@@ -130,8 +154,13 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// List the versions kept of a file that changes from peers replaced or removed
-    /// (oldest first), with when each was replaced.
+    /// List the kept versions of a file that peers' changes replaced or removed.
+    ///
+    /// Oldest first, each with when it was replaced and where it is kept.
+    #[command(after_help = "\
+Examples:
+  filesync versions /mnt/data/report.txt
+  filesync versions /mnt/data/report.txt --state-dir /var/lib/filesync/data")]
     Versions {
         /// The file, as a path in a filesync mount (it need not exist any more).
         path: PathBuf,
@@ -140,6 +169,11 @@ enum Command {
         state_dir: Option<PathBuf>,
     },
     /// Put a kept version of a file back (through the mount, so peers get it too).
+    #[command(after_help = "\
+Examples:
+  filesync restore /mnt/data/report.txt
+  filesync restore /mnt/data/report.txt --at 20261122-090000
+  filesync restore /mnt/data/report.txt --at 2026-11-22T10:00:00+01:00")]
     Restore {
         /// The file, as a path in a filesync mount.
         path: PathBuf,
@@ -151,9 +185,11 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Show each running mount: backing folder, watcher, mode, pending changes, replication
-    /// lag, last error, and every peer with its address, connection, round-trip time and
-    /// bytes in and out. Without MOUNTPOINT, every filesync mount in /proc/mounts.
+    /// Show the running mounts, their peers and how replication is going
+    ///
+    /// Per mount: backing folder, watcher, mode, pending changes, replication lag, last
+    /// error, and every peer with its address, connection, round-trip time and bytes in
+    /// and out. Without MOUNTPOINT, every filesync mount in /proc/mounts.
     ///
     /// Examples:
     ///   filesync status
@@ -175,11 +211,10 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Show filesync working: mount a temporary folder, write through it, show the write
-    /// land in the backing folder, unmount and clean up.
-    Demo,
-    /// Run a STUN server (RFC 8489 Binding, over UDP and TCP) that tells nodes their public address,
-    /// for mounts' `-o stun=HOST:PORT`. Runs in the foreground until Ctrl-C or SIGTERM.
+    /// Run a STUN server that tells nodes their public address (for `-o stun=`)
+    ///
+    /// RFC 8489 Binding, over UDP and TCP, for mounts' `-o stun=HOST:PORT`. Runs in the
+    /// foreground until Ctrl-C or SIGTERM.
     ///
     /// Each answer is at most 64 bytes larger than its request, and each source address
     /// gets at most --rate answers per second (after a burst of --burst), so the server
@@ -204,6 +239,57 @@ enum Command {
         /// A tracing filter for the log on standard error.
         #[arg(long, value_name = "FILTER", default_value = "info")]
         log: String,
+    },
+    /// Show two nodes on this machine syncing, with no configuration.
+    ///
+    /// Two nodes in temporary folders, both mounted and connected over loopback with fresh
+    /// keys: files written on one arrive on the other, with the time each took. Everything
+    /// is unmounted and removed at the end or on Ctrl-C.
+    #[command(after_help = "\
+Examples:
+  sudo filesync demo
+  cargo run --release -- demo")]
+    Demo,
+    /// Compare a backing folder with its mount's index once and report what differs.
+    ///
+    /// The same scan the mount runs at start-up: what it reports is what filesync would
+    /// pick up at its next start. Shows a progress bar on a terminal, plain lines
+    /// otherwise. The mount must not be running (it holds the index).
+    #[command(after_help = "\
+Examples:
+  filesync scan /srv/data --mountpoint /mnt/data
+  filesync scan /srv/data --state-dir /var/lib/filesync/data --list | jq .path")]
+    Scan {
+        /// The backing folder.
+        source: PathBuf,
+        /// The mount point SOURCE is mounted at: finds the default state folder.
+        #[arg(long, value_name = "DIR", conflicts_with = "state_dir")]
+        mountpoint: Option<PathBuf>,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Also print each difference as a JSON line on standard output.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  filesync completions bash > /etc/bash_completion.d/filesync
+  filesync completions zsh > \"${fpath[1]}/_filesync\"
+  filesync completions fish > ~/.config/fish/completions/filesync.fish")]
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, or write one page per command into DIR.
+    #[command(after_help = "\
+Examples:
+  filesync man | man -l -
+  sudo filesync man /usr/local/share/man/man1")]
+    Man {
+        /// Write filesync.1 and filesync-COMMAND.1 here instead of printing filesync.1.
+        dir: Option<PathBuf>,
     },
 }
 
@@ -256,6 +342,14 @@ fn main() -> ExitCode {
             burst,
             log,
         } => run_stun_server(listen, rate, burst, &log),
+        Command::Scan {
+            source,
+            mountpoint,
+            state_dir,
+            list,
+        } => run_scan(&source, mountpoint.as_deref(), state_dir, list),
+        Command::Completions { shell } => run_completions(shell),
+        Command::Man { dir } => run_man(dir.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -333,11 +427,15 @@ fn serve_detached(plan: &MountPlan, link: mount::DaemonLink) {
 fn init_logging(filter: &str, log_file: Option<&Path>) -> anyhow::Result<()> {
     // fuser unmounts again when its session ends; after a plain `umount` that always fails
     // with a WARN that means nothing. It is that module's only warning, so keep its errors.
-    let filter = if filter.contains("fuser") {
-        filter.to_owned()
-    } else {
-        format!("{filter},fuser::session=error")
-    };
+    let mut filter = filter.to_owned();
+    if !filter.contains("fuser") {
+        filter.push_str(",fuser::session=error");
+    }
+    // steady_state logs the private port of its own server, which our telemetry front
+    // (src/telemetry.rs) stands in front of; the front logs the address to open.
+    if !filter.contains("steady_state") {
+        filter.push_str(",steady_state::telemetry::metrics_server=warn");
+    }
     let filter = EnvFilter::try_new(&filter).with_context(|| {
         format!("invalid log filter '{filter}': use e.g. info or filesync=debug")
     })?;
@@ -720,92 +818,498 @@ fn run_id(key_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Temporary folders of the demo, removed (after unmounting) however the demo ends.
-struct DemoFolders {
-    top: PathBuf,
+/// How long the demo waits for a daemon to mount, for the peers to connect, and for each
+/// file to arrive.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a demo daemon may take to unmount and exit after SIGTERM before it is killed.
+const DEMO_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One node of `filesync demo`: a backing folder, its mount and the daemon serving it.
+struct DemoNode {
+    name: &'static str,
+    folder: PathBuf,
     daemon: Option<std::process::Child>,
 }
 
-impl Drop for DemoFolders {
-    fn drop(&mut self) {
+impl DemoNode {
+    fn backing(&self) -> PathBuf {
+        self.folder.join("backing")
+    }
+
+    fn mounted(&self) -> PathBuf {
+        self.folder.join("mnt")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.folder.join("daemon.log")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.folder.join("node.key")
+    }
+
+    /// Stops the daemon (SIGTERM makes it unmount), kills it if it does not exit in time,
+    /// and detaches a mount left behind by a killed daemon.
+    fn stop(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
-            // SIGTERM makes the daemon unmount itself.
             let _ = rustix::process::kill_process(
                 rustix::process::Pid::from_child(&daemon),
                 rustix::process::Signal::TERM,
             );
+            let deadline = Instant::now() + DEMO_STOP_TIMEOUT;
+            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = daemon.kill();
             let _ = daemon.wait();
+        }
+        // A killed daemon leaves a dead mount: detach it (`umount -l`), as root directly,
+        // otherwise through fuse3's setuid helper.
+        let mounted = self.mounted();
+        if is_mounted(&mounted)
+            && rustix::mount::unmount(&mounted, rustix::mount::UnmountFlags::DETACH).is_err()
+        {
+            let _ = std::process::Command::new("fusermount3")
+                .args(["-u", "-z", "--"])
+                .arg(&mounted)
+                .status();
+        }
+    }
+}
+
+/// Everything `filesync demo` makes, under one private temporary folder: removed, after
+/// both daemons stopped and unmounted, however the demo ends.
+struct Demo {
+    top: PathBuf,
+    nodes: [DemoNode; 2],
+    /// Set by SIGINT, SIGTERM or SIGHUP: every wait of the demo gives up.
+    interrupted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
         }
         let _ = std::fs::remove_dir_all(&self.top);
     }
 }
 
-fn run_demo() -> anyhow::Result<()> {
-    let top = std::env::temp_dir().join(format!("filesync-demo-{}", std::process::id()));
-    let backing = top.join("backing");
-    let mounted = top.join("mnt");
-    std::fs::create_dir_all(&backing)
-        .and_then(|()| std::fs::create_dir_all(&mounted))
-        .with_context(|| format!("cannot create demo folders under {}", top.display()))?;
-    let mut folders = DemoFolders { top, daemon: None };
-    println!("backing folder: {}", backing.display());
-    println!("mount point:    {}", mounted.display());
-
-    let exe = std::env::current_exe().context("cannot find the filesync binary")?;
-    let daemon = std::process::Command::new(exe)
-        .arg("mount")
-        .arg(&backing)
-        .arg(&mounted)
-        .arg("--foreground")
-        .arg("-o")
-        // Everything the demo makes stays under its temporary folder.
-        .arg(format!(
-            "log=warn,telemetry=off,state_dir={}",
-            folders.top.join("state").display()
-        ))
-        .spawn()
-        .context("cannot start the mount daemon")?;
-    folders.daemon = Some(daemon);
-    wait_until_mounted(&mounted, Duration::from_secs(10))?;
-    println!("mounted {} at {}", backing.display(), mounted.display());
-
-    let text = "hello from filesync\n";
-    let started = Instant::now();
-    std::fs::write(mounted.join("hello.txt"), text).context("write through the mount failed")?;
-    let landed = std::fs::read_to_string(backing.join("hello.txt"))
-        .context("the write did not land in the backing folder")?;
-    let elapsed = started.elapsed();
-    if landed != text {
-        bail!("the backing folder holds {landed:?}, expected {text:?}");
+impl Demo {
+    fn create() -> anyhow::Result<Demo> {
+        use std::os::unix::fs::DirBuilderExt;
+        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
+            signal_hook::flag::register(signal, interrupted.clone())
+                .context("cannot handle signals")?;
+        }
+        let top = std::env::temp_dir().join(format!("filesync-demo-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&top)
+            .with_context(|| format!("cannot create the demo folder {}", top.display()))?;
+        let node = |name: &'static str| DemoNode {
+            name,
+            folder: top.join(name),
+            daemon: None,
+        };
+        let demo = Demo {
+            nodes: [node("a"), node("b")],
+            top,
+            interrupted,
+        };
+        for node in &demo.nodes {
+            for folder in [node.backing(), node.mounted()] {
+                std::fs::create_dir_all(&folder)
+                    .with_context(|| format!("cannot create {}", folder.display()))?;
+            }
+        }
+        Ok(demo)
     }
+
+    fn check_interrupted(&self) -> anyhow::Result<()> {
+        if self.interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    /// Polls `done` every millisecond until it holds, for at most `timeout`.
+    fn wait_for(&self, timeout: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            self.check_interrupted()?;
+            if done() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(false)
+    }
+
+    /// Starts node `which` with `options` (besides its own key, state and log) and waits
+    /// until it is mounted.
+    fn start(&mut self, which: usize, options: &str) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find the filesync binary")?;
+        let node = &self.nodes[which];
+        let log = std::fs::File::create(node.log())
+            .with_context(|| format!("cannot create {}", node.log().display()))?;
+        let daemon = std::process::Command::new(exe)
+            .arg("mount")
+            .arg(node.backing())
+            .arg(node.mounted())
+            .arg("--foreground")
+            .arg("-o")
+            // Everything the demo makes stays under its temporary folder.
+            .arg(format!(
+                "node_name=demo-{},key={},state_dir={},telemetry=off,log=info,{options}",
+                node.name,
+                node.key().display(),
+                node.folder.join("state").display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().context("cannot share the daemon log")?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start the mount daemon")?;
+        self.nodes[which].daemon = Some(daemon);
+        let node = &self.nodes[which];
+        let mounted = node.mounted();
+        if !self.wait_for(DEMO_TIMEOUT, || is_mounted(&mounted))? {
+            bail!(
+                "node {} was not mounted within {} s; its log:\n{}",
+                node.name,
+                DEMO_TIMEOUT.as_secs(),
+                std::fs::read_to_string(node.log()).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn run_demo() -> anyhow::Result<()> {
+    let mut demo = Demo::create()?;
+    let shown = show_demo(&mut demo);
+    let interrupted = demo.interrupted.load(std::sync::atomic::Ordering::Relaxed);
+    drop(demo);
+    match shown {
+        // Whatever failed then (a write on a mount going away, say) is the interruption.
+        Err(_) if interrupted => {
+            bail!("interrupted: unmounted both nodes and removed the demo folder")
+        }
+        Err(err) => Err(err),
+        Ok(()) => {
+            println!("\nunmounted both nodes and removed the demo folder");
+            Ok(())
+        }
+    }
+}
+
+/// The demo itself; the caller cleans up.
+fn show_demo(demo: &mut Demo) -> anyhow::Result<()> {
+    let ids = demo
+        .nodes
+        .iter()
+        .map(|node| Ok(NodeKey::create(&node.key(), false)?.id().to_string()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (id_a, id_b) = match ids.as_slice() {
+        [a, b] => (a.clone(), b.clone()),
+        _ => bail!("the demo needs two node keys"),
+    };
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .context("cannot find a free loopback port")?
+        .port();
     println!(
-        "wrote {}/hello.txt; {}/hello.txt holds {:?} ({} µs after the write started)",
-        mounted.display(),
-        backing.display(),
-        landed.trim_end(),
-        elapsed.as_micros()
+        "filesync demo: two nodes on this machine, in {}",
+        demo.top.display()
     );
-    drop(folders);
-    println!("unmounted and cleaned up");
+    println!(
+        "  node a (sends):    {} mounted at {}",
+        demo.nodes[0].backing().display(),
+        demo.nodes[0].mounted().display()
+    );
+    println!(
+        "  node b (receives): {} mounted at {}",
+        demo.nodes[1].backing().display(),
+        demo.nodes[1].mounted().display()
+    );
+
+    demo.start(
+        1,
+        &format!("listen=127.0.0.1:{port},peer={id_a},mode=receiveonly"),
+    )?;
+    println!("node b is mounted and listens on 127.0.0.1:{port}");
+    demo.start(0, &format!("peer={id_b}@127.0.0.1:{port}"))?;
+    println!("node a is mounted and dials node b");
+    let log_b = demo.nodes[1].log();
+    let connected = demo.wait_for(DEMO_TIMEOUT, || {
+        std::fs::read_to_string(&log_b).is_ok_and(|log| log.contains("connected to peer"))
+    })?;
+    if !connected {
+        bail!(
+            "the nodes did not connect within {} s; node b's log:\n{}",
+            DEMO_TIMEOUT.as_secs(),
+            std::fs::read_to_string(&log_b).unwrap_or_default()
+        );
+    }
+    println!("the nodes are connected (Noise handshake with their fresh keys)\n");
+
+    let (from, to) = (demo.nodes[0].mounted(), demo.nodes[1].mounted());
+    let big: Vec<u8> = (0..1024 * 1024u32).map(|n| (n % 251) as u8).collect();
+    let steps = [
+        (
+            "hello.txt",
+            DemoEdit::Write(b"hello from node a\n".to_vec()),
+        ),
+        (
+            "notes/today.md",
+            DemoEdit::Write(b"# Today\n- try filesync\n".to_vec()),
+        ),
+        ("data.bin", DemoEdit::Write(big)),
+        (
+            "hello.txt",
+            DemoEdit::Append(b"and one more line\n".to_vec()),
+        ),
+    ];
+    for (name, edit) in steps {
+        let (source, target) = (from.join(name), to.join(name));
+        let started = Instant::now();
+        let (action, bytes) = edit.apply(&source)?;
+        let written = started.elapsed();
+        let expected = std::fs::read(&source)
+            .with_context(|| format!("cannot read back {}", source.display()))?;
+        let arrived = demo.wait_for(DEMO_TIMEOUT, || {
+            std::fs::read(&target).is_ok_and(|there| there == expected)
+        })?;
+        if !arrived {
+            bail!(
+                "{name} did not arrive on node b within {} s; node a's log:\n{}",
+                DEMO_TIMEOUT.as_secs(),
+                std::fs::read_to_string(demo.nodes[0].log()).unwrap_or_default()
+            );
+        }
+        println!(
+            "{action:<8} {:>9}  a/{name:<16} arrived on b after {:.1} ms",
+            indicatif::HumanBytes(bytes).to_string(),
+            started.elapsed().saturating_sub(written).as_secs_f64() * 1000.0
+        );
+    }
+    println!("\nnode b's mount now lists:");
+    for entry in walk_files(&to) {
+        println!("  {}", entry.display());
+    }
     Ok(())
 }
 
-fn wait_until_mounted(mountpoint: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    let needle = format!(" {} fuse.{} ", mountpoint.display(), mount::SUBTYPE);
-    while Instant::now() < deadline {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        if mounts
-            .lines()
-            .any(|line| format!("{line} ").contains(&needle))
-        {
-            return Ok(());
+/// What the demo does to a file on node a.
+enum DemoEdit {
+    Write(Vec<u8>),
+    /// Only the appended bytes travel, not the whole file.
+    Append(Vec<u8>),
+}
+
+impl DemoEdit {
+    /// Makes the change and says what it did, and with how many bytes.
+    fn apply(&self, path: &Path) -> anyhow::Result<(&'static str, u64)> {
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match self {
+            DemoEdit::Write(content) => {
+                std::fs::write(path, content)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Ok(("wrote", content.len() as u64))
+            }
+            DemoEdit::Append(content) => {
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut file| file.write_all(content))
+                    .with_context(|| format!("cannot append to {}", path.display()))?;
+                Ok(("appended", content.len() as u64))
+            }
+        }
     }
-    bail!(
-        "{} was not mounted within {} s",
-        mountpoint.display(),
-        timeout.as_secs()
-    )
+}
+
+/// The files below `root`, relative to it, sorted (a few levels; the demo's tree is tiny).
+fn walk_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut folders = vec![root.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                folders.push(path);
+            } else if let Ok(relative) = path.strip_prefix(root) {
+                files.push(relative.to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Whether a filesync mount is at `mountpoint` (per /proc/self/mounts).
+fn is_mounted(mountpoint: &Path) -> bool {
+    let needle = format!(" {} fuse.{} ", mountpoint.display(), mount::SUBTYPE);
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| format!("{line} ").contains(&needle))
+}
+
+/// A scan's findings, counted by kind and, with `--list`, printed as JSON lines.
+struct ScanReport<'a> {
+    kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Whether differences are still printed: off without `--list`, and once standard
+    /// output is closed (as by `| head`).
+    listing: std::sync::atomic::AtomicBool,
+    progress: &'a filesync::progress::ScanProgress,
+}
+
+impl filesync::change::ChangeSink for ScanReport<'_> {
+    fn record(&self, change: filesync::change::Change) {
+        // A unit variant serializes as its name, the others as an object keyed by it.
+        let kind = match serde_json::to_value(&change.kind) {
+            Ok(serde_json::Value::String(name)) => name,
+            Ok(serde_json::Value::Object(fields)) => {
+                fields.keys().next().cloned().unwrap_or_default()
+            }
+            _ => String::from("other"),
+        };
+        if let Ok(mut kinds) = self.kinds.lock() {
+            *kinds.entry(kind).or_default() += 1;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.listing.load(Relaxed) {
+            if let Ok(line) = serde_json::to_string(&change) {
+                let printed = self.progress.suspend(|| {
+                    use std::io::Write;
+                    writeln!(std::io::stdout().lock(), "{line}")
+                });
+                if printed.is_err() {
+                    self.listing.store(false, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn run_scan(
+    source: &Path,
+    mountpoint: Option<&Path>,
+    state_dir: Option<PathBuf>,
+    list: bool,
+) -> anyhow::Result<()> {
+    let root = std::fs::canonicalize(source).with_context(|| {
+        format!(
+            "cannot scan {}: check that the folder exists",
+            source.display()
+        )
+    })?;
+    let state_dir = match (state_dir, mountpoint) {
+        (Some(state_dir), _) => state_dir,
+        (None, Some(mountpoint)) => {
+            let mountpoint = std::fs::canonicalize(mountpoint).with_context(|| {
+                format!("cannot find the mount point {}", mountpoint.display())
+            })?;
+            mount::default_state_dir(&mountpoint)
+        }
+        (None, None) => bail!(
+            "which mount's index should {} be compared with? give --mountpoint DIR or --state-dir DIR",
+            root.display()
+        ),
+    };
+    init_logging(
+        &std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        None,
+    )?;
+    let index_path = state_dir.join("index.redb");
+    if !index_path.exists() {
+        bail!(
+            "no index at {}: mount {} once first, or give the mount's --state-dir",
+            index_path.display(),
+            root.display()
+        );
+    }
+    let index = match filesync::index::Index::open(&index_path) {
+        Err(filesync::index::IndexError::Locked { path }) => bail!(
+            "the index {} is in use by the running mount: unmount it first (while mounted, \
+             its own scan runs at start-up and every sync_interval)",
+            path.display()
+        ),
+        opened => opened?,
+    };
+    let expected = index.len()?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = filesync::progress::ScanProgress::new(expected, terminal);
+    let report = ScanReport {
+        kinds: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        listing: std::sync::atomic::AtomicBool::new(list),
+        progress: &progress,
+    };
+    let update = |files, bytes| progress.update(files, bytes);
+    let ignores = filesync::ignores::Ignores::load(&root);
+    let stats = capture::scan::scan(&root, &index, &ignores, &report, Some(&update))?;
+    progress.finish();
+    eprintln!(
+        "scanned {}: {} files, {} directories, {} in {:.2} s",
+        root.display(),
+        indicatif::HumanCount(stats.files),
+        indicatif::HumanCount(stats.dirs),
+        indicatif::HumanBytes(stats.bytes),
+        stats.elapsed.as_secs_f64()
+    );
+    let kinds = report.kinds.into_inner().unwrap_or_default();
+    let by_kind = kinds
+        .iter()
+        .map(|(kind, count)| format!("{kind} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if stats.changes == 0 {
+        eprintln!("no differences from the index");
+    } else {
+        eprintln!("{} differences from the index ({by_kind})", stats.changes);
+    }
+    if stats.unreadable > 0 {
+        eprintln!(
+            "{} entries could not be read (see the warnings above)",
+            stats.unreadable
+        );
+    }
+    Ok(())
+}
+
+fn run_completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "filesync",
+        &mut std::io::stdout(),
+    );
+    Ok(())
+}
+
+fn run_man(dir: Option<&Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("cannot write the manual pages into {}", dir.display()))?;
+            println!("wrote the manual pages into {}", dir.display());
+        }
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("cannot print the manual page")?,
+    }
+    Ok(())
 }

@@ -51,6 +51,7 @@ use crate::status::Stats;
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
+use crate::telemetry::TelemetryFront;
 use applier::Receiving;
 use indexer::{Indexer, ScanReason};
 use scanner::ScanJob;
@@ -143,6 +144,8 @@ pub struct StopError(String);
 /// A running actor graph.
 pub struct Pipeline {
     graph: Graph,
+    /// Serves the telemetry page while the graph runs (see [`crate::telemetry`]).
+    _telemetry: Option<TelemetryFront>,
 }
 
 impl Pipeline {
@@ -152,7 +155,7 @@ impl Pipeline {
         telemetry: Option<SocketAddr>,
         workdir: &Path,
     ) -> Pipeline {
-        let mut graph = new_graph(telemetry, workdir);
+        let (mut graph, telemetry) = new_graph(telemetry, workdir);
         let (changes_tx, changes_rx) = graph
             .channel_builder()
             .with_capacity(CHANNEL_CAPACITY)
@@ -167,7 +170,10 @@ impl Pipeline {
             SoloAct,
         );
         graph.start();
-        Pipeline { graph }
+        Pipeline {
+            graph,
+            _telemetry: telemetry,
+        }
     }
 
     /// A mount's graph: capture, coalescer, indexer and scanner.
@@ -191,7 +197,7 @@ impl Pipeline {
             stats: stats.clone(),
         });
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
-        let mut graph = new_graph(telemetry, &workdir);
+        let (mut graph, telemetry) = new_graph(telemetry, &workdir);
         let channels = graph.channel_builder().with_capacity(CHANNEL_CAPACITY);
         let (changes_tx, changes_rx) = channels.build::<Change>();
         let (updates_tx, updates_rx) = channels.build::<Update>();
@@ -243,7 +249,10 @@ impl Pipeline {
             SoloAct,
         );
         graph.start();
-        Pipeline { graph }
+        Pipeline {
+            graph,
+            _telemetry: telemetry,
+        }
     }
 
     /// Asks every actor to finish and waits until the graph has drained.
@@ -354,11 +363,13 @@ fn actor_builder(graph: &mut Graph) -> ActorBuilder {
     graph.actor_builder().with_mcpu_avg().with_load_avg()
 }
 
-/// The graph, with steady_state's telemetry server on `telemetry` or off. steady_state
-/// writes `logs/graph.dot` and `../output_logs` relative to the working directory, so the
-/// process works in `workdir/telemetry`: both stay inside `workdir`, a private folder of
-/// ours, rather than wherever the process was started.
-fn new_graph(telemetry: Option<SocketAddr>, workdir: &Path) -> Graph {
+/// The graph, with the telemetry page on `telemetry` or off: our front serves it there
+/// and steady_state's own server listens on a private loopback port behind it. If the
+/// address cannot be bound the graph runs without the page. steady_state writes
+/// `logs/graph.dot` and `../output_logs` relative to the working directory, so the process
+/// works in `workdir/telemetry`: both stay inside `workdir`, a private folder of ours,
+/// rather than wherever the process was started.
+fn new_graph(telemetry: Option<SocketAddr>, workdir: &Path) -> (Graph, Option<TelemetryFront>) {
     let graph_dir = workdir.join("telemetry");
     let entered = std::fs::DirBuilder::new()
         .recursive(true)
@@ -368,13 +379,22 @@ fn new_graph(telemetry: Option<SocketAddr>, workdir: &Path) -> Graph {
     if let Err(err) = entered {
         tracing::warn!("cannot work in {}: {err}", graph_dir.display());
     }
-    if let Some(address) = telemetry {
+    let front = telemetry.and_then(|address| match TelemetryFront::start(address) {
+        Ok(front) => Some(front),
+        Err(err) => {
+            tracing::warn!("running without the telemetry page: {err}");
+            None
+        }
+    });
+    if let Some(front) = &front {
         // steady_state reads its listening address from the environment when the server
-        // starts; its own default (0.0.0.0) would expose the page to the network.
-        std::env::set_var("TELEMETRY_SERVER_IP", address.ip().to_string());
-        std::env::set_var("TELEMETRY_SERVER_PORT", address.port().to_string());
+        // starts; its own default (0.0.0.0) would expose it to the network.
+        let upstream = front.upstream();
+        std::env::set_var("TELEMETRY_SERVER_IP", upstream.ip().to_string());
+        std::env::set_var("TELEMETRY_SERVER_PORT", upstream.port().to_string());
     }
-    GraphBuilder::for_production()
-        .with_telemetry_metric_features(telemetry.is_some())
-        .build(())
+    let graph = GraphBuilder::for_production()
+        .with_telemetry_metric_features(front.is_some())
+        .build(());
+    (graph, front)
 }
