@@ -981,3 +981,32 @@ fn a_file_sent_while_written_then_its_ranges_in_pieces_ends_whole() {
     node.applier().commit_deferred().unwrap();
     assert!(node.read("big") == full);
 }
+
+#[test]
+fn a_large_batch_is_made_durable_together_and_lands_whole() {
+    let mut node = Node::new();
+    let mut shown = Vec::new();
+    for i in 0..100u8 {
+        let content = pattern(1000 + usize::from(i), i);
+        node.applier()
+            .apply_deferred(&change(&format!("d{}/f{i}", i % 3), whole(&content)), |p| {
+                shown.extend_from_slice(p)
+            })
+            .unwrap();
+    }
+    assert!(shown.is_empty());
+    assert_eq!(node.applier().files_waiting(), 100);
+    let placed = node.applier().commit_deferred().unwrap();
+    assert_eq!(node.applier().files_waiting(), 0);
+    for i in 0..100u8 {
+        let path = format!("d{}/f{i}", i % 3);
+        assert_eq!(
+            node.read(&path),
+            pattern(1000 + usize::from(i), i),
+            "{path}"
+        );
+        assert!(placed.contains(&PathBuf::from(&path)), "{path}");
+        let record = node.index.get(Path::new(&path)).unwrap().unwrap();
+        assert_eq!(record.size, 1000 + u64::from(i));
+    }
+}

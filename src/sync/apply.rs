@@ -210,10 +210,14 @@ struct PendingFile {
     file: File,
 }
 
+/// From this many files a batch is made durable with `syncfs` (see
+/// [`Applier::place_pending`]).
+const SYNCFS_FROM: usize = 16;
+
 /// At most this many files wait in [`Applier::commit_deferred`]'s batch...
-const MAX_PENDING_FILES: usize = 256;
+const MAX_PENDING_FILES: usize = 1024;
 /// ... and at most this many bytes, so a batch's dirty pages stay small.
-const MAX_PENDING_BYTES: u64 = 32 << 20;
+const MAX_PENDING_BYTES: u64 = 64 << 20;
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -751,6 +755,16 @@ impl Applier {
         self.apply_inner(change, visible, true)
     }
 
+    /// How many files wait in the batch [`Applier::commit_deferred`] finishes.
+    pub fn files_waiting(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the batch is as large as it may get (the next file finishes it).
+    pub fn batch_is_full(&self) -> bool {
+        self.pending.len() >= MAX_PENDING_FILES || self.pending_bytes >= MAX_PENDING_BYTES
+    }
+
     /// Finishes what [`Applier::apply_deferred`] left: makes the waiting files durable,
     /// puts them in place and commits the index records. Returns the paths now in place
     /// (for cache invalidation). On `Err` some files of the batch may be missing; none is
@@ -770,46 +784,70 @@ impl Applier {
         placing.map(|()| shown)
     }
 
-    /// Makes the files in [`Applier::pending`] durable and links them in: writeback of
-    /// all starts before any is waited for, so the file system commits them in one
-    /// journal transaction, and each directory is fsync'd once. Returns the paths placed
-    /// and the first error (the other files are still placed).
+    /// Makes the files in [`Applier::pending`] durable and links them in. A large batch
+    /// takes two `syncfs` calls (data and inodes, then the new names): on a journaling
+    /// file system every file's own fsync waits for a journal commit of its own, since its
+    /// extents are converted when its writeback completes. A small batch (the latency
+    /// case) fsyncs its files, starting the writeback of all before waiting on any, then
+    /// each directory once. Returns the paths placed and the first error (the other files
+    /// are still placed).
     fn place_pending(&mut self) -> (Vec<PathBuf>, Result<(), ApplyError>) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        for waiting in &pending {
-            start_writeback(&waiting.file);
+        let Some(first) = pending.first() else {
+            return (Vec::new(), Ok(()));
+        };
+        let first_rel = first.rel.clone();
+        let syncfs_err =
+            |err: io::Error| io_err(&first_rel, "syncfs of the folder's file system")(err);
+        let whole_fs = match pending.len() >= SYNCFS_FROM {
+            // Any descriptor on the folder's file system names it for syncfs.
+            true => match first.parent.dir.try_clone() {
+                Ok(fd) => Some(fd),
+                Err(err) => return (Vec::new(), Err(syncfs_err(err))),
+            },
+            false => None,
+        };
+        match &whole_fs {
+            Some(fs) => {
+                if let Err(err) = rustix::fs::syncfs(fs) {
+                    // Nothing is known durable, so nothing is placed.
+                    return (Vec::new(), Err(syncfs_err(err.into())));
+                }
+            }
+            None => pending
+                .iter()
+                .for_each(|waiting| start_writeback(&waiting.file)),
         }
-        let mut placed = Vec::with_capacity(pending.len());
         let mut first_error = Ok(());
+        let mut note = |result: Result<(), ApplyError>| {
+            if let (Err(err), true) = (result, first_error.is_ok()) {
+                first_error = Err(err);
+            }
+        };
+        let mut placed = Vec::with_capacity(pending.len());
         let mut dirs: Vec<(PathBuf, OwnedFd)> = Vec::new();
         for PendingFile { rel, parent, file } in pending {
-            let result = file
-                .sync_all()
-                .map_err(io_err(&rel, "fsync"))
-                .and_then(|()| self.put_in_place(&parent, &rel, Temp::Unnamed(file)));
-            match result {
+            let durable = match whole_fs {
+                Some(_) => Ok(()),
+                None => file.sync_all().map_err(io_err(&rel, "fsync")),
+            };
+            match durable.and_then(|()| self.put_in_place(&parent, &rel, Temp::Unnamed(file))) {
                 Ok(()) => {
                     let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-                    if !dirs.iter().any(|(known, _)| *known == dir) {
+                    if whole_fs.is_none() && !dirs.iter().any(|(known, _)| *known == dir) {
                         dirs.push((dir, parent.dir));
                     }
                     placed.push(rel);
                 }
-                Err(err) => {
-                    if first_error.is_ok() {
-                        first_error = Err(err);
-                    }
-                }
+                Err(err) => note(Err(err)),
             }
         }
+        if let Some(fs) = &whole_fs {
+            note(rustix::fs::syncfs(fs).map_err(|err| syncfs_err(err.into())));
+        }
         for (dir, fd) in dirs {
-            if let Err(err) = rustix::fs::fsync(&fd).map_err(io_err(&dir, "fsync of the directory"))
-            {
-                if first_error.is_ok() {
-                    first_error = Err(err);
-                }
-            }
+            note(rustix::fs::fsync(&fd).map_err(io_err(&dir, "fsync of the directory")));
         }
         (placed, first_error)
     }
