@@ -44,6 +44,19 @@ fn pair() -> (Net, Node, Node) {
     pair_with(&[], |_| {})
 }
 
+/// A and B both sending and receiving (`mode=sendreceive`): A dials B, B listens.
+/// `fill_a` prepares A's folder before either starts.
+fn two_way_pair(fill_a: impl FnOnce(&Path)) -> (Net, Node, Node) {
+    let net = Net::pair();
+    let mut a = Node::new("a", Some(&net.a));
+    let mut b = Node::new("b", Some(&net.b));
+    fill_a(a.src());
+    b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer()]);
+    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
+    assert_connected(&b);
+    (net, a, b)
+}
+
 /// Waits until B's log shows A connected; panics with the log otherwise.
 fn assert_connected(b: &Node) {
     assert!(
@@ -411,14 +424,10 @@ fn ignored_paths_never_leave_their_node_in_either_direction() {
     if !netns_available() {
         return;
     }
-    let net = Net::pair();
-    let mut a = Node::new("a", Some(&net.a));
-    let mut b = Node::new("b", Some(&net.b));
-    fs::write(a.src().join(".filesyncignore"), "*.secret\n/cache/\n").expect("rules");
-    fs::write(a.src().join("before.secret"), b"present at start").expect("write");
-    b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer()]);
-    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
-    assert_connected(&b);
+    let (_net, a, b) = two_way_pair(|src| {
+        fs::write(src.join(".filesyncignore"), "*.secret\n/cache/\n").expect("rules");
+        fs::write(src.join("before.secret"), b"present at start").expect("write");
+    });
     // The rules travel like any file, so B ignores the same names.
     assert!(
         wait_until(CONVERGE, || b.src().join(".filesyncignore").exists()),
@@ -466,12 +475,7 @@ fn what_a_peer_replaced_or_removed_is_kept_and_can_be_restored() {
     if !netns_available() {
         return;
     }
-    let net = Net::pair();
-    let mut a = Node::new("a", Some(&net.a));
-    let mut b = Node::new("b", Some(&net.b));
-    b.start(&[format!("listen={ADDR_B}:{PORT}"), a.peer()]);
-    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
-    assert_connected(&b);
+    let (_net, a, b) = two_way_pair(|_| {});
     let (ma, mb) = (a.mnt(), b.mnt());
     fs::write(ma.join("report.txt"), b"first draft").expect("write");
     fs::write(ma.join("doomed.txt"), b"short-lived").expect("write");
