@@ -20,6 +20,9 @@ pub const APPLIED_GRACE: Duration = Duration::from_secs(2);
 struct State {
     changed: BTreeSet<PathBuf>,
     applied: HashMap<PathBuf, Instant>,
+    /// When `applied` was last pruned: pruning on every write would make a bulk transfer
+    /// quadratic in the files it writes within the grace time.
+    pruned: Option<Instant>,
 }
 
 /// See the module documentation. Shared by the encoder (which sees local updates), the
@@ -34,9 +37,15 @@ impl LocalChanges {
     pub fn applied(&self, path: &Path) {
         let mut state = self.state.lock();
         let now = Instant::now();
-        state
-            .applied
-            .retain(|_, at| now.duration_since(*at) < APPLIED_GRACE);
+        if state
+            .pruned
+            .is_none_or(|pruned| now.duration_since(pruned) >= APPLIED_GRACE)
+        {
+            state
+                .applied
+                .retain(|_, at| now.duration_since(*at) < APPLIED_GRACE);
+            state.pruned = Some(now);
+        }
         state.applied.insert(path.to_path_buf(), now);
         state.changed.remove(path);
     }
