@@ -405,6 +405,12 @@ fn changes_behind_a_mirrors_back_are_reported_kept_and_reverted_on_request() {
         fs::read(b.src().join("shared.txt")).expect("read"),
         b"edited on the mirror"
     );
+    // A receive-only node never sends: A still has its own version and no stray file.
+    assert_eq!(
+        fs::read(a.src().join("shared.txt")).expect("read"),
+        b"the source's version"
+    );
+    assert!(!a.src().join("stray.txt").exists(), "the mirror sent a file");
     let out = run(
         Command::new(common::BIN)
             .arg("revert")
