@@ -410,7 +410,10 @@ fn changes_behind_a_mirrors_back_are_reported_kept_and_reverted_on_request() {
         fs::read(a.src().join("shared.txt")).expect("read"),
         b"the source's version"
     );
-    assert!(!a.src().join("stray.txt").exists(), "the mirror sent a file");
+    assert!(
+        !a.src().join("stray.txt").exists(),
+        "the mirror sent a file"
+    );
     let out = run(
         Command::new(common::BIN)
             .arg("revert")
