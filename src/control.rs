@@ -21,6 +21,10 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new daemon waits for the previous daemon of its state folder to let go
+/// of the control socket.
+const HANDOVER: Duration = Duration::from_secs(5);
+
 /// The longest command line accepted.
 const MAX_LINE: u64 = 4096;
 
@@ -73,6 +77,8 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("another filesync daemon is using the state folder {state_dir}: unmount it first, or give this mount its own state_dir=")]
+    InUse { state_dir: PathBuf },
     #[error("cannot reach the filesync daemon at {path}: {source}; is the folder mounted (and is this its state folder)?")]
     Connect {
         path: PathBuf,
@@ -96,10 +102,19 @@ pub fn serve(
         path: path.clone(),
         source,
     };
-    // A socket left by a daemon that was killed: nobody listens on it any more.
-    if UnixStream::connect(&path).is_err() {
-        let _ = std::fs::remove_file(&path);
+    // A socket that still answers may be a daemon of the same folder that was just
+    // unmounted and is finishing (a remount right after `umount`): give it a moment.
+    let handover_until = std::time::Instant::now() + HANDOVER;
+    while UnixStream::connect(&path).is_ok() {
+        if std::time::Instant::now() >= handover_until {
+            return Err(ControlError::InUse {
+                state_dir: state_dir.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    // A socket left by a daemon that was killed: nobody listens on it any more.
+    let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(bind_err)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     std::thread::Builder::new()
