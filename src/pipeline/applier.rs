@@ -57,7 +57,7 @@ pub struct Receiving {
     ignores: Arc<Ignores>,
     /// Where a change that cannot be applied is recorded as the mount's last error, so
     /// `filesync status` shows it and not only the log.
-    stats: Arc<Stats>,
+    stats: Option<Arc<Stats>>,
 }
 
 /// What this node's ignore rules make of an incoming change.
@@ -87,7 +87,6 @@ impl Receiving {
         local: Arc<LocalChanges>,
         reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
         ignores: Arc<Ignores>,
-        stats: Arc<Stats>,
     ) -> Receiving {
         Receiving {
             applier,
@@ -99,8 +98,14 @@ impl Receiving {
             local,
             reverts,
             ignores,
-            stats,
+            stats: None,
         }
+    }
+
+    /// Records changes that cannot be applied as the mount's last error in `stats`.
+    pub fn reporting_to(mut self, stats: Arc<Stats>) -> Receiving {
+        self.stats = Some(stats);
+        self
     }
 }
 
@@ -326,8 +331,9 @@ impl Receiving {
             }
             Err(err) => {
                 tracing::warn!("cannot apply a change from peer {from}: {err}");
-                self.stats
-                    .set_last_error(format!("cannot apply a change from peer {from}: {err}"));
+                if let Some(stats) = &self.stats {
+                    stats.set_last_error(format!("cannot apply a change from peer {from}: {err}"));
+                }
                 (false, Vec::new())
             }
         }

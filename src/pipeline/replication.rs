@@ -257,8 +257,8 @@ impl ReplicationPlan {
                 local.clone(),
                 revert_rx,
                 ignores,
-                stats,
-            ),
+            )
+            .reporting_to(stats),
             gate,
             local,
             settled,
