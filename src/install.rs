@@ -1,6 +1,10 @@
 //! `filesync install` / `filesync uninstall`: puts the binary, the mount(8)
 //! helper, the systemd unit template (`filesync@.service`, `Type=notify`, see
-//! [`crate::service`]) and an example settings file in place.
+//! [`crate::service`]), an example settings file, and the shell completions and
+//! manual pages in place. The completions and pages are generated from the CLI
+//! definition, which lives in the binary, so the caller passes them in as
+//! [`GeneratedFile`]s; this module only decides where files go and how they are
+//! written.
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -49,6 +53,22 @@ pub struct InstallPlan {
     pub unit_dir: PathBuf,
     pub config_dir: PathBuf,
 }
+
+/// A file made by the binary at install time (a shell completion script or a
+/// manual page): `dir` is absolute as on the target system, below `root`.
+#[derive(Debug, Clone)]
+pub struct GeneratedFile {
+    pub dir: PathBuf,
+    pub name: String,
+    pub contents: Vec<u8>,
+}
+
+/// Where Debian's bash-completion, zsh and fish look for vendor completions.
+pub const BASH_COMPLETION_DIR: &str = "/usr/share/bash-completion/completions";
+pub const ZSH_COMPLETION_DIR: &str = "/usr/share/zsh/vendor-completions";
+pub const FISH_COMPLETION_DIR: &str = "/usr/share/fish/vendor_completions.d";
+/// Section 1 manual pages (user commands).
+pub const MAN1_DIR: &str = "/usr/share/man/man1";
 
 impl Default for InstallPlan {
     fn default() -> Self {
@@ -108,23 +128,34 @@ pub enum InstallError {
 /// Copies the running `filesync` binary and the mount helper built next to it
 /// into place atomically (temp file + rename, mode 0755), installs the systemd
 /// unit, creates `config_dir` (0755) with an example `filesync.toml` (0644,
-/// only if absent) and prints one line per file installed. Returns the files
-/// written.
-pub fn install(plan: &InstallPlan) -> Result<Vec<PathBuf>, InstallError> {
+/// only if absent), writes `generated` (0644) and prints one line per file
+/// installed. Returns the files written.
+pub fn install(
+    plan: &InstallPlan,
+    generated: &[GeneratedFile],
+) -> Result<Vec<PathBuf>, InstallError> {
     let binary = std::env::current_exe().map_err(InstallError::CurrentExe)?;
     let helper = binary.with_file_name(HELPER_BUILD_NAME);
-    install_from(plan, &binary, &helper)
+    install_from(plan, &binary, &helper, generated)
 }
 
-/// Removes what [`install`] put in place except the config folder, which may
-/// hold the user's settings. Returns the files removed.
-pub fn uninstall(plan: &InstallPlan) -> Result<Vec<PathBuf>, InstallError> {
+/// Removes what [`install`] put in place (including `generated`, by path)
+/// except the config folder, which may hold the user's settings. Returns the
+/// files removed.
+pub fn uninstall(
+    plan: &InstallPlan,
+    generated: &[GeneratedFile],
+) -> Result<Vec<PathBuf>, InstallError> {
     let mut removed = Vec::new();
-    for path in [
+    let fixed = [
         plan.target(&plan.bin_dir, BINARY_NAME),
         plan.target(&plan.helper_dir, HELPER_NAME),
         plan.target(&plan.unit_dir, UNIT_NAME),
-    ] {
+    ];
+    let generated_paths = generated
+        .iter()
+        .map(|file| plan.target(&file.dir, &file.name));
+    for path in fixed.into_iter().chain(generated_paths) {
         match fs::remove_file(&path) {
             Ok(()) => {
                 println!("removed {}", path.display());
@@ -142,6 +173,7 @@ fn install_from(
     plan: &InstallPlan,
     binary: &Path,
     helper: &Path,
+    generated: &[GeneratedFile],
 ) -> Result<Vec<PathBuf>, InstallError> {
     // Check before touching anything so a half-built tree installs nothing.
     if !helper.is_file() {
@@ -165,6 +197,12 @@ fn install_from(
     ] {
         let path = plan.target(dir, name);
         replace_file(&path, contents, mode)?;
+        println!("installed {}", path.display());
+        installed.push(path);
+    }
+    for file in generated {
+        let path = plan.target(&file.dir, &file.name);
+        replace_file(&path, &file.contents, 0o644)?;
         println!("installed {}", path.display());
         installed.push(path);
     }
@@ -335,7 +373,7 @@ mod tests {
     fn installs_everything_with_modes() {
         let f = fixture();
         let root = f.root.path();
-        let installed = install_from(&f.plan, &f.binary, &f.helper).expect("install");
+        let installed = install_from(&f.plan, &f.binary, &f.helper, &[]).expect("install");
 
         let binary = root.join("usr/local/bin/filesync");
         let helper = root.join("usr/sbin/mount.fuse.filesync");
@@ -366,10 +404,10 @@ mod tests {
         let config = f.root.path().join("etc/filesync/filesync.toml");
         fs::create_dir_all(config.parent().expect("parent")).expect("config dir");
         fs::write(&config, "[mount]\nthreads = 8\n").expect("user config");
-        install_from(&f.plan, &f.binary, &f.helper).expect("first install");
+        install_from(&f.plan, &f.binary, &f.helper, &[]).expect("first install");
 
         fs::write(&f.binary, b"new filesync").expect("rebuild");
-        let installed = install_from(&f.plan, &f.binary, &f.helper).expect("reinstall");
+        let installed = install_from(&f.plan, &f.binary, &f.helper, &[]).expect("reinstall");
 
         assert!(!installed.contains(&config));
         assert_eq!(
@@ -383,22 +421,24 @@ mod tests {
     #[test]
     fn uninstall_keeps_config() {
         let f = fixture();
-        let installed = install_from(&f.plan, &f.binary, &f.helper).expect("install");
-        let removed = uninstall(&f.plan).expect("uninstall");
+        let installed = install_from(&f.plan, &f.binary, &f.helper, &[]).expect("install");
+        let removed = uninstall(&f.plan, &[]).expect("uninstall");
 
         assert_eq!(removed, installed[..3]);
         for path in &removed {
             assert!(!path.exists(), "{} still there", path.display());
         }
         assert!(f.root.path().join("etc/filesync/filesync.toml").is_file());
-        assert!(uninstall(&f.plan).expect("second uninstall").is_empty());
+        assert!(uninstall(&f.plan, &[])
+            .expect("second uninstall")
+            .is_empty());
     }
 
     #[test]
     fn missing_helper_installs_nothing() {
         let f = fixture();
         fs::remove_file(&f.helper).expect("remove helper");
-        let error = install_from(&f.plan, &f.binary, &f.helper).expect_err("must fail");
+        let error = install_from(&f.plan, &f.binary, &f.helper, &[]).expect_err("must fail");
 
         assert!(matches!(error, InstallError::HelperMissing(_)));
         assert!(error.to_string().contains("cargo build --workspace"));
@@ -409,7 +449,7 @@ mod tests {
     fn unit_names_the_installed_binary() {
         let mut f = fixture();
         f.plan.bin_dir = PathBuf::from("/opt/filesync/bin");
-        install_from(&f.plan, &f.binary, &f.helper).expect("install");
+        install_from(&f.plan, &f.binary, &f.helper, &[]).expect("install");
         let unit = fs::read_to_string(f.root.path().join("etc/systemd/system/filesync@.service"))
             .expect("unit");
 

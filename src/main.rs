@@ -541,12 +541,67 @@ fn run_install(root: PathBuf, remove: bool) -> anyhow::Result<()> {
         root,
         ..InstallPlan::default()
     };
+    let generated = completions_and_manual_pages()?;
     if remove {
-        install::uninstall(&plan)?;
+        install::uninstall(&plan, &generated)?;
     } else {
-        install::install(&plan)?;
+        install::install(&plan, &generated)?;
     }
     Ok(())
+}
+
+/// The shell completions and manual pages `install` puts in place, generated
+/// from the same CLI definition as `filesync completions` and `filesync man`.
+fn completions_and_manual_pages() -> anyhow::Result<Vec<install::GeneratedFile>> {
+    use clap_complete::Shell;
+    let mut files = Vec::new();
+    for (shell, dir, name) in [
+        (Shell::Bash, install::BASH_COMPLETION_DIR, "filesync"),
+        (Shell::Zsh, install::ZSH_COMPLETION_DIR, "_filesync"),
+        (Shell::Fish, install::FISH_COMPLETION_DIR, "filesync.fish"),
+    ] {
+        let mut contents = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "filesync", &mut contents);
+        files.push(install::GeneratedFile {
+            dir: PathBuf::from(dir),
+            name: name.to_owned(),
+            contents,
+        });
+    }
+    let mut pages = Vec::new();
+    collect_manual_pages(Cli::command(), &mut pages)?;
+    files.extend(pages);
+    Ok(files)
+}
+
+/// One page per command, named as `clap_mangen::generate_to` names them
+/// (`filesync.1`, `filesync-mount.1`, ...: building the command sets those
+/// display names), so `man filesync-mount` works.
+fn collect_manual_pages(
+    command: clap::Command,
+    pages: &mut Vec<install::GeneratedFile>,
+) -> anyhow::Result<()> {
+    fn collect(
+        command: &clap::Command,
+        pages: &mut Vec<install::GeneratedFile>,
+    ) -> anyhow::Result<()> {
+        let man = clap_mangen::Man::new(command.clone());
+        let mut contents = Vec::new();
+        man.render(&mut contents)
+            .context("cannot render the manual pages")?;
+        pages.push(install::GeneratedFile {
+            dir: PathBuf::from(install::MAN1_DIR),
+            name: man.get_filename(),
+            contents,
+        });
+        for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+            collect(sub, pages)?;
+        }
+        Ok(())
+    }
+    let mut command = command.disable_help_subcommand(true);
+    command.build();
+    collect(&command, pages)
 }
 
 fn run_keygen(key_path: &Path, force: bool) -> anyhow::Result<()> {

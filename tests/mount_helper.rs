@@ -528,9 +528,31 @@ fn install_and_uninstall_into_a_root() {
     let unit = root.join("etc/systemd/system/filesync@.service");
     let config_dir = root.join("etc/filesync");
     let config = config_dir.join("filesync.toml");
+    // Completions where Debian's shells look for vendor ones, and one manual page per command.
+    let completions = [
+        root.join("usr/share/bash-completion/completions/filesync"),
+        root.join("usr/share/zsh/vendor-completions/_filesync"),
+        root.join("usr/share/fish/vendor_completions.d/filesync.fish"),
+    ];
+    let man_pages = [
+        root.join("usr/share/man/man1/filesync.1"),
+        root.join("usr/share/man/man1/filesync-status.1"),
+        root.join("usr/share/man/man1/filesync-install.1"),
+    ];
 
     filesync("install", "install1");
     let check_installed = || {
+        for file in completions.iter().chain(&man_pages) {
+            assert_eq!(mode(file), 0o644, "{}", file.display());
+            let text = fs::read_to_string(file).expect("read generated file");
+            assert!(
+                text.contains("filesync"),
+                "{} is empty:\n{text}",
+                file.display()
+            );
+        }
+        let page = fs::read_to_string(&man_pages[1]).expect("read page");
+        assert!(page.contains(".TH"), "not a manual page:\n{page}");
         assert_eq!(mode(&binary), 0o755, "{}", binary.display());
         assert_eq!(
             mode(&installed_helper),
@@ -594,9 +616,20 @@ fn install_and_uninstall_into_a_root() {
     );
 
     filesync("uninstall", "uninstall1");
-    for gone in [&binary, &installed_helper, &unit] {
+    for gone in [&binary, &installed_helper, &unit]
+        .into_iter()
+        .chain(&completions)
+        .chain(&man_pages)
+    {
         assert!(!gone.exists(), "uninstall left {}", gone.display());
     }
+    let man1 = root.join("usr/share/man/man1");
+    let left: Vec<_> = fs::read_dir(&man1)
+        .expect("list man1")
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert!(left.is_empty(), "uninstall left manual pages {left:?}");
     assert_eq!(
         fs::read_to_string(&config).expect("uninstall removed the config"),
         edited

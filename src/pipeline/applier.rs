@@ -18,6 +18,7 @@ use crate::change::{Change as LocalChange, ChangeKind, ChangeSink, Source};
 use crate::identity::NodeId;
 use crate::ignores::{Ignores, IGNORE_FILE};
 use crate::index::Index;
+use crate::status::Stats;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::digest;
 use crate::sync::local::LocalChanges;
@@ -54,6 +55,9 @@ pub struct Receiving {
     reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
     /// This node's ignore rules: what they match is not taken from peers.
     ignores: Arc<Ignores>,
+    /// Where a change that cannot be applied is recorded as the mount's last error, so
+    /// `filesync status` shows it and not only the log.
+    stats: Option<Arc<Stats>>,
 }
 
 /// What this node's ignore rules make of an incoming change.
@@ -99,7 +103,14 @@ impl Receiving {
             local,
             reverts,
             ignores,
+            stats: None,
         }
+    }
+
+    /// Records changes that cannot be applied as the mount's last error in `stats`.
+    pub fn reporting_to(mut self, stats: Arc<Stats>) -> Receiving {
+        self.stats = Some(stats);
+        self
     }
 }
 
@@ -341,6 +352,9 @@ impl Receiving {
             }
             Err(err) => {
                 tracing::warn!("cannot apply a change from peer {from}: {err}");
+                if let Some(stats) = &self.stats {
+                    stats.set_last_error(format!("cannot apply a change from peer {from}: {err}"));
+                }
                 (false, Vec::new())
             }
         }

@@ -247,7 +247,7 @@ impl ReplicationPlan {
                 gate.clone(),
                 hello,
                 settled.clone(),
-                stats,
+                stats.clone(),
             ),
             receiving: Receiving::new(
                 applier,
@@ -257,7 +257,8 @@ impl ReplicationPlan {
                 local.clone(),
                 revert_rx,
                 ignores,
-            ),
+            )
+            .reporting_to(stats),
             gate,
             local,
             settled,
