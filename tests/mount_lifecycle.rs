@@ -164,3 +164,34 @@ fn background_mode_detaches_once_mounted() {
         std::thread::sleep(common::POLL);
     }
 }
+
+#[test]
+fn sigterm_drains_what_was_captured_into_the_index() {
+    let Some(mut m) = setup(&[]) else { return };
+    // Written just before the signal: the pipeline still holds these changes.
+    for i in 0..50 {
+        fs::write(m.m(&format!("f{i}")), format!("content {i}")).expect("write");
+    }
+    let status = m
+        .signal_and_wait(libc::SIGTERM)
+        .unwrap_or_else(|| panic!("filesync did not exit within 10 s of SIGTERM"));
+    assert!(status.success(), "stderr:\n{}", m.stderr());
+    // The index (which the next start compares with the folder) has every change: a scan
+    // of the folder against it finds nothing left to pick up.
+    let state = m.scratch().join("state");
+    let out = run(
+        Command::new(BIN)
+            .arg("scan")
+            .arg(m.src())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--list"),
+        Duration::from_secs(30),
+    );
+    out.expect_ok("filesync scan");
+    assert!(
+        out.stdout.trim().is_empty(),
+        "changes left out of the index at shutdown:\n{}",
+        out.stdout
+    );
+}
