@@ -613,7 +613,7 @@ fn run_keygen(key_path: &Path, force: bool) -> anyhow::Result<()> {
 fn run_revert(mountpoint: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let mountpoint = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("cannot find the mount point {}", mountpoint.display()))?;
-    let state_dir = state_dir.unwrap_or_else(|| mount::default_state_dir(&mountpoint));
+    let state_dir = state_dir.unwrap_or_else(|| mount::state_dir_of(&mountpoint));
     let answer = filesync::control::request(&state_dir, "revert")?;
     println!("{answer}");
     Ok(())
@@ -634,7 +634,7 @@ fn kept_versions(
             path.display()
         )
     })?;
-    let state_dir = state_dir.unwrap_or_else(|| mount::default_state_dir(&mountpoint));
+    let state_dir = state_dir.unwrap_or_else(|| mount::state_dir_of(&mountpoint));
     let kept = versions::list(&state_dir, &rel)
         .with_context(|| format!("cannot read the versions in {}", state_dir.display()))?;
     Ok((path, kept))
@@ -731,12 +731,12 @@ fn collect_status(
                 .with_context(|| format!("cannot find the mount point {}", mountpoint.display()))?;
             vec![(
                 canonical.display().to_string(),
-                mount::default_state_dir(&canonical),
+                mount::state_dir_of(&canonical),
             )]
         }
         (None, None) => filesync_mounts()?
             .into_iter()
-            .map(|m| (m.display().to_string(), mount::default_state_dir(&m)))
+            .map(|m| (m.display().to_string(), mount::state_dir_of(&m)))
             .collect(),
     };
     let mut report = StatusReport {
@@ -1276,7 +1276,7 @@ fn run_scan(
             let mountpoint = std::fs::canonicalize(mountpoint).with_context(|| {
                 format!("cannot find the mount point {}", mountpoint.display())
             })?;
-            mount::default_state_dir(&mountpoint)
+            mount::state_dir_of(&mountpoint)
         }
         (None, None) => bail!(
             "which mount's index should {} be compared with? give --mountpoint DIR or --state-dir DIR",

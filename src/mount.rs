@@ -3,6 +3,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,6 +289,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
         .clone()
         .unwrap_or_else(|| default_state_dir(&plan.mountpoint));
     create_private_dir(&state_dir)?;
+    let _pointer = StatePointer::publish(&plan.mountpoint, &state_dir);
     let stats = Arc::new(Stats::new(
         plan.source.clone(),
         plan.mountpoint.clone(),
@@ -533,6 +536,68 @@ pub fn default_state_dir(mountpoint: &Path) -> PathBuf {
         user_state_home()
     };
     folder.join(mount_name(mountpoint))
+}
+
+/// The state folder of the filesync mount at `mountpoint`: the one its daemon noted
+/// while it runs (see [`StatePointer`]), else the default for the mount point.
+pub fn state_dir_of(mountpoint: &Path) -> PathBuf {
+    std::fs::read(runtime_dir().join(mount_name(mountpoint)))
+        .ok()
+        .map(|bytes| PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+        .filter(|path| path.is_absolute())
+        .unwrap_or_else(|| default_state_dir(mountpoint))
+}
+
+/// Where running daemons note their state folders: `/run/filesync` for root, else
+/// `$XDG_RUNTIME_DIR/filesync`.
+fn runtime_dir() -> PathBuf {
+    match rustix::process::geteuid().is_root() {
+        true => PathBuf::from("/run/filesync"),
+        false => std::env::var_os("XDG_RUNTIME_DIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from)
+            .join("filesync"),
+    }
+}
+
+/// A running mount's note of its state folder, so `filesync status`, `revert` and
+/// `versions` given only the mount point find a mount started with `state_dir=`.
+/// Removed when dropped (the daemon exits); best effort, since the commands fall back to
+/// the default state folder.
+struct StatePointer(Option<PathBuf>);
+
+impl StatePointer {
+    fn publish(mountpoint: &Path, state_dir: &Path) -> StatePointer {
+        let dir = runtime_dir();
+        let path = dir.join(mount_name(mountpoint));
+        let written = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| {
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                file.write_all(state_dir.as_os_str().as_bytes())
+            });
+        match written {
+            Ok(()) => StatePointer(Some(path)),
+            Err(err) => {
+                tracing::debug!("cannot note the state folder in {}: {err}", path.display());
+                StatePointer(None)
+            }
+        }
+    }
+}
+
+impl Drop for StatePointer {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn user_state_home() -> PathBuf {

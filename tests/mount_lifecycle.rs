@@ -195,3 +195,31 @@ fn sigterm_drains_what_was_captured_into_the_index() {
         out.stdout
     );
 }
+
+#[test]
+fn commands_given_only_the_mount_point_find_a_state_dir_set_by_option() {
+    // The test mounts always use state_dir= in their own temp folder.
+    let Some(mut m) = setup(&[]) else { return };
+    let status = || {
+        run(
+            Command::new(BIN).arg("status").arg(m.mnt()).arg("--json"),
+            Duration::from_secs(30),
+        )
+    };
+    let out = status();
+    out.expect_ok("filesync status MOUNTPOINT");
+    assert!(
+        out.stdout.contains(&*m.src().to_string_lossy()),
+        "{}",
+        out.stdout
+    );
+    let mnt = m.mnt().to_path_buf();
+    m.signal_and_wait(libc::SIGTERM)
+        .unwrap_or_else(|| panic!("filesync did not exit within 10 s of SIGTERM"));
+    // Gone with the daemon: the command now looks in the default state folder.
+    let out = run(
+        Command::new(BIN).arg("status").arg(&mnt).arg("--json"),
+        Duration::from_secs(30),
+    );
+    assert!(!out.ok(), "{}", out.stdout);
+}
