@@ -104,6 +104,21 @@ pub fn record_for(
     }))
 }
 
+/// Opens a file to read its content without moving its access time (`O_NOATIME`), so
+/// hashing or sending a file is not a change a user can see; where the caller may not
+/// use `O_NOATIME` (not the file's owner, no `CAP_FOWNER`) it opens the file plainly.
+pub fn open_to_read(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        opened => opened,
+    }
+}
+
 /// Opens `rel` below `root` as an `O_PATH` descriptor without following any symlink. A
 /// path longer than `PATH_MAX` (which the scan reports, walking by descriptor) is opened a
 /// few thousand bytes of components at a time.
@@ -168,7 +183,7 @@ fn hash_blocks(
     let count = block_count(size);
     // Reopened through procfs because the O_PATH descriptor cannot read; the procfs link
     // names exactly the inode already stat'ed, whatever happened to the path since.
-    let file = File::open(proc_path)?;
+    let file = open_to_read(proc_path)?;
     let reusable = match (previous, dirty) {
         (Some(prev), Some(dirty))
             if prev.kind == FileKind::File

@@ -32,7 +32,7 @@ use redb::{
     TableDefinition, TableError, WriteTransaction,
 };
 
-pub use build::record_for;
+pub use build::{open_to_read, record_for};
 pub(crate) use build::{read_full, stat_times};
 pub use record::{FileKind, FileRecord, Hash};
 

@@ -43,7 +43,7 @@ use super::delta::{
     MAX_DELTA,
 };
 use super::proto::{self, Change, FileData, Hash, Meta, Op, Range, RelPath, Want};
-use crate::index::{read_full, stat_times, FileKind, BLOCK_SIZE};
+use crate::index::{open_to_read, read_full, stat_times, FileKind, BLOCK_SIZE};
 use crate::pipeline::update::{Content, Update};
 
 /// Room a change may use beyond its data for range headers and block hashes: the rest of
@@ -470,7 +470,7 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> EncodeError + '_ {
 /// Reopens an `O_PATH` descriptor of a regular file for reading, through procfs: the link
 /// names exactly the inode already checked, whatever happened to the path since.
 fn reopen(path: &Path, opened: &Opened) -> Result<File, EncodeError> {
-    File::open(proc_path(&opened.fd)).map_err(io_err(path))
+    open_to_read(&proc_path(&opened.fd)).map_err(io_err(path))
 }
 
 /// All extended attributes, sorted by name; empty where the filesystem has none.
