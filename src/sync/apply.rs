@@ -187,6 +187,9 @@ pub struct Applier {
     /// New versions of files written whole, complete but not yet fsync'd nor in place:
     /// [`Applier::commit_deferred`] makes them durable and puts them in place together.
     pending: Vec<PendingFile>,
+    /// The paths in `pending`, so a change can ask whether its path waits without a
+    /// scan of the batch (which holds up to [`MAX_PENDING_FILES`]).
+    pending_paths: HashSet<PathBuf>,
     /// Bytes held in `pending`.
     pending_bytes: u64,
     /// Set while [`Applier::apply_deferred`] applies a change that may join `pending`.
@@ -590,6 +593,7 @@ impl Applier {
             xattr_skip_logged: false,
             deferred: Vec::new(),
             pending: Vec::new(),
+            pending_paths: HashSet::new(),
             pending_bytes: 0,
             place_later: false,
             unsynced_dirs: Vec::new(),
@@ -793,6 +797,7 @@ impl Applier {
     /// are still placed).
     fn place_pending(&mut self) -> (Vec<PathBuf>, Result<(), ApplyError>) {
         let pending = std::mem::take(&mut self.pending);
+        self.pending_paths.clear();
         self.pending_bytes = 0;
         let Some(first) = pending.first() else {
             return (Vec::new(), Ok(()));
@@ -873,9 +878,7 @@ impl Applier {
             self.journal_pending = false;
         }
         let rel = checked(&change.path)?;
-        let may_wait = defer
-            && is_whole_in_one(&change.op)
-            && !self.pending.iter().any(|waiting| waiting.rel == rel);
+        let may_wait = defer && is_whole_in_one(&change.op) && !self.pending_paths.contains(&rel);
         let mut shown = Vec::new();
         if !may_wait {
             shown = self.commit_deferred()?;
@@ -892,7 +895,7 @@ impl Applier {
         let (outcome, durable) = result?;
         if outcome.placed_later {
             self.deferred.extend(outcome.changed);
-            if self.pending.len() >= MAX_PENDING_FILES || self.pending_bytes >= MAX_PENDING_BYTES {
+            if self.batch_is_full() {
                 shown.extend(self.commit_deferred()?);
             }
             visible(&shown);
@@ -1526,6 +1529,7 @@ impl Applier {
                 Temp::Unnamed(file) if self.place_later && outcome.removed.is_empty() => {
                     self.set_meta_fd(file.as_fd(), rel, meta)?;
                     self.pending_bytes += size;
+                    self.pending_paths.insert(rel.to_path_buf());
                     self.pending.push(PendingFile {
                         rel: rel.to_path_buf(),
                         parent,
