@@ -336,6 +336,7 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
                 state_dir: &state_dir,
                 index: index.clone(),
                 ignores: ignores.clone(),
+                capture: behind_the_back.clone(),
             },
             applied,
             gate,

@@ -251,6 +251,7 @@ mod tests {
                     },
                     blocks: Vec::new(),
                 },
+                version: Default::default(),
             })
         };
         let mut log = TransferLog::default();

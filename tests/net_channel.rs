@@ -118,6 +118,7 @@ fn change(seq: u64, data: Vec<u8>) -> Message {
             },
             blocks: Vec::new(),
         },
+        version: Default::default(),
     })
 }
 

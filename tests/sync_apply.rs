@@ -69,6 +69,7 @@ fn change(path: &str, op: Op) -> Change {
         seq: 1,
         path: RelPath(path.as_bytes().to_vec()),
         op,
+        version: Default::default(),
     }
 }
 

@@ -52,6 +52,7 @@ fn changed(path: &str, content: Content) -> Update {
         metadata: false,
         synced: false,
         sources: Vec::new(),
+        version: Default::default(),
     }
 }
 
@@ -388,7 +389,7 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         resume: Some((prefix, resume_at)),
     };
     let changes: Vec<Change> = encoder
-        .encode_whole(Path::new("v"), &want)
+        .encode_whole(Path::new("v"), &want, Default::default())
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -410,7 +411,7 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         ..want
     };
     let changes: Vec<Change> = encoder
-        .encode_whole(Path::new("v"), &want)
+        .encode_whole(Path::new("v"), &want, Default::default())
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -425,7 +426,7 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         resume: None,
     };
     let changes: Vec<Change> = encoder
-        .encode_whole(Path::new("v"), &want)
+        .encode_whole(Path::new("v"), &want, Default::default())
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -448,7 +449,7 @@ fn catch_up_resumes_and_uses_the_receivers_signature() {
         ..want
     };
     let changes: Vec<Change> = encoder
-        .encode_whole(Path::new("v"), &want)
+        .encode_whole(Path::new("v"), &want, Default::default())
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -520,6 +521,7 @@ fn other_kinds_removals_renames_and_vanished_paths() {
         path: "d/f".into(),
         dir: false,
         sources: Vec::new(),
+        version: Default::default(),
     };
     assert_eq!(one(&mut encoder, removed), Op::Remove);
     let renamed = Update::Renamed {
@@ -527,6 +529,7 @@ fn other_kinds_removals_renames_and_vanished_paths() {
         to: "e/d2".into(),
         exchange: true,
         sources: Vec::new(),
+        version: Default::default(),
     };
     assert_eq!(
         one(&mut encoder, renamed),

@@ -36,6 +36,8 @@ pub use build::{open_to_read, record_for};
 pub(crate) use build::{read_full, stat_times};
 pub use record::{FileKind, FileRecord, Hash};
 
+use crate::sync::vector::Vector;
+
 /// The block size of [`FileRecord::block_hashes`]: 128 KiB.
 ///
 /// Small enough that a small write re-reads and re-hashes little (≤ 128 KiB, tens of
@@ -47,6 +49,9 @@ pub const BLOCK_SIZE: u64 = 128 * 1024;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The version vector of each path (see [`crate::sync::vector`]), keyed like `records`;
+/// kept apart from the records so that the scan, which never needs them, reads less.
+const VECTORS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vectors");
 const KEY_FORMAT_NAME: &str = "key_format";
 /// The key layout this build reads and writes.
 const KEY_FORMAT: u64 = 1;
@@ -134,6 +139,7 @@ impl Index {
             own_dir: (dir_meta.dev(), dir_meta.ino()),
         };
         index.check_format()?;
+        index.ensure_vectors_table()?;
         tracing::debug!(path = %path.display(), "index open");
         Ok(index)
     }
@@ -168,6 +174,48 @@ impl Index {
         }
     }
 
+    /// Creates the vectors table in an index made before version vectors existed.
+    fn ensure_vectors_table(&self) -> Result<(), IndexError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e.into()))?;
+        match txn.open_table(VECTORS) {
+            Ok(_) => return Ok(()),
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(self.db_err(e.into())),
+        }
+        let txn = self.begin_write()?;
+        txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
+        txn.commit().map_err(|e| self.db_err(e.into()))
+    }
+
+    /// The version vector of `path` (live or deleted), if one was stored.
+    pub fn vector(&self, path: &Path) -> Result<Option<Vector>, IndexError> {
+        self.snapshot()?.vector(path)
+    }
+
+    /// Stores the version vectors in one durable transaction.
+    pub fn put_vectors(&self, vectors: Vec<(PathBuf, Vector)>) -> Result<(), IndexError> {
+        if vectors.is_empty() {
+            return Ok(());
+        }
+        let encoded = vectors
+            .into_iter()
+            .map(|(path, vector)| match key::encode(&path) {
+                Some(k) => Ok((k, vector.encode())),
+                None => Err(IndexError::BadPath { path }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
+            for (k, v) in &encoded {
+                table
+                    .insert(k.as_slice(), v.as_slice())
+                    .map_err(|e| self.db_err(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e.into()))
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -197,7 +245,12 @@ impl Index {
     pub fn snapshot(&self) -> Result<Snapshot<'_>, IndexError> {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e.into()))?;
         let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e.into()))?;
-        Ok(Snapshot { index: self, table })
+        let vectors = txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
+        Ok(Snapshot {
+            index: self,
+            table,
+            vectors,
+        })
     }
 
     /// The record of `path` (live or tombstone), if the index has one.
@@ -325,9 +378,31 @@ impl Index {
 pub struct Snapshot<'a> {
     index: &'a Index,
     table: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    vectors: ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
 impl Snapshot<'_> {
+    /// The version vector of `path`, if one was stored.
+    pub fn vector(&self, path: &Path) -> Result<Option<Vector>, IndexError> {
+        let k = key::encode(path).ok_or_else(|| IndexError::BadPath {
+            path: path.to_path_buf(),
+        })?;
+        let Some(v) = self
+            .vectors
+            .get(k.as_slice())
+            .map_err(|e| self.index.db_err(e.into()))?
+        else {
+            return Ok(None);
+        };
+        Vector::decode(v.value())
+            .map(Some)
+            .ok_or_else(|| IndexError::Corrupt {
+                index: self.index.path.clone(),
+                path: path.to_path_buf(),
+                reason: "malformed version vector",
+            })
+    }
+
     /// The record of `path` (live or tombstone), if any.
     pub fn get(&self, path: &Path) -> Result<Option<FileRecord>, IndexError> {
         let k = key::encode(path).ok_or_else(|| IndexError::BadPath {

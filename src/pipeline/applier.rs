@@ -20,10 +20,12 @@ use crate::ignores::{Ignores, IGNORE_FILE};
 use crate::index::Index;
 use crate::status::Stats;
 use crate::sync::apply::{Applier, ApplyError};
+use crate::sync::book::Book;
+use crate::sync::conflict::{self, Local, Verdict};
 use crate::sync::digest;
 use crate::sync::local::LocalChanges;
 use crate::sync::proto::{
-    Change, DirDigest, Entry, EntryKind, FileData, Message, Op, RelPath, Want,
+    Change, DirDigest, Entry, EntryKind, FileData, Message, Op, RelPath, Vector, Want,
 };
 
 /// Catch-up with one peer, while its listings arrive.
@@ -58,7 +60,27 @@ pub struct Receiving {
     /// Where a change that cannot be applied is recorded as the mount's last error, so
     /// `filesync status` shows it and not only the log.
     stats: Option<Arc<Stats>>,
+    /// Version vectors, when peers' changes are judged by them (not on a mirror).
+    versions: Option<Versioning>,
 }
+
+/// What judging changes by their versions takes (see [`crate::sync::conflict`]).
+struct Versioning {
+    book: Arc<Book>,
+    /// Where conflict copies are reported as local changes.
+    capture: Arc<dyn ChangeSink>,
+    /// The version of each path whose change is being applied piece by piece; its later
+    /// pieces carry the same version.
+    applying: HashMap<RelPath, (Vector, Instant)>,
+    /// Told of every applied change, so the session relays it to the other peers.
+    settled: Arc<super::Settled>,
+}
+
+/// How long the pieces of one change may take to arrive before a repeat of its version
+/// counts as a duplicate.
+const PIECES_WITHIN: Duration = Duration::from_secs(300);
+/// `Versioning::applying` is pruned of old entries past this size.
+const APPLYING_PRUNE_FROM: usize = 4096;
 
 /// What this node's ignore rules make of an incoming change.
 enum Admission {
@@ -104,7 +126,26 @@ impl Receiving {
             reverts,
             ignores,
             stats: None,
+            versions: None,
         }
+    }
+
+    /// Judges peers' changes by their version vectors (`book`), reporting the conflict
+    /// copies it makes to `capture`. A mirror applies what its sender sends regardless.
+    /// `settled` hears of every applied change, so that the session relays it.
+    pub fn keeping_versions_in(
+        mut self,
+        book: Arc<Book>,
+        capture: Arc<dyn ChangeSink>,
+        settled: Arc<super::Settled>,
+    ) -> Self {
+        self.versions = Some(Versioning {
+            book,
+            capture,
+            applying: HashMap::new(),
+            settled,
+        });
+        self
     }
 
     /// Records changes that cannot be applied as the mount's last error in `stats`.
@@ -250,6 +291,7 @@ impl Receiving {
                     seq: change.seq,
                     path: change.path.clone(),
                     op: Op::Remove,
+                    version: change.version.clone(),
                 };
                 return self.apply_change(from, &removal);
             }
@@ -311,6 +353,22 @@ impl Receiving {
     }
 
     fn apply_admitted(&mut self, from: NodeId, change: &Change) -> (bool, Vec<Reply>) {
+        let version = match self.judge(change) {
+            Ok(Some(Verdict::Drop(why))) => {
+                tracing::debug!(path = ?change.path, version = %change.version, "not applied: {why}");
+                return (true, Vec::new());
+            }
+            Ok(Some(Verdict::Apply(version))) => Some(version),
+            Ok(Some(Verdict::KeepBoth { copy, version })) => match self.keep_mine(change, &copy) {
+                Ok(()) => Some(version),
+                Err(err) => return (false, self.failed(from, &err)),
+            },
+            Ok(None) => None,
+            Err(err) => return (false, self.failed(from, &err)),
+        };
+        if let Some(version) = &version {
+            self.will_have(change, version);
+        }
         match &change.op {
             Op::File {
                 data: FileData::Whole { last: true, .. },
@@ -335,7 +393,12 @@ impl Receiving {
         });
         tracing::trace!(seq = change.seq, ok = result.is_ok(), "applied");
         match result {
-            Ok(applied) => (applied.durable, Vec::new()),
+            Ok(applied) => {
+                if let (Some(versions), Some(version)) = (&mut self.versions, version) {
+                    versions.applied(change, version);
+                }
+                (applied.durable, Vec::new())
+            }
             Err(
                 err @ (ApplyError::BaseMismatch { .. }
                 | ApplyError::Diverged { .. }
@@ -350,14 +413,123 @@ impl Receiving {
                 };
                 (true, self.ask_for(from, vec![wanted]))
             }
-            Err(err) => {
-                tracing::warn!("cannot apply a change from peer {from}: {err}");
-                if let Some(stats) = &self.stats {
-                    stats.set_last_error(format!("cannot apply a change from peer {from}: {err}"));
+            Err(err) => (false, self.failed(from, &err)),
+        }
+    }
+
+    /// Logs a change that cannot be applied and makes it the mount's last error.
+    fn failed(&self, from: NodeId, err: &dyn std::fmt::Display) -> Vec<Reply> {
+        tracing::warn!("cannot apply a change from peer {from}: {err}");
+        if let Some(stats) = &self.stats {
+            stats.set_last_error(format!("cannot apply a change from peer {from}: {err}"));
+        }
+        Vec::new()
+    }
+
+    /// What to do with `change` by its version; `None` when versions are not used.
+    fn judge(&mut self, change: &Change) -> Result<Option<Verdict>, ApplyError> {
+        let Some(versions) = &mut self.versions else {
+            return Ok(None);
+        };
+        if self.mirror {
+            return Ok(Some(Verdict::Apply(change.version.clone())));
+        }
+        let path = crate::sync::safe_path::checked(&change.path).map_err(|reason| {
+            ApplyError::BadPath {
+                path: String::from_utf8_lossy(&change.path.0).into_owned(),
+                reason,
+            }
+        })?;
+        let index_err = |source| ApplyError::Index {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let version = versions
+            .book
+            .current(&self.index, &path)
+            .map_err(index_err)?;
+        let record = self.index.get(&path).map_err(index_err)?;
+        let mid_change = versions
+            .applying
+            .get(&change.path)
+            .is_some_and(|(applying, _)| *applying == change.version);
+        let local = Local {
+            version: &version,
+            record: record.as_ref(),
+        };
+        let verdict = conflict::judge(change, &path, local, mid_change);
+        // A folder is removed only if this node has nothing below it that the removal
+        // has not seen; the rest is removed entry by entry by catch-up.
+        let folder = record
+            .as_ref()
+            .is_some_and(|r| r.is_live() && r.kind == crate::index::FileKind::Dir);
+        if let (Verdict::Apply(_), Op::Remove, true) = (&verdict, &change.op, folder) {
+            let snapshot = self.index.snapshot().map_err(index_err)?;
+            for (below, _) in snapshot.subtree(&path).map_err(index_err)? {
+                let known = snapshot.vector(&below).map_err(index_err)?;
+                if !change.version.covers(&known.unwrap_or_default()) {
+                    return Ok(Some(Verdict::Drop(
+                        "something in the folder changed here since the peer removed it",
+                    )));
                 }
-                (false, Vec::new())
             }
         }
+        Ok(Some(verdict))
+    }
+
+    /// Notes the versions the paths of `change` get once it is committed.
+    fn will_have(&mut self, change: &Change, version: &crate::sync::vector::Vector) {
+        let paths = std::iter::once(&change.path).chain(match &change.op {
+            Op::Rename { to, .. } => Some(to),
+            _ => None,
+        });
+        for path in paths {
+            if let Ok(path) = crate::sync::safe_path::checked(path) {
+                self.applier.will_have(path, version.clone());
+            }
+        }
+    }
+
+    /// Moves this node's losing version of `change`'s path to `copy` and reports the copy
+    /// as a new local file, so it reaches every peer.
+    fn keep_mine(&mut self, change: &Change, copy: &std::path::Path) -> Result<(), ApplyError> {
+        let Some(to) = crate::sync::encode::rel_path(copy) else {
+            return Ok(());
+        };
+        let mine = match &self.versions {
+            Some(versions) => versions.book.current(&self.index, copy).unwrap_or_default(),
+            None => return Ok(()),
+        };
+        let rename = Change {
+            seq: change.seq,
+            path: change.path.clone(),
+            op: Op::Rename {
+                to,
+                exchange: false,
+            },
+            version: mine,
+        };
+        let (local, invalidate) = (&self.local, &self.invalidate);
+        self.applier.apply_then(&rename, |paths| {
+            show_paths(local, invalidate.as_ref(), paths, None)
+        })?;
+        tracing::info!(
+            path = %String::from_utf8_lossy(&change.path.0),
+            copy = %copy.display(),
+            "conflict: a peer's concurrent version wins; this node's is kept as a copy"
+        );
+        if let Some(versions) = &self.versions {
+            for kind in [ChangeKind::Modified, ChangeKind::Closed] {
+                versions.capture.record(LocalChange {
+                    path: Some(copy.to_path_buf()),
+                    file: None,
+                    kind,
+                    source: Source::Scan,
+                    pid: None,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Tells the local-change tracker and the kernel's caches about paths now in place.
@@ -463,10 +635,22 @@ impl Receiving {
                     seq: 0,
                     path: child(name),
                     op: Op::Remove,
+                    version: Vector::default(),
                 };
                 if local(&removal.path) {
                     continue;
                 }
+                self.apply_change(from, &removal);
+            }
+        } else {
+            // Deletions this node missed (made while it was away), newer than its version.
+            for (name, version) in comparison.removed {
+                let removal = Change {
+                    seq: 0,
+                    path: child(&name),
+                    op: Op::Remove,
+                    version,
+                };
                 self.apply_change(from, &removal);
             }
         }
@@ -498,6 +682,40 @@ impl Receiving {
             to: from,
             message: Message::WantFiles(wants),
         }]
+    }
+}
+
+impl Versioning {
+    /// Remembers what `change` gave its path, for the changes that follow.
+    fn applied(&mut self, change: &Change, version: Vector) {
+        self.settled.applied_from_peer();
+        let paths = std::iter::once(&change.path).chain(match &change.op {
+            Op::Rename { to, .. } => Some(to),
+            _ => None,
+        });
+        for path in paths {
+            if let Ok(path) = crate::sync::safe_path::checked(path) {
+                self.book.note(&path, &version);
+            }
+        }
+        let now = Instant::now();
+        if self.applying.len() >= APPLYING_PRUNE_FROM {
+            self.applying
+                .retain(|_, (_, when)| now.duration_since(*when) < PIECES_WITHIN);
+        }
+        // Later pieces carry the change's own version, whatever the path now has.
+        match &change.op {
+            Op::File {
+                data: FileData::Whole { last: true, .. },
+                ..
+            } => {
+                self.applying.remove(&change.path);
+            }
+            _ => {
+                self.applying
+                    .insert(change.path.clone(), (change.version.clone(), now));
+            }
+        }
     }
 }
 

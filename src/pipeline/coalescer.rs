@@ -16,7 +16,10 @@ use super::update::{Content, Update};
 use super::Settled;
 use crate::change::{Change, ChangeKind, FileId, Source};
 use crate::ignores::{is_ignore_file, Ignores};
+use crate::index::Index;
 use crate::status::Stats;
+use crate::sync::book::Book;
+use crate::sync::vector::Vector;
 
 /// The merged state of one path while its burst lasts.
 struct Pending {
@@ -42,6 +45,7 @@ impl Pending {
             metadata: self.metadata,
             synced: self.synced,
             sources: self.sources,
+            version: Vector::default(),
         }
     }
 }
@@ -86,6 +90,7 @@ impl Coalescer {
                     path,
                     dir,
                     sources: vec![source],
+                    version: Vector::default(),
                 }]
             }
             ChangeKind::Rename {
@@ -96,6 +101,7 @@ impl Coalescer {
                 to,
                 exchange,
                 sources: vec![source],
+                version: Vector::default(),
             }),
             // Moved out of the tree: gone as far as the tree is concerned.
             ChangeKind::Rename { to: None, .. } => {
@@ -104,6 +110,7 @@ impl Coalescer {
                     path,
                     dir: false,
                     sources: vec![source],
+                    version: Vector::default(),
                 }]
             }
             // A hard link travels as a link, after what is pending for the file it names.
@@ -113,6 +120,7 @@ impl Coalescer {
                 path,
                 existing,
                 sources: vec![source],
+                version: Vector::default(),
             }),
             ChangeKind::Rescan => self.flush_all_then(Update::Rescan {
                 sources: vec![source],
@@ -245,6 +253,39 @@ pub struct CoalescerSetup {
     pub settled: Arc<Settled>,
     pub ignores: Arc<Ignores>,
     pub stats: Arc<Stats>,
+    /// Where local changes get their versions, when the folder is shared with peers.
+    pub versions: Option<(Arc<Book>, Arc<Index>)>,
+}
+
+/// Gives `update` its version: one past what this node knows of the path (for a
+/// folder's deletion, of everything below it; for a rename, of both names).
+fn stamp(book: &Book, index: &Index, update: &mut Update) {
+    let known = |path: &Path, tree: bool| {
+        let found = match tree {
+            true => book.current_tree(index, path),
+            false => book.current(index, path),
+        };
+        found.unwrap_or_else(|err| {
+            tracing::warn!("cannot read the version of {path:?}, starting it anew: {err}");
+            Vector::default()
+        })
+    };
+    match update {
+        Update::Changed { path, version, .. } | Update::Linked { path, version, .. } => {
+            *version = book.stamp_on(path, &known(path, false));
+        }
+        Update::Removed {
+            path, dir, version, ..
+        } => *version = book.stamp_on(path, &known(path, *dir)),
+        Update::Renamed {
+            from, to, version, ..
+        } => {
+            let base = known(from, false).merged(&known(to, false));
+            *version = book.stamp_on(to, &base);
+            book.note(from, version);
+        }
+        Update::Rescan { .. } => {}
+    }
 }
 
 /// The actor: changes from every capture source in, updates out.
@@ -280,6 +321,7 @@ async fn coalesce<A: SteadyActor>(
         settled,
         ignores,
         stats,
+        versions,
     } = setup;
     let debounce = *debounce;
     let mut changes = changes.acquire_guard().await;
@@ -314,7 +356,10 @@ async fn coalesce<A: SteadyActor>(
             out.extend(coalescer.due(Instant::now()));
         }
         settled.set_coalescer_idle(coalescer.is_idle() && actor.avail_units(&mut changes) == 0);
-        for update in out.into_iter().flat_map(|update| admit(ignores, update)) {
+        for mut update in out.into_iter().flat_map(|update| admit(ignores, update)) {
+            if let Some((book, index)) = versions {
+                stamp(book, index, &mut update);
+            }
             if let Some(replica) = replica.as_mut() {
                 actor
                     .send_async(replica, update.clone(), SendSaturation::AwaitForRoom)
@@ -358,6 +403,7 @@ fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
             to,
             exchange,
             sources,
+            version,
         } => match (
             ignores.is_ignored_on_disk(&from),
             ignores.is_ignored_on_disk(&to),
@@ -367,12 +413,14 @@ fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
                 to,
                 exchange,
                 sources,
+                version,
             }),
             (true, true) => None,
             (false, true) if !exchange => Some(Update::Removed {
                 dir: ignores.is_dir_on_disk(&to),
                 path: from,
                 sources,
+                version,
             }),
             _ => Some(Update::Rescan { sources }),
         },
@@ -380,6 +428,7 @@ fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
             path,
             existing,
             sources,
+            version,
         } => match (
             ignores.is_ignored_on_disk(&path),
             ignores.is_ignored_on_disk(&existing),
@@ -388,6 +437,7 @@ fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
                 path,
                 existing,
                 sources,
+                version,
             }),
             (true, _) => None,
             (false, true) => Some(Update::Changed {
@@ -398,6 +448,7 @@ fn admit(ignores: &Ignores, update: Update) -> Vec<Update> {
                 metadata: true,
                 synced: false,
                 sources,
+                version,
             }),
         },
         other => Some(other),

@@ -17,10 +17,12 @@ use super::session::{EncodeJob, Outgoing};
 use super::update::Update;
 use crate::change::Source;
 use crate::identity::NodeId;
+use crate::index::Index;
+use crate::sync::book::Book;
 use crate::sync::durability::SyncGate;
 use crate::sync::encode::Encoder;
 use crate::sync::local::LocalChanges;
-use crate::sync::proto::{Change, Message};
+use crate::sync::proto::{Change, Message, Vector};
 
 /// What the encoder works with, shared across restarts of the actor.
 pub struct Encoding {
@@ -30,6 +32,8 @@ pub struct Encoding {
     pub gate: Arc<SyncGate>,
     pub local: Arc<LocalChanges>,
     pub settled: Arc<super::Settled>,
+    /// Where the versions of files a peer asks for are looked up.
+    pub versions: (Arc<Book>, Arc<Index>),
 }
 
 pub async fn run(
@@ -59,6 +63,7 @@ async fn encode<A: SteadyActor>(
         gate,
         local,
         settled,
+        versions: (book, index),
     } = &*encoding;
     let mut updates = updates.acquire_guard().await;
     let mut jobs = jobs.acquire_guard().await;
@@ -110,8 +115,12 @@ async fn encode<A: SteadyActor>(
                         continue;
                     }
                 };
+                let version = book.current(index, &path).unwrap_or_else(|err| {
+                    tracing::warn!("cannot read the version of {path:?}: {err}");
+                    Vector::default()
+                });
                 let mut encoder = encoder.lock();
-                match encoder.encode_whole(&path, &want) {
+                match encoder.encode_whole(&path, &want, version) {
                     Ok(changes) => {
                         send_all(&mut actor, &mut outgoing, Some(peer), changes).await;
                     }

@@ -14,6 +14,7 @@ use steady_state::*;
 use super::update::{Content, Update};
 use super::Settled;
 use crate::index::{record_for, FileRecord, Index, IndexError};
+use crate::sync::vector::Vector;
 
 /// Why the scanner should walk the tree now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +179,9 @@ fn merge_changed(held: &mut Update, later: Update) {
 struct Writes {
     records: Vec<(PathBuf, FileRecord)>,
     tombstones: Vec<PathBuf>,
+    /// Version vectors, stored after the records they describe (a crash in between
+    /// leaves an older vector, which the next local change moves past anyway).
+    vectors: Vec<(PathBuf, Vector)>,
 }
 
 impl Writes {
@@ -216,7 +220,14 @@ impl Writes {
         if !self.tombstones.is_empty() {
             index.tombstone_batch(std::mem::take(&mut self.tombstones), now_ns())?;
         }
-        Ok(())
+        index.put_vectors(std::mem::take(&mut self.vectors))
+    }
+
+    /// Notes `path`'s version; an empty vector (a folder not shared) is not stored.
+    fn version(&mut self, path: &Path, version: &Vector) {
+        if !version.is_empty() {
+            self.vectors.push((path.to_path_buf(), version.clone()));
+        }
     }
 }
 
@@ -245,7 +256,13 @@ impl Indexer {
         for update in updates {
             tracing::debug!(?update, "index update");
             match update {
-                Update::Changed { path, content, .. } => {
+                Update::Changed {
+                    path,
+                    content,
+                    version,
+                    ..
+                } => {
+                    writes.version(&path, &version);
                     let dirty = match &content {
                         Content::Unchanged => Some(&[][..]),
                         Content::Ranges(ranges) => Some(ranges.as_slice()),
@@ -254,25 +271,43 @@ impl Indexer {
                     let previous = writes.previous(&self.index, &path)?;
                     self.record(&mut writes, path, previous.as_ref(), dirty)?;
                 }
-                Update::Removed { path, .. } => writes.remove(&self.index, path)?,
+                Update::Removed {
+                    path, dir, version, ..
+                } => {
+                    if dir && !version.is_empty() {
+                        for (below, _) in self.index.subtree(&path)? {
+                            writes.version(&below, &version);
+                        }
+                    }
+                    writes.version(&path, &version);
+                    writes.remove(&self.index, path)?
+                }
                 Update::Renamed {
                     from,
                     to,
                     exchange: false,
+                    version,
                     ..
                 } => {
                     writes.commit(&self.index)?;
+                    writes.version(&from, &version);
+                    writes.version(&to, &version);
                     self.rename(&mut writes, &from, &to)?;
                 }
-                Update::Renamed { from, to, .. } => {
+                Update::Renamed {
+                    from, to, version, ..
+                } => {
                     // Two names swapped files: record both anew from the disk.
                     writes.commit(&self.index)?;
+                    writes.version(&from, &version);
+                    writes.version(&to, &version);
                     for path in [from, to] {
                         self.record(&mut writes, path, None, None)?;
                     }
                     rescan = Some(ScanReason::IndexMismatch);
                 }
-                Update::Linked { path, .. } => {
+                Update::Linked { path, version, .. } => {
+                    writes.version(&path, &version);
                     let previous = writes.previous(&self.index, &path)?;
                     self.record(&mut writes, path, previous.as_ref(), Some(&[]))?;
                 }
@@ -310,6 +345,9 @@ impl Indexer {
             let Ok(below) = old.strip_prefix(from) else {
                 continue;
             };
+            if let Some(vector) = self.index.vector(&old)? {
+                writes.version(&to.join(below), &vector);
+            }
             self.record(writes, to.join(below), Some(&record), Some(&[]))?;
         }
         writes.remove(&self.index, from.to_path_buf())
@@ -396,6 +434,7 @@ mod tests {
             metadata: false,
             synced: false,
             sources: Vec::new(),
+            version: Default::default(),
         }
     }
 
@@ -430,6 +469,7 @@ mod tests {
             to: PathBuf::from("e"),
             exchange: false,
             sources: Vec::new(),
+            version: Default::default(),
         };
         let out = deferred.sort(vec![rename], now);
         assert_eq!(
@@ -449,6 +489,7 @@ mod tests {
             path: PathBuf::from("d"),
             dir: true,
             sources: Vec::new(),
+            version: Default::default(),
         };
         assert_eq!(deferred.sort(vec![removed], now).len(), 1);
         assert!(deferred.is_empty());

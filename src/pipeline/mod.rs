@@ -67,6 +67,9 @@ pub struct Settled {
     coalescer_idle: std::sync::atomic::AtomicBool,
     indexer_idle: std::sync::atomic::AtomicBool,
     encoder_busy: std::sync::atomic::AtomicBool,
+    /// A peer's change was applied since the last summaries went out: the other peers
+    /// are offered one soon, which relays the change to them (see the session).
+    applied_from_peer: std::sync::atomic::AtomicBool,
 }
 
 impl Settled {
@@ -75,6 +78,18 @@ impl Settled {
         self.coalescer_idle.load(Acquire)
             && self.indexer_idle.load(Acquire)
             && !self.encoder_busy.load(Acquire)
+    }
+
+    /// Notes that a peer's change was applied here.
+    pub fn applied_from_peer(&self) {
+        self.applied_from_peer
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a peer's change was applied since the last call.
+    pub fn take_applied_from_peer(&self) -> bool {
+        self.applied_from_peer
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     fn set_encoder_busy(&self, busy: bool) {
@@ -124,6 +139,8 @@ pub struct ReplicationGraph {
     pub gate: Arc<SyncGate>,
     pub local: Arc<crate::sync::local::LocalChanges>,
     pub settled: Arc<Settled>,
+    /// The versions of local changes (shared by the coalescer, encoder and applier).
+    pub book: Arc<crate::sync::book::Book>,
 }
 
 /// How many messages a channel carrying file data holds: each may carry up to a chunk
@@ -195,6 +212,9 @@ impl Pipeline {
             settled: settled.clone(),
             ignores,
             stats: stats.clone(),
+            versions: replication
+                .as_ref()
+                .map(|r| (r.book.clone(), r.session.index.clone())),
         });
         let (indexer, scan) = (Arc::new(indexer), Arc::new(scan));
         let (mut graph, telemetry) = new_graph(telemetry, &workdir);
@@ -280,6 +300,7 @@ fn add_replication(
         gate,
         local,
         settled,
+        book,
     } = parts;
     let peers = session.peers.clone();
     let encoding = Arc::new(encoder::Encoding {
@@ -288,6 +309,7 @@ fn add_replication(
         gate,
         local,
         settled,
+        versions: (book, session.index.clone()),
     });
     let compression = Arc::new(compression);
     let compressor_stats = stats.clone();

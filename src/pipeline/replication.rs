@@ -17,6 +17,7 @@ use crate::index::Index;
 use crate::net::{Link, LinkConfig, Listener, PeerSet};
 use crate::stun::{Keeper, KeeperConfig};
 use crate::sync::apply::Applier;
+use crate::sync::book::{replica_of, Book};
 use crate::sync::compress::CompressionPolicy;
 use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
 use crate::sync::encode::Encoder;
@@ -81,6 +82,9 @@ pub struct LocalFolder<'a> {
     pub state_dir: &'a Path,
     pub index: Arc<Index>,
     pub ignores: Arc<Ignores>,
+    /// Where the node's own changes are captured: conflict copies the applier makes
+    /// are reported here, so they are stamped and sent like any local file.
+    pub capture: Arc<dyn ChangeSink>,
 }
 
 impl ReplicationPlan {
@@ -143,6 +147,7 @@ impl ReplicationPlan {
             state_dir,
             index,
             ignores,
+            capture,
         } = folder;
         let Shared {
             settled,
@@ -209,6 +214,7 @@ impl ReplicationPlan {
                 address.map(|address| Link::dial(*id, address, config.clone()))
             })
             .collect();
+        let book = Arc::new(Book::new(replica_of(&self.key.id())));
         let mut encoder = Encoder::open(source, state_dir).map_err(|err| state(err.to_string()))?;
         // Sequence numbers grow across restarts, so a peer's acknowledgements never go
         // backwards: start from the clock.
@@ -258,10 +264,12 @@ impl ReplicationPlan {
                 revert_rx,
                 ignores,
             )
-            .reporting_to(stats),
+            .reporting_to(stats)
+            .keeping_versions_in(book.clone(), capture, settled.clone()),
             gate,
             local,
             settled,
+            book,
         })
     }
 }

@@ -246,6 +246,14 @@ impl Session {
     /// index while no peer listened still gets to every peer.
     fn offer_due_summaries(&mut self) {
         let now = Instant::now();
+        // What peers changed reaches the other peers through their catch-up: with
+        // versions, a node in the middle relays between nodes that never meet.
+        if self.summaries.len() > 1 && self.settled.take_applied_from_peer() {
+            let soon = now + RELAY_WITHIN;
+            for due in self.summaries.values_mut() {
+                *due = (*due).min(soon);
+            }
+        }
         if !self.summaries.values().any(|due| *due <= now) || !self.settled.is_settled() {
             return;
         }
@@ -275,6 +283,8 @@ impl Session {
 
 /// How often a connected peer is offered the digest of every directory again.
 const RESUMMARIZE: Duration = Duration::from_secs(30);
+/// How soon the other peers are offered a summary after a peer's change was applied.
+const RELAY_WITHIN: Duration = Duration::from_secs(1);
 
 pub async fn run(
     actor: SteadyActorShadow,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::change::{FileId, Source};
+use crate::sync::vector::Vector;
 
 /// How a file's content changed during a burst.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,12 +77,17 @@ pub enum Update {
         /// An `fsync` was seen: the writer wants this durable, later also on peers.
         synced: bool,
         sources: Vec<Source>,
+        /// The path's version after this change, stamped by the coalescer (empty until
+        /// then); see [`crate::sync::book`].
+        version: Vector,
     },
     /// The path is gone.
     Removed {
         path: PathBuf,
         dir: bool,
         sources: Vec<Source>,
+        /// The deletion's version: for a directory, newer than everything below it.
+        version: Vector,
     },
     /// `from` was renamed to `to` (with `exchange`, the two swapped).
     Renamed {
@@ -89,12 +95,15 @@ pub enum Update {
         to: PathBuf,
         exchange: bool,
         sources: Vec<Source>,
+        /// The moved entry's version (for an exchange, of `from`'s new content).
+        version: Vector,
     },
     /// `path` became a new name (hard link) of the file at `existing`.
     Linked {
         path: PathBuf,
         existing: PathBuf,
         sources: Vec<Source>,
+        version: Vector,
     },
     /// Something changed whose path is unknown, or events were lost: rescan.
     Rescan { sources: Vec<Source> },

@@ -151,6 +151,7 @@ mod tests {
             seq: 1,
             path: RelPath(path.as_bytes().to_vec()),
             op,
+            version: Default::default(),
         })
     }
 
@@ -212,6 +213,8 @@ mod tests {
                 mtime_ns: 0,
                 mode: 0o644,
                 content: [0; 32],
+                version: Default::default(),
+                deleted: false,
             }],
         };
         for name in [&b"a/b"[..], b"..", b".", b"", b"x\0y"] {

@@ -42,7 +42,7 @@
 //! file at the same moment would crash the daemon (receive-only mounts refuse local
 //! writes, so only a process writing to the backing folder directly can do this).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -63,6 +63,7 @@ use super::delta::content_hash;
 use super::journal::{Found, Journal, JournalError};
 use super::proto::{Change, Codec, FileData, Hash, Meta, Op, Payload, RelPath, Want};
 use super::safe_path::{self, Parent, PathError, ResolveError};
+use super::vector::Vector;
 use super::versions::{Versions, DEFAULT_KEEP, VERSIONS_DIR};
 use crate::index::{read_full, record_for, FileRecord, Index, IndexError, BLOCK_SIZE};
 
@@ -199,6 +200,9 @@ pub struct Applier {
     unsynced_dirs: Vec<(PathBuf, OwnedFd)>,
     /// Where what the changes replace or remove is kept.
     versions: Versions,
+    /// The version vector each path gets once its change is committed (see
+    /// [`Applier::will_have`]).
+    vectors_due: HashMap<PathBuf, Vector>,
 }
 
 /// Files patched in place are copied into the version store first only up to this size;
@@ -212,6 +216,9 @@ struct PendingFile {
     parent: Parent,
     file: File,
 }
+
+/// At most this many vectors wait for their changes' commits (see [`Applier::will_have`]).
+const MAX_VECTORS_DUE: usize = 1 << 16;
 
 /// From this many files a batch is made durable with `syncfs` (see
 /// [`Applier::place_pending`]).
@@ -598,6 +605,7 @@ impl Applier {
             place_later: false,
             unsynced_dirs: Vec::new(),
             versions,
+            vectors_due: HashMap::new(),
         };
         applier.roll_forward()?;
         applier.remove_pending_temp()?;
@@ -757,6 +765,18 @@ impl Applier {
         visible: impl FnOnce(&[PathBuf]),
     ) -> Result<Applied, ApplyError> {
         self.apply_inner(change, visible, true)
+    }
+
+    /// Records that `path` has version `vector` once the change being applied to it is
+    /// committed: the vector is stored right after the index records (a crash in between
+    /// leaves the older vector, and the peer's unacknowledged change is applied again).
+    pub fn will_have(&mut self, path: PathBuf, vector: Vector) {
+        // Changes that failed leave theirs behind; past this many, forget them all (a
+        // path without its vector is compared again at the next catch-up).
+        if self.vectors_due.len() >= MAX_VECTORS_DUE {
+            self.vectors_due.clear();
+        }
+        self.vectors_due.insert(path, vector);
     }
 
     /// How many files wait in the batch [`Applier::commit_deferred`] finishes.
@@ -1062,6 +1082,18 @@ impl Applier {
         if let Some(first) = records.first().map(|(p, _)| p.clone()) {
             self.index
                 .put_batch(records)
+                .map_err(|source| ApplyError::Index {
+                    path: first,
+                    source: Box::new(source),
+                })?;
+        }
+        let vectors: Vec<(PathBuf, Vector)> = paths
+            .iter()
+            .filter_map(|path| Some((path.clone(), self.vectors_due.remove(path)?)))
+            .collect();
+        if let Some(first) = vectors.first().map(|(p, _)| p.clone()) {
+            self.index
+                .put_vectors(vectors)
                 .map_err(|source| ApplyError::Index {
                     path: first,
                     source: Box::new(source),

@@ -288,6 +288,7 @@ mod tests {
                 },
                 blocks: Vec::new(),
             },
+            version: Default::default(),
         }
     }
 

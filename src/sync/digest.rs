@@ -5,8 +5,8 @@
 //! differ ([`listing`]) and compares entry by entry ([`compare`]) to find the files to
 //! fetch and the ones to delete.
 //!
-//! A directory's digest covers each live entry's name, kind, size, mtime, permission bits
-//! and content hash (BLAKE3 over the block hashes for files, over the target for
+//! A directory's digest covers each live entry's name, kind, size, mtime, permission bits,
+//! version vector and content hash (BLAKE3 over the block hashes for files, over the target for
 //! symlinks), in name order. It leaves out everything that legitimately differs between
 //! two nodes holding the same tree: inode and device numbers, ctime, owner (only applied
 //! when the receiver runs as root), and the size of directories (which depends on the
@@ -20,6 +20,7 @@ use std::path::Path;
 
 use super::delta::content_hash;
 use super::proto::{DirDigest, Entry, EntryKind, Hash, RelPath};
+use super::vector::{Order, Vector};
 use crate::index::{FileKind, FileRecord, Index, IndexError};
 
 /// Why a digest or listing could not be made.
@@ -36,10 +37,14 @@ pub enum DigestError {
 /// What a receiver must do about one directory, by name.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Comparison {
-    /// Entries the other side has and this side lacks, or has differently.
+    /// Entries the other side has in a version this side has not seen (newer or
+    /// concurrent), or has differently at the same version.
     pub fetch: Vec<Vec<u8>>,
-    /// Entries only this side has (deleted on the other side).
+    /// Entries only this side has (a mirror removes them).
     pub extra: Vec<Vec<u8>>,
+    /// Entries the other side deleted after the version this side has, with the version
+    /// of the deletion.
+    pub removed: Vec<(Vec<u8>, Vector)>,
 }
 
 /// The digest of every directory in `index`, the backing folder itself (the empty path)
@@ -50,14 +55,21 @@ pub fn summarize(index: &Index) -> Result<Vec<DirDigest>, DigestError> {
     let mut queue = VecDeque::from([Vec::<u8>::new()]);
     while let Some(dir) = queue.pop_front() {
         let mut hasher = blake3::Hasher::new();
+        let mut children = Vec::new();
         snapshot.for_each_child(as_path(&dir), true, |name, record| {
-            if let Some(entry) = entry_of(name, &record) {
-                hash_entry(&mut hasher, &entry);
-                if entry.kind == EntryKind::Dir {
-                    queue.push_back(child(&dir, name));
-                }
+            if record.is_live() {
+                children.push((name.to_vec(), record));
             }
         })?;
+        for (name, record) in children {
+            let path = child(&dir, &name);
+            let version = snapshot.vector(as_path(&path))?.unwrap_or_default();
+            let entry = entry_of(&name, &record, version);
+            hash_entry(&mut hasher, &entry);
+            if entry.kind == EntryKind::Dir {
+                queue.push_back(path);
+            }
+        }
         out.push(DirDigest {
             dir: RelPath(dir),
             digest: *hasher.finalize().as_bytes(),
@@ -66,21 +78,31 @@ pub fn summarize(index: &Index) -> Result<Vec<DirDigest>, DigestError> {
     Ok(out)
 }
 
-/// The live entries of directory `dir`, in name order (empty if the index has none).
+/// The entries of directory `dir`, deleted ones included, in name order (empty if the
+/// index has none).
 pub fn listing(index: &Index, dir: &RelPath) -> Result<Vec<Entry>, DigestError> {
     if dir.0.contains(&0) {
         return Err(DigestError::BadPath {
             path: String::from_utf8_lossy(&dir.0).into_owned(),
         });
     }
-    let mut entries = Vec::new();
-    let result = index
-        .snapshot()?
-        .for_each_child(as_path(&dir.0), true, |name, record| {
-            entries.extend(entry_of(name, &record));
-        });
-    match result {
-        Ok(()) => Ok(entries),
+    let listed = index.snapshot().and_then(|snapshot| {
+        let mut records = Vec::new();
+        snapshot.for_each_child(as_path(&dir.0), true, |name, record| {
+            records.push((name.to_vec(), record));
+        })?;
+        records
+            .into_iter()
+            .map(|(name, record)| {
+                let version = snapshot
+                    .vector(as_path(&child(&dir.0, &name)))?
+                    .unwrap_or_default();
+                Ok(entry_of(&name, &record, version))
+            })
+            .collect::<Result<Vec<Entry>, IndexError>>()
+    });
+    match listed {
+        Ok(entries) => Ok(entries),
         Err(IndexError::BadPath { .. }) => Err(DigestError::BadPath {
             path: String::from_utf8_lossy(&dir.0).into_owned(),
         }),
@@ -109,30 +131,62 @@ pub fn differing_dirs(ours: &[DirDigest], theirs: &[DirDigest]) -> Vec<RelPath> 
     out
 }
 
-/// Compares one directory's listings: what to fetch from `theirs`, and what only `ours`
-/// has. Both sorted by name.
+/// Compares one directory's listings (see [`Comparison`]). Both sorted by name.
+///
+/// Versions decide: an entry is fetched when theirs is newer or concurrent (the applier
+/// resolves the conflict), or at the same version when its state differs (nodes that
+/// never stamped, or a mirror changed behind its back); a deletion newer than what this
+/// side has removes it here. A deletion concurrent with an edit here is ignored: the edit
+/// wins, and reaches the other side through its own catch-up.
 pub fn compare(ours: &[Entry], theirs: &[Entry]) -> Comparison {
     let ours_by_name: BTreeMap<&[u8], &Entry> = ours.iter().map(|e| (&e.name[..], e)).collect();
-    let theirs_by_name: BTreeMap<&[u8], &Entry> = theirs.iter().map(|e| (&e.name[..], e)).collect();
-    Comparison {
-        fetch: theirs_by_name
-            .iter()
-            .filter(|(name, entry)| ours_by_name.get(*name) != Some(*entry))
-            .map(|(name, _)| name.to_vec())
-            .collect(),
-        extra: ours_by_name
-            .keys()
-            .filter(|name| !theirs_by_name.contains_key(*name))
-            .map(|name| name.to_vec())
-            .collect(),
+    let mut comparison = Comparison::default();
+    for entry in theirs {
+        let name = entry.name.to_vec();
+        let mine = ours_by_name.get(&entry.name[..]);
+        if entry.deleted {
+            if let Some(mine) = mine.filter(|mine| !mine.deleted) {
+                if entry.version.compare(&mine.version) == Order::Newer {
+                    comparison.removed.push((name, entry.version.clone()));
+                }
+            }
+            continue;
+        }
+        let wanted = match mine {
+            None => true,
+            Some(mine) => match entry.version.compare(&mine.version) {
+                Order::Newer | Order::Concurrent => true,
+                Order::Older => false,
+                // The same version deleted here: nothing newer there.
+                Order::Equal if mine.deleted => entry.version.is_empty(),
+                Order::Equal => !same_state(mine, entry),
+            },
+        };
+        if wanted {
+            comparison.fetch.push(name);
+        }
     }
+    let live_there: std::collections::HashSet<&[u8]> = theirs
+        .iter()
+        .filter(|e| !e.deleted)
+        .map(|e| &e.name[..])
+        .collect();
+    comparison.extra = ours
+        .iter()
+        .filter(|e| !e.deleted && !live_there.contains(&e.name[..]))
+        .map(|e| e.name.to_vec())
+        .collect();
+    comparison
 }
 
-/// The wire entry of a live record; `None` for a tombstone.
-fn entry_of(name: &[u8], record: &FileRecord) -> Option<Entry> {
-    if !record.is_live() {
-        return None;
-    }
+/// Whether two entries describe the same state, whatever their versions.
+fn same_state(a: &Entry, b: &Entry) -> bool {
+    (a.kind, a.size, a.mtime_ns, a.mode, a.content)
+        == (b.kind, b.size, b.mtime_ns, b.mode, b.content)
+}
+
+/// The wire entry of a record (live or deleted) at `version`.
+fn entry_of(name: &[u8], record: &FileRecord, version: Vector) -> Entry {
     let (kind, size, content) = match record.kind {
         FileKind::File => (
             EntryKind::File,
@@ -150,14 +204,16 @@ fn entry_of(name: &[u8], record: &FileRecord) -> Option<Entry> {
         }
         FileKind::Other => (EntryKind::Special, 0, [0; 32]),
     };
-    Some(Entry {
+    Entry {
         name: name.to_vec(),
         kind,
         size,
         mtime_ns: record.mtime_ns,
         mode: record.mode & 0o7777,
         content,
-    })
+        version,
+        deleted: !record.is_live(),
+    }
 }
 
 /// Feeds one entry to a directory's digest, every variable-length part length-prefixed so
@@ -176,6 +232,12 @@ fn hash_entry(hasher: &mut blake3::Hasher, entry: &Entry) {
     hasher.update(&entry.mtime_ns.to_le_bytes());
     hasher.update(&entry.mode.to_le_bytes());
     hasher.update(&entry.content);
+    let pairs = entry.version.pairs();
+    hasher.update(&(pairs.len() as u64).to_le_bytes());
+    for (replica, counter) in pairs {
+        hasher.update(&replica.to_le_bytes());
+        hasher.update(&counter.to_le_bytes());
+    }
 }
 
 fn as_path(bytes: &[u8]) -> &Path {

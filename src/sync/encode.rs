@@ -42,7 +42,7 @@ use super::delta::{
     self, content_hash, DeltaError, SignatureStore, Version, VersionBuilder, DELTA_THRESHOLD,
     MAX_DELTA,
 };
-use super::proto::{self, Change, FileData, Hash, Meta, Op, Range, RelPath, Want};
+use super::proto::{self, Change, FileData, Hash, Meta, Op, Range, RelPath, Vector, Want};
 use crate::index::{open_to_read, read_full, stat_times, FileKind, BLOCK_SIZE};
 use crate::pipeline::update::{Content, Update};
 
@@ -145,6 +145,13 @@ impl Encoder {
     /// The changes that bring a peer up to date with `update`. File data is read as the
     /// iterator advances; an update of nothing sendable (a rescan request) yields nothing.
     pub fn encode(&mut self, update: &Update) -> Result<Encoded<'_>, EncodeError> {
+        let version = match update {
+            Update::Changed { version, .. }
+            | Update::Removed { version, .. }
+            | Update::Renamed { version, .. }
+            | Update::Linked { version, .. } => version.clone(),
+            Update::Rescan { .. } => Vector::default(),
+        };
         let (path, state) = match update {
             Update::Changed {
                 path,
@@ -196,6 +203,7 @@ impl Encoder {
         let rel = checked(&path)?;
         Ok(Encoded {
             encoder: self,
+            version,
             path,
             rel,
             state,
@@ -206,8 +214,14 @@ impl Encoder {
     /// and the delta is small; the rest of a whole transfer from `want.resume` when the
     /// receiver's partial copy matches this file's start; else the whole file. `path` is
     /// the checked form of `want.path`. A path that is not a regular file is sent as what
-    /// it is (directory, symlink, removal...).
-    pub fn encode_whole(&mut self, path: &Path, want: &Want) -> Result<Encoded<'_>, EncodeError> {
+    /// it is (directory, symlink, removal...). Every change carries `version`, what this
+    /// node knows of the path's version.
+    pub fn encode_whole(
+        &mut self,
+        path: &Path,
+        want: &Want,
+        version: Vector,
+    ) -> Result<Encoded<'_>, EncodeError> {
         let rel = checked(path)?;
         let state = match self.open_beneath(path)? {
             None => State::Queue(VecDeque::from([(rel.clone(), Op::Remove)])),
@@ -236,6 +250,7 @@ impl Encoder {
         };
         Ok(Encoded {
             encoder: self,
+            version,
             path: path.to_path_buf(),
             rel,
             state,
@@ -529,6 +544,8 @@ struct Base {
 /// file when it is taken; after an error the iterator ends.
 pub struct Encoded<'a> {
     encoder: &'a mut Encoder,
+    /// The version every streamed change carries.
+    version: Vector,
     /// The path as the update named it, for error messages.
     path: PathBuf,
     /// The path the streamed changes are for.
@@ -585,7 +602,12 @@ impl Iterator for Encoded<'_> {
             Ok(Some((path, op))) => {
                 let seq = self.encoder.next_seq;
                 self.encoder.next_seq += 1;
-                Some(Ok(Change { seq, path, op }))
+                Some(Ok(Change {
+                    seq,
+                    path,
+                    op,
+                    version: self.version.clone(),
+                }))
             }
             Ok(None) => {
                 self.state = State::Done;

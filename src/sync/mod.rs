@@ -4,7 +4,9 @@
 //! crash-safely ([`apply`], [`journal`], [`safe_path`]).
 
 pub mod apply;
+pub mod book;
 pub mod compress;
+pub mod conflict;
 pub mod delta;
 pub mod digest;
 pub mod durability;
@@ -13,4 +15,5 @@ pub mod journal;
 pub mod local;
 pub mod proto;
 pub mod safe_path;
+pub mod vector;
 pub mod versions;

@@ -20,9 +20,13 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::vector::Vector;
+
 /// The version of this message set. A peer with another version is refused with an error
 /// that names both.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added version vectors to [`Change`] and [`Entry`], and deleted entries to
+/// listings.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The most file data one [`Message`] carries; larger content travels as several
 /// [`FileData::Whole`] pieces or several ranges messages.
@@ -165,6 +169,10 @@ pub struct Change {
     pub seq: u64,
     pub path: RelPath,
     pub op: Op,
+    /// The version the path has after the change (of the source, for a rename): the
+    /// receiver applies it only over an older version, and resolves a concurrent one as
+    /// a conflict. An empty vector (a peer that never stamped) counts as oldest.
+    pub version: Vector,
 }
 
 /// The digest of one directory's entries (name, kind, size, mtime, mode and content hash
@@ -186,6 +194,9 @@ pub struct Entry {
     pub mode: u32,
     /// BLAKE3 over the file's block hashes; of the target for a symlink; zero otherwise.
     pub content: Hash,
+    pub version: Vector,
+    /// The path was deleted (at this version); the other fields describe its last state.
+    pub deleted: bool,
 }
 
 /// A file the receiver needs during catch-up.

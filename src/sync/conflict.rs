@@ -1,0 +1,307 @@
+//! What a node does with a peer's change, given the versions (see [`super::vector`]):
+//! apply it, drop it, or keep both sides of a conflict. Pure, so every rule is tested
+//! without a folder.
+//!
+//! The rules, the same on every node so that all of them end with the same tree:
+//! - A change newer than what the node has is applied; an older or equal one is dropped
+//!   (which also ends echoes and relay loops), except for the later pieces of a change
+//!   being applied right now, which share its version.
+//! - Concurrent versions of a path are a conflict:
+//!   - a deletion against an edit: the edit wins, whichever side made it;
+//!   - two directories, or two files with the same content, simply merge their versions;
+//!   - two different files (or links, or device nodes): the winner is the one with the
+//!     newer mtime, then the larger last writer. A node whose own version loses keeps it
+//!     beside the winner as `name.sync-conflict-YYYYMMDD-HHMMSS-<writer>.ext` (a new
+//!     local file, replicated like any other) and takes the winner; a node whose version
+//!     wins drops the peer's, and the peer does the renaming when it sees this version.
+//!     Only the loser's holder renames, so each conflict makes exactly one copy.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::proto::{Change, Hash, Op};
+use super::vector::{Order, Replica, Vector};
+use super::versions::format_time;
+use crate::index::FileRecord;
+
+/// What to do with a peer's change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Apply it; the path then has this version.
+    Apply(Vector),
+    /// Leave the path as it is.
+    Drop(&'static str),
+    /// This node's version lost a conflict: move it to `copy`, then apply the change,
+    /// after which the path has `version`.
+    KeepBoth { copy: PathBuf, version: Vector },
+}
+
+/// What this node has at a path.
+#[derive(Debug, Clone, Copy)]
+pub struct Local<'a> {
+    pub version: &'a Vector,
+    /// The index record, live or deleted (`None`: never seen).
+    pub record: Option<&'a FileRecord>,
+}
+
+/// Decides about `change` (already checked) to the path `path`. `mid_change` says that
+/// an earlier piece of a change with this same version was applied (its later pieces
+/// carry the same version).
+pub fn judge(change: &Change, path: &Path, local: Local<'_>, mid_change: bool) -> Verdict {
+    let incoming = &change.version;
+    if mid_change {
+        return Verdict::Apply(incoming.merged(local.version));
+    }
+    match incoming.compare(local.version) {
+        Order::Newer => Verdict::Apply(incoming.clone()),
+        // Nodes that never stamped (or an index from before versions) compare by content,
+        // as the sender decided.
+        Order::Equal if incoming.is_empty() => Verdict::Apply(incoming.clone()),
+        Order::Equal => Verdict::Drop("this version is here already"),
+        Order::Older => Verdict::Drop("a newer version is here"),
+        Order::Concurrent => {
+            let merged = incoming.merged(local.version);
+            match (&change.op, local.record.filter(|r| r.is_live())) {
+                (Op::Remove, Some(_)) => Verdict::Drop("edited here while deleted there"),
+                (_, None) => Verdict::Apply(merged),
+                (Op::Dir { .. } | Op::Rename { .. } | Op::Link { .. }, Some(_)) => {
+                    Verdict::Apply(merged)
+                }
+                (op, Some(record)) if same_content(op, record) => Verdict::Apply(merged),
+                (op, Some(record)) => {
+                    let theirs = (mtime_of(op).unwrap_or(i64::MIN), incoming.last_writer());
+                    let mine = (record.mtime_ns, local.version.last_writer());
+                    if theirs > mine {
+                        let writer = mine.1.unwrap_or_default();
+                        Verdict::KeepBoth {
+                            copy: conflict_name(path, record.mtime_ns, writer),
+                            version: merged,
+                        }
+                    } else {
+                        Verdict::Drop("this node's version wins the conflict")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The modification time a change gives its path, if it says.
+fn mtime_of(op: &Op) -> Option<i64> {
+    match op {
+        Op::File { meta, .. }
+        | Op::Dir { meta }
+        | Op::Symlink { meta, .. }
+        | Op::Special { meta, .. } => Some(meta.mtime_ns),
+        _ => None,
+    }
+}
+
+/// Whether `op` leaves the same bytes as `record` has: every block hash matches.
+fn same_content(op: &Op, record: &FileRecord) -> bool {
+    match op {
+        Op::File { size, blocks, .. } => {
+            *size == record.size
+                && blocks.len() == record.block_hashes.len()
+                && blocks.iter().all(|(at, hash): &(u64, Hash)| {
+                    usize::try_from(*at)
+                        .ok()
+                        .and_then(|at| record.block_hashes.get(at))
+                        == Some(hash)
+                })
+        }
+        Op::Symlink { target, .. } => record.symlink_target.as_deref() == Some(target.as_slice()),
+        _ => false,
+    }
+}
+
+/// Marks conflict copies: `filesync conflicts` lists the names that hold it.
+pub const CONFLICT_MARK: &str = ".sync-conflict-";
+
+/// Where a losing version of `path` is kept: beside it, named after the time it was last
+/// changed (UTC) and its last writer, before the extension so that it still opens with
+/// the same program (`notes.txt` → `notes.sync-conflict-20261122-101500-1a2b3c4d.txt`).
+pub fn conflict_name(path: &Path, mtime_ns: i64, writer: Replica) -> PathBuf {
+    let name = path.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
+    // A leading dot is part of the stem (".bashrc" has no extension).
+    let split = name
+        .iter()
+        .rposition(|&b| b == b'.')
+        .filter(|&at| at > 0)
+        .unwrap_or(name.len());
+    let (stem, ext) = name.split_at(split);
+    let secs = mtime_ns.div_euclid(1_000_000_000);
+    let when = match u64::try_from(secs) {
+        Ok(secs) => format_time(UNIX_EPOCH + Duration::from_secs(secs)),
+        Err(_) => format_time(UNIX_EPOCH),
+    };
+    let mut copy = stem.to_vec();
+    copy.extend_from_slice(CONFLICT_MARK.as_bytes());
+    copy.extend_from_slice(format!("{when}-{:08x}", writer >> 32).as_bytes());
+    copy.extend_from_slice(ext);
+    path.with_file_name(OsString::from_vec(copy))
+}
+
+/// Whether `path` names a conflict copy.
+pub fn is_conflict_copy(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| {
+        name.as_bytes()
+            .windows(CONFLICT_MARK.len())
+            .any(|w| w == CONFLICT_MARK.as_bytes())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::FileKind;
+    use crate::sync::proto::{FileData, Meta, RelPath};
+
+    fn v(pairs: &[(u64, u64)]) -> Vector {
+        Vector::from_pairs(pairs.to_vec())
+    }
+
+    fn record(mtime_ns: i64, content: &[u8], live: bool) -> FileRecord {
+        FileRecord {
+            kind: FileKind::File,
+            size: content.len() as u64,
+            mtime_ns,
+            ctime_ns: 0,
+            ino: 1,
+            dev: 1,
+            rdev: 0,
+            mode: libc::S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            xattr_digest: [0; 32],
+            symlink_target: None,
+            block_hashes: vec![*blake3::hash(content).as_bytes()],
+            deleted_ns: (!live).then_some(1),
+        }
+    }
+
+    fn file(version: Vector, mtime_ns: i64, content: &[u8]) -> Change {
+        Change {
+            seq: 1,
+            path: RelPath(b"d/notes.txt".to_vec()),
+            op: Op::File {
+                meta: Meta {
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime_ns,
+                    xattrs: None,
+                },
+                size: content.len() as u64,
+                data: FileData::Unchanged,
+                blocks: vec![(0, *blake3::hash(content).as_bytes())],
+            },
+            version,
+        }
+    }
+
+    fn removal(version: Vector) -> Change {
+        Change {
+            seq: 1,
+            path: RelPath(b"d/notes.txt".to_vec()),
+            op: Op::Remove,
+            version,
+        }
+    }
+
+    const PATH: &str = "d/notes.txt";
+
+    fn judged(change: &Change, version: &Vector, record: Option<&FileRecord>) -> Verdict {
+        let local = Local { version, record };
+        judge(change, Path::new(PATH), local, false)
+    }
+
+    #[test]
+    fn newer_applies_older_and_equal_drop() {
+        let here = v(&[(1, 5)]);
+        let rec = record(10, b"a", true);
+        let newer = file(v(&[(1, 5), (2, 1)]), 20, b"b");
+        assert_eq!(
+            judged(&newer, &here, Some(&rec)),
+            Verdict::Apply(newer.version.clone())
+        );
+        assert!(matches!(
+            judged(&file(v(&[(1, 4)]), 20, b"b"), &here, Some(&rec)),
+            Verdict::Drop(_)
+        ));
+        let same = file(here.clone(), 10, b"a");
+        assert!(matches!(judged(&same, &here, Some(&rec)), Verdict::Drop(_)));
+        let local = Local {
+            version: &here,
+            record: Some(&rec),
+        };
+        assert!(matches!(
+            judge(&same, Path::new(PATH), local, true),
+            Verdict::Apply(_)
+        ));
+    }
+
+    #[test]
+    fn concurrent_edits_pick_the_same_winner_on_both_sides() {
+        let (va, vb) = (v(&[(1, 7), (2, 3)]), v(&[(1, 5), (2, 9)]));
+        let (ra, rb) = (record(100, b"from a", true), record(200, b"from b", true));
+        // On A, B's newer edit arrives: A keeps its own as a conflict copy.
+        let on_a = judged(&file(vb.clone(), 200, b"from b"), &va, Some(&ra));
+        let Verdict::KeepBoth { copy, version } = on_a else {
+            panic!("expected keep-both, got {on_a:?}");
+        };
+        assert_eq!(version, va.merged(&vb));
+        let name = copy.to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("d/notes.sync-conflict-19700101-000000-") && name.ends_with(".txt"),
+            "{name}"
+        );
+        // On B, A's older edit arrives: B's wins, nothing to do.
+        let on_b = judged(&file(va.clone(), 100, b"from a"), &vb, Some(&rb));
+        assert!(matches!(on_b, Verdict::Drop(_)), "{on_b:?}");
+        // The same mtime: the last writer decides, still the same on both sides.
+        let (ra, rb) = (record(100, b"from a", true), record(100, b"from b", true));
+        let on_a = judged(&file(vb.clone(), 100, b"from b"), &va, Some(&ra));
+        let on_b = judged(&file(va.clone(), 100, b"from a"), &vb, Some(&rb));
+        assert!(matches!(on_a, Verdict::KeepBoth { .. }), "{on_a:?}");
+        assert!(matches!(on_b, Verdict::Drop(_)), "{on_b:?}");
+    }
+
+    #[test]
+    fn edits_win_over_concurrent_deletions_and_equal_content_merges() {
+        let (va, vb) = (v(&[(1, 7)]), v(&[(2, 9)]));
+        let live = record(100, b"kept", true);
+        let gone = record(100, b"kept", false);
+        assert!(matches!(
+            judged(&removal(vb.clone()), &va, Some(&live)),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(
+            judged(&file(vb.clone(), 50, b"edit"), &va, Some(&gone)),
+            Verdict::Apply(va.merged(&vb))
+        );
+        assert_eq!(
+            judged(&file(vb.clone(), 500, b"kept"), &va, Some(&live)),
+            Verdict::Apply(va.merged(&vb))
+        );
+    }
+
+    #[test]
+    fn conflict_names_keep_the_extension_and_are_recognised() {
+        let at = 1_795_000_000_000_000_000;
+        let copy = conflict_name(Path::new("a/b/report.final.pdf"), at, 0x1a2b_3c4d_0000_0000);
+        assert_eq!(
+            copy,
+            Path::new("a/b/report.final.sync-conflict-20261118-110640-1a2b3c4d.pdf")
+        );
+        assert!(is_conflict_copy(&copy));
+        assert!(!is_conflict_copy(Path::new("a/b/report.final.pdf")));
+        let hidden = conflict_name(Path::new(".bashrc"), at, 1);
+        assert_eq!(
+            hidden,
+            Path::new(".bashrc.sync-conflict-20261118-110640-00000000")
+        );
+    }
+}
