@@ -496,10 +496,8 @@ impl Receiving {
         let Some(to) = crate::sync::encode::rel_path(copy) else {
             return Ok(());
         };
-        let mine = match &self.versions {
-            Some(versions) => versions.book.current(&self.index, copy).unwrap_or_default(),
-            None => return Ok(()),
-        };
+        // Applied as a rename of this node's own: the old name keeps its version (now
+        // deleted), and the copy gets a version of its own once captured.
         let rename = Change {
             seq: change.seq,
             path: change.path.clone(),
@@ -507,7 +505,7 @@ impl Receiving {
                 to,
                 exchange: false,
             },
-            version: mine,
+            version: Vector::default(),
         };
         let (local, invalidate) = (&self.local, &self.invalidate);
         self.applier.apply_then(&rename, |paths| {

@@ -126,6 +126,92 @@ impl Drop for Net {
     }
 }
 
+/// Several network namespaces, one per node, with a veth link of its own between every
+/// two of them, so that any one link can be cut: the link between nodes `i < j` is the
+/// subnet 198.18.(10 + 10 i + j).0/24, where node `i` is `.1` and node `j` is `.2`.
+/// Deleted on drop.
+pub struct Mesh {
+    names: Vec<String>,
+}
+
+impl Mesh {
+    /// `n` namespaces (at most 9), each pair linked.
+    pub fn new(n: usize) -> Mesh {
+        assert!((2..10).contains(&n), "a mesh has 2 to 9 nodes");
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_NET.fetch_add(1, Ordering::SeqCst)
+        );
+        let names: Vec<String> = (0..n).map(|i| format!("fsm{i}-{tag}")).collect();
+        for name in &names {
+            ip(&["netns", "add", name]);
+            ip(&["-n", name, "link", "set", "lo", "up"]);
+        }
+        let mesh = Mesh { names };
+        for i in 0..n {
+            for j in i + 1..n {
+                let (di, dj) = (Mesh::dev(j), Mesh::dev(i));
+                ip(&[
+                    "-n",
+                    &mesh.names[i],
+                    "link",
+                    "add",
+                    &di,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &dj,
+                    "netns",
+                    &mesh.names[j],
+                ]);
+                for (ns, dev, me) in [(i, &di, i), (j, &dj, j)] {
+                    let addr = format!("{}/24", mesh.addr(me, if me == i { j } else { i }));
+                    ip(&["-n", &mesh.names[ns], "addr", "add", &addr, "dev", dev]);
+                    ip(&["-n", &mesh.names[ns], "link", "set", dev, "up"]);
+                }
+            }
+        }
+        mesh
+    }
+
+    /// The device in a namespace that leads to node `other`.
+    fn dev(other: usize) -> String {
+        format!("to{other}")
+    }
+
+    /// Node `i`'s namespace.
+    pub fn ns(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    /// Node `i`'s address on its link with node `j`.
+    pub fn addr(&self, i: usize, j: usize) -> String {
+        let (low, high) = (i.min(j), i.max(j));
+        let host = if i == low { 1 } else { 2 };
+        format!("198.18.{}.{host}", 10 + 10 * low + high)
+    }
+
+    /// Takes the link between `i` and `j` down.
+    pub fn cut(&self, i: usize, j: usize) {
+        ip(&["-n", &self.names[i], "link", "set", &Mesh::dev(j), "down"]);
+    }
+
+    pub fn heal(&self, i: usize, j: usize) {
+        ip(&["-n", &self.names[i], "link", "set", &Mesh::dev(j), "up"]);
+        ip(&["-n", &self.names[j], "link", "set", &Mesh::dev(i), "up"]);
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
 /// One node: folders, key, and (while started) its `filesync mount --foreground`.
 pub struct Node {
     pub name: String,

@@ -1,0 +1,233 @@
+//! Issue 5: many nodes, all sending and receiving, each in a network namespace of its own
+//! with real mounts. Every link between two nodes can be cut on its own (see
+//! [`common::cluster::Mesh`]).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::cluster::{netns_available, tree, wait_until, Mesh, Node};
+
+const PORT: u16 = 7878;
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Starts one node per namespace of `mesh`, each listening; for each `(from, to)` in
+/// `links`, node `from` dials node `to`, which accepts it.
+fn start(mesh: &Mesh, count: usize, links: &[(usize, usize)]) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (0..count)
+        .map(|i| Node::new(&format!("n{i}"), Some(mesh.ns(i))))
+        .collect();
+    // Listeners first, so the first dial succeeds.
+    for i in (0..count).rev() {
+        let opts = options(mesh, &nodes, links, i);
+        nodes[i].start(&opts);
+    }
+    nodes
+}
+
+/// Node `i`'s mount options (see [`start`]).
+fn options(mesh: &Mesh, nodes: &[Node], links: &[(usize, usize)], i: usize) -> Vec<String> {
+    let mut opts = vec![
+        format!("listen=0.0.0.0:{PORT}"),
+        "sync_interval=0".to_owned(),
+    ];
+    for &(from, to) in links {
+        if from == i {
+            let address = mesh.addr(to, from);
+            opts.push(format!("peer={}@{address}:{PORT}", nodes[to].id));
+        } else if to == i {
+            opts.push(format!("peer={}", nodes[from].id));
+        }
+    }
+    opts
+}
+
+/// Waits until every node's backing folder holds the same tree; panics with each tree
+/// otherwise.
+fn assert_all_converge(nodes: &[Node]) {
+    let same = || {
+        let first = tree(nodes[0].src());
+        nodes[1..].iter().all(|n| tree(n.src()) == first)
+    };
+    if wait_until(CONVERGE, same) {
+        return;
+    }
+    let mut report = String::new();
+    for node in nodes {
+        report.push_str(&format!("---- {} ----\n", node.name));
+        for (path, line) in tree(node.src()) {
+            report.push_str(&format!("{path}: {line}\n"));
+        }
+    }
+    panic!("the nodes did not converge within {CONVERGE:?}:\n{report}");
+}
+
+/// Waits until `node` logs `count` connections.
+fn assert_connected(node: &Node, count: usize) {
+    assert!(
+        wait_until(CONVERGE, || node.log().matches("connected to peer").count()
+            >= count),
+        "{} did not see {count} peers connect:\n{}",
+        node.name,
+        node.log()
+    );
+}
+
+fn conflict_copies(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".sync-conflict-"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn three_nodes_in_a_chain_converge_through_the_middle() {
+    if !netns_available() {
+        return;
+    }
+    let mesh = Mesh::new(3);
+    // A (0) and C (2) only know B (1); their own link is down for good measure.
+    mesh.cut(0, 2);
+    let nodes = start(&mesh, 3, &[(0, 1), (2, 1)]);
+    assert_connected(&nodes[1], 2);
+    fs::write(nodes[0].mnt().join("from-a.txt"), b"written on A").expect("write on A");
+    fs::create_dir(nodes[2].mnt().join("from-c")).expect("mkdir on C");
+    fs::write(nodes[2].mnt().join("from-c/notes.md"), b"written on C").expect("write on C");
+    assert_all_converge(&nodes);
+    // A edits what C wrote, C removes what A wrote: both travel through B.
+    fs::write(nodes[0].mnt().join("from-c/notes.md"), b"edited on A").expect("edit on A");
+    fs::remove_file(nodes[2].mnt().join("from-a.txt")).expect("remove on C");
+    assert_all_converge(&nodes);
+    let notes = fs::read(nodes[2].src().join("from-c/notes.md")).expect("read on C");
+    assert_eq!(notes, b"edited on A");
+    assert!(!nodes[0].src().join("from-a.txt").exists());
+    for node in &nodes {
+        assert!(
+            conflict_copies(node.src()).is_empty(),
+            "no conflict was made"
+        );
+    }
+}
+
+#[test]
+fn a_partition_heals_into_one_tree_keeping_both_sides_of_every_conflict() {
+    if !netns_available() {
+        return;
+    }
+    let mesh = Mesh::new(3);
+    let nodes = start(&mesh, 3, &[(0, 1), (0, 2), (1, 2)]);
+    for node in &nodes {
+        assert_connected(node, 2);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    fs::write(a.mnt().join("notes.txt"), b"the common base\n").expect("write");
+    fs::write(a.mnt().join("doomed.txt"), b"the common base\n").expect("write");
+    fs::write(a.mnt().join("calm.txt"), b"nobody touches this\n").expect("write");
+    assert_all_converge(&nodes);
+
+    // A is cut off from both others.
+    mesh.cut(0, 1);
+    mesh.cut(0, 2);
+    fs::write(a.mnt().join("notes.txt"), b"edited on A, offline\n").expect("edit on A");
+    fs::write(a.mnt().join("doomed.txt"), b"kept alive on A\n").expect("edit on A");
+    // C's edit is the newer one (mtimes have a second's resolution in the copy's name).
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(c.mnt().join("notes.txt"), b"edited on C\n").expect("edit on C");
+    fs::remove_file(b.mnt().join("doomed.txt")).expect("delete on B");
+    assert!(
+        wait_until(CONVERGE, || !c.src().join("doomed.txt").exists()),
+        "B's deletion did not reach C while A was away"
+    );
+    mesh.heal(0, 1);
+    mesh.heal(0, 2);
+    assert_all_converge(&nodes);
+
+    for node in &nodes {
+        let notes = fs::read(node.src().join("notes.txt")).expect("notes.txt");
+        assert_eq!(
+            notes, b"edited on C\n",
+            "the newer edit wins on {}",
+            node.name
+        );
+        let copies = conflict_copies(node.src());
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy on {}: {copies:?}",
+            node.name
+        );
+        assert!(copies[0].starts_with("notes.sync-conflict-") && copies[0].ends_with(".txt"));
+        let kept = fs::read(node.src().join(&copies[0])).expect("conflict copy");
+        assert_eq!(
+            kept, b"edited on A, offline\n",
+            "A's edit is kept on {}",
+            node.name
+        );
+        let doomed = fs::read(node.src().join("doomed.txt")).expect("the edit survives");
+        assert_eq!(doomed, b"kept alive on A\n");
+        assert_eq!(
+            fs::read(node.src().join("calm.txt")).expect("calm.txt"),
+            b"nobody touches this\n"
+        );
+    }
+}
+
+#[test]
+fn a_node_that_was_stopped_reconciles_by_catch_up() {
+    if !netns_available() {
+        return;
+    }
+    let mesh = Mesh::new(3);
+    let links = [(0, 1), (0, 2), (1, 2)];
+    let mut nodes = start(&mesh, 3, &links);
+    for node in &nodes {
+        assert_connected(node, 2);
+    }
+    for name in ["report.txt", "old.txt", "mine.txt"] {
+        fs::write(nodes[1].mnt().join(name), b"base\n").expect("write");
+    }
+    assert_all_converge(&nodes);
+
+    // A is stopped; while it is down, its folder is edited directly (found by its scan
+    // at start) and the others edit and delete.
+    nodes[0].stop();
+    fs::write(nodes[0].src().join("report.txt"), b"A's offline edit\n").expect("edit A");
+    fs::write(nodes[0].src().join("mine.txt"), b"only A changed this\n").expect("edit A");
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(nodes[2].mnt().join("report.txt"), b"C's later edit\n").expect("edit C");
+    fs::remove_file(nodes[1].mnt().join("old.txt")).expect("delete on B");
+    let opts = options(&mesh, &nodes, &links, 0);
+    nodes[0].start(&opts);
+    assert_all_converge(&nodes);
+
+    for node in &nodes {
+        let report = fs::read(node.src().join("report.txt")).expect("report.txt");
+        assert_eq!(report, b"C's later edit\n", "on {}", node.name);
+        let copies = conflict_copies(node.src());
+        assert_eq!(
+            copies.len(),
+            1,
+            "one conflict copy on {}: {copies:?}",
+            node.name
+        );
+        let kept = fs::read(node.src().join(&copies[0])).expect("conflict copy");
+        assert_eq!(kept, b"A's offline edit\n");
+        assert!(
+            !node.src().join("old.txt").exists(),
+            "B's deletion reached {}",
+            node.name
+        );
+        let mine = fs::read(node.src().join("mine.txt")).expect("mine.txt");
+        assert_eq!(
+            mine, b"only A changed this\n",
+            "A's edit reached {}",
+            node.name
+        );
+    }
+}
