@@ -49,6 +49,8 @@
 //! | `key=PATH` | `[replication] key` | | an absolute path to this node's key (`filesync keygen`) | `/etc/filesync/node.key` |
 //! | `compression=LEVEL` | `[replication] compression` | | `off` or a zstd level from 1 to 19 | 3 |
 //! | `keep_versions=DAYS` | `[replication] keep_versions` | | `off`, or how many days to keep what a peer's change replaced or removed (`filesync versions`), 1 to 36500 | 30 |
+//! | `conflicts=POLICY` | `[replication] conflicts` | | how concurrent edits of one file are resolved, the same on every node: `keep-both` (the newer mtime wins, the other is kept beside it as `name.sync-conflict-YYYYMMDD-HHMMSS-<writer>.ext`), `newest-wins` (the other is only kept in the versions, `filesync versions`), `prefer-node=ID` (that node's edit wins, else the newer; the other is kept in the versions) or `merge` (text files edited in different places are merged three-way; otherwise keep-both). Give every node the same policy | `keep-both` |
+//! | `deletions=RULE` | `[replication] deletions` | | `edit-wins` (a file edited on one node while deleted on another is restored everywhere) or `delete-wins` | `edit-wins` |
 //! | `stun=HOST:PORT` | `[replication] stun` (a list of the same strings) | | a STUN server (`filesync stun-server` or any public one) that tells this node its public address and NAT type; may be given several times, servers from every source are combined; two servers at different addresses are needed to tell the NAT type | none |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
@@ -91,6 +93,8 @@
 //! key = "/etc/filesync/node.key"
 //! compression = 3            # zstd level, or "off"
 //! keep_versions = 30         # days, or "off"
+//! conflicts = "keep-both"    # or "newest-wins", "prefer-node=ID", "merge"
+//! deletions = "edit-wins"    # or "delete-wins"
 //! stun = ["stun.example.org:3478", "198.18.0.3:3478"]  # STUN servers for NAT discovery
 //! ```
 //!
@@ -135,7 +139,8 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 /// Our own mount options, listed in the error for an unknown option so the user sees the choice.
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, metrics, \
-     peer, listen, mode, durability, key, compression, keep_versions, stun, config";
+     peer, listen, mode, durability, key, compression, keep_versions, conflicts, deletions, stun, \
+     config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -201,6 +206,9 @@ const EXPECT_PEER: &str = "a node ID as 'filesync id' prints it, optionally foll
 const EXPECT_LISTEN: &str = "off, or an IP address and a port from 1 to 65535 such as \
      0.0.0.0:7878 or 127.0.0.1:7878";
 const EXPECT_MODE: &str = "sendreceive, sendonly or receiveonly";
+const EXPECT_CONFLICTS: &str =
+    "keep-both, newest-wins, prefer-node=ID (a node ID as `filesync id` prints it) or merge";
+const EXPECT_DELETIONS: &str = "edit-wins or delete-wins";
 const EXPECT_DURABILITY: &str = "async or sync";
 const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
 const EXPECT_KEEP_VERSIONS: &str = "off or a number of days from 1 to 36500";
@@ -318,6 +326,28 @@ pub struct PeerSpec {
     pub address: Option<String>,
 }
 
+/// How concurrent edits of one file are resolved (see [`crate::sync::conflict`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// The newer edit wins; the other is kept beside it as a conflict copy.
+    #[default]
+    KeepBoth,
+    /// The newer edit wins; the other is kept only in the versions store.
+    NewestWins,
+    /// This node's (an ID as `filesync id` prints it) edit wins, else the newer one.
+    PreferNode(String),
+    /// Text files edited in different places are merged three-way; otherwise keep-both.
+    Merge,
+}
+
+/// Whether an edit or a concurrent deletion of the same file wins.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum DeletionRule {
+    #[default]
+    EditWins,
+    DeleteWins,
+}
+
 /// Which way changes flow for this node's folder.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -366,6 +396,8 @@ pub struct Replication {
     pub compression: Option<i32>,
     /// Days to keep what a peer's change replaced or removed; `None`: nothing is kept.
     pub keep_versions: Option<u32>,
+    pub conflicts: ConflictPolicy,
+    pub deletions: DeletionRule,
     /// STUN servers (`HOST:PORT`) asked for this node's public address.
     pub stun: Vec<String>,
 }
@@ -473,6 +505,10 @@ pub struct MountOptions {
     pub compression: Option<Option<i32>>,
     /// `keep_versions=off|DAYS`: how long replaced files are kept; `Some(None)` is `off`.
     pub keep_versions: Option<Option<u32>>,
+    /// `conflicts=POLICY`: how concurrent edits are resolved.
+    pub conflicts: Option<ConflictPolicy>,
+    /// `deletions=edit-wins|delete-wins`.
+    pub deletions: Option<DeletionRule>,
     /// `stun=HOST:PORT`, repeatable: STUN servers for NAT discovery.
     pub stun: Vec<String>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
@@ -518,6 +554,8 @@ impl MountOptions {
             key: later.key.or(self.key),
             compression: later.compression.or(self.compression),
             keep_versions: later.keep_versions.or(self.keep_versions),
+            conflicts: later.conflicts.or(self.conflicts),
+            deletions: later.deletions.or(self.deletions),
             stun: merge_stun(self.stun, later.stun),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
@@ -566,6 +604,10 @@ impl MountOptions {
             }
             "keep_versions" => {
                 self.keep_versions = Some(check_keep_versions(needs("off|DAYS")?, &origin)?);
+            }
+            "conflicts" => self.conflicts = Some(check_conflicts(needs("POLICY")?, &origin)?),
+            "deletions" => {
+                self.deletions = Some(check_deletions(needs("edit-wins|delete-wins")?, &origin)?);
             }
             "stun" => {
                 let server = check_stun(needs("HOST:PORT")?, &origin)?;
@@ -936,6 +978,35 @@ fn check_compression(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<i32>, C
     }
 }
 
+/// Check a conflict policy.
+fn check_conflicts(raw: Raw<'_>, origin: &Origin<'_>) -> Result<ConflictPolicy, ConfigError> {
+    let text = raw
+        .text()
+        .ok_or_else(|| raw.invalid(origin, EXPECT_CONFLICTS))?;
+    let lower = text.to_ascii_lowercase();
+    match lower.as_str() {
+        "keep-both" => return Ok(ConflictPolicy::KeepBoth),
+        "newest-wins" => return Ok(ConflictPolicy::NewestWins),
+        "merge" => return Ok(ConflictPolicy::Merge),
+        _ => {}
+    }
+    let id = lower
+        .strip_prefix("prefer-node=")
+        .map(|_| &text["prefer-node=".len()..])
+        .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .ok_or_else(|| raw.invalid(origin, EXPECT_CONFLICTS))?;
+    Ok(ConflictPolicy::PreferNode(id.to_owned()))
+}
+
+/// Check a deletion rule.
+fn check_deletions(raw: Raw<'_>, origin: &Origin<'_>) -> Result<DeletionRule, ConfigError> {
+    match raw.text() {
+        Some(text) if text.eq_ignore_ascii_case("edit-wins") => Ok(DeletionRule::EditWins),
+        Some(text) if text.eq_ignore_ascii_case("delete-wins") => Ok(DeletionRule::DeleteWins),
+        _ => Err(raw.invalid(origin, EXPECT_DELETIONS)),
+    }
+}
+
 /// Check a version keeping time: `off` (`None`) or whole days from 1 to 36500.
 fn check_keep_versions(raw: Raw<'_>, origin: &Origin<'_>) -> Result<Option<u32>, ConfigError> {
     if raw
@@ -1209,7 +1280,7 @@ struct MetricsSection {
 #[serde(
     deny_unknown_fields,
     expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
-                 compression, keep_versions and stun"
+                 compression, keep_versions, conflicts, deletions and stun"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
@@ -1220,6 +1291,8 @@ struct ReplicationSection {
     key: Option<toml::Value>,
     compression: Option<toml::Value>,
     keep_versions: Option<toml::Value>,
+    conflicts: Option<toml::Value>,
+    deletions: Option<toml::Value>,
 }
 
 /// Check an optional value with `check`, naming `origin` if it is invalid.
@@ -1365,6 +1438,16 @@ impl ReplicationSection {
             key("[replication].keep_versions"),
             check_keep_versions,
         )?;
+        layer.conflicts = checked(
+            raw(&self.conflicts),
+            key("[replication].conflicts"),
+            check_conflicts,
+        )?;
+        layer.deletions = checked(
+            raw(&self.deletions),
+            key("[replication].deletions"),
+            check_deletions,
+        )?;
         Ok(())
     }
 }
@@ -1506,6 +1589,8 @@ impl Host {
                 keep_versions: merged
                     .keep_versions
                     .unwrap_or(Some(DEFAULT_KEEP_VERSIONS_DAYS)),
+                conflicts: merged.conflicts.unwrap_or_default(),
+                deletions: merged.deletions.unwrap_or_default(),
                 stun: merged.stun,
             },
             config_file,
@@ -1671,6 +1756,8 @@ mod tests {
                     key: PathBuf::from(DEFAULT_KEY_PATH),
                     compression: Some(3),
                     keep_versions: Some(30),
+                    conflicts: ConflictPolicy::KeepBoth,
+                    deletions: DeletionRule::EditWins,
                     stun: Vec::new(),
                 },
                 config_file: None,

@@ -350,7 +350,10 @@ pub fn serve(plan: &MountPlan, ready: impl FnOnce()) -> Result<(), MountError> {
     };
     let running = Pipeline::mount(MountGraph {
         queue,
-        indexer: Indexer::new(index.clone(), root_fd),
+        indexer: match replication.as_ref().and_then(|r| r.bases.clone()) {
+            Some(bases) => Indexer::new(index.clone(), root_fd).keeping_merge_bases(bases),
+            None => Indexer::new(index.clone(), root_fd),
+        },
         scan: ScanJob {
             root: plan.source.clone(),
             index,

@@ -16,12 +16,18 @@ const CONVERGE: Duration = Duration::from_secs(90);
 /// Starts one node per namespace of `mesh`, each listening; for each `(from, to)` in
 /// `links`, node `from` dials node `to`, which accepts it.
 fn start(mesh: &Mesh, count: usize, links: &[(usize, usize)]) -> Vec<Node> {
+    start_with(mesh, count, links, &[])
+}
+
+/// [`start`] with `extra` options for every node.
+fn start_with(mesh: &Mesh, count: usize, links: &[(usize, usize)], extra: &[&str]) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..count)
         .map(|i| Node::new(&format!("n{i}"), Some(mesh.ns(i))))
         .collect();
     // Listeners first, so the first dial succeeds.
     for i in (0..count).rev() {
-        let opts = options(mesh, &nodes, links, i);
+        let mut opts = options(mesh, &nodes, links, i);
+        opts.extend(extra.iter().map(|o| o.to_string()));
         nodes[i].start(&opts);
     }
     nodes
@@ -229,5 +235,61 @@ fn a_node_that_was_stopped_reconciles_by_catch_up() {
             "A's edit reached {}",
             node.name
         );
+    }
+}
+
+#[test]
+fn text_edited_in_different_places_merges_and_overlapping_edits_keep_both() {
+    if !netns_available() {
+        return;
+    }
+    let mesh = Mesh::new(3);
+    let nodes = start_with(&mesh, 3, &[(0, 1), (0, 2), (1, 2)], &["conflicts=merge"]);
+    for node in &nodes {
+        assert_connected(node, 2);
+    }
+    let lines: String = (1..=12).map(|n| format!("line {n}\n")).collect();
+    fs::write(nodes[1].mnt().join("plan.md"), &lines).expect("write");
+    fs::write(nodes[1].mnt().join("clash.md"), &lines).expect("write");
+    assert_all_converge(&nodes);
+
+    mesh.cut(0, 1);
+    mesh.cut(0, 2);
+    let edit = |node: &Node, name: &str, from: &str, to: &str| {
+        let path = node.mnt().join(name);
+        let text = fs::read_to_string(&path).expect("read");
+        fs::write(&path, text.replacen(from, to, 1)).expect("edit");
+    };
+    edit(&nodes[0], "plan.md", "line 2\n", "line 2, edited on A\n");
+    edit(&nodes[0], "clash.md", "line 6\n", "line 6 as A has it\n");
+    std::thread::sleep(Duration::from_millis(1100));
+    edit(&nodes[2], "plan.md", "line 11\n", "line 11, edited on C\n");
+    edit(&nodes[2], "clash.md", "line 6\n", "line 6 as C has it\n");
+    mesh.heal(0, 1);
+    mesh.heal(0, 2);
+    assert_all_converge(&nodes);
+
+    let merged = lines
+        .replacen("line 2\n", "line 2, edited on A\n", 1)
+        .replacen("line 11\n", "line 11, edited on C\n", 1);
+    for node in &nodes {
+        let plan = fs::read_to_string(node.src().join("plan.md")).expect("plan.md");
+        assert_eq!(plan, merged, "both edits are in plan.md on {}", node.name);
+        let clash = fs::read_to_string(node.src().join("clash.md")).expect("clash.md");
+        assert!(
+            clash.contains("line 6 as C has it"),
+            "C's newer edit wins on {}",
+            node.name
+        );
+        let copies = conflict_copies(node.src());
+        assert_eq!(
+            copies.len(),
+            1,
+            "only clash.md is kept both ways on {}: {copies:?}",
+            node.name
+        );
+        assert!(copies[0].starts_with("clash.sync-conflict-"));
+        let kept = fs::read_to_string(node.src().join(&copies[0])).expect("copy");
+        assert!(kept.contains("line 6 as A has it"));
     }
 }

@@ -18,15 +18,19 @@ use crate::change::{Change as LocalChange, ChangeKind, ChangeSink, Source};
 use crate::identity::NodeId;
 use crate::ignores::{Ignores, IGNORE_FILE};
 use crate::index::Index;
+use crate::index::BLOCK_SIZE;
 use crate::status::Stats;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::book::Book;
-use crate::sync::conflict::{self, Local, Verdict};
+use crate::sync::compress::raw_payload;
+use crate::sync::conflict::{self, Local, Rules, Verdict};
 use crate::sync::digest;
 use crate::sync::local::LocalChanges;
+use crate::sync::merge::{self, Bases, MAX_MERGED};
 use crate::sync::proto::{
-    Change, DirDigest, Entry, EntryKind, FileData, Message, Op, RelPath, Vector, Want,
+    Change, DirDigest, Entry, EntryKind, FileData, Message, Meta, Op, RelPath, Vector, Want,
 };
+use crate::sync::vector::Order;
 
 /// Catch-up with one peer, while its listings arrive.
 #[derive(Default)]
@@ -74,6 +78,19 @@ struct Versioning {
     applying: HashMap<RelPath, (Vector, Instant)>,
     /// Told of every applied change, so the session relays it to the other peers.
     settled: Arc<super::Settled>,
+    rules: Rules,
+    /// The merge bases, under `conflicts=merge`.
+    bases: Option<Arc<Bases>>,
+}
+
+/// What became of a three-way merge.
+enum Merged {
+    /// The merged file is in place.
+    Done,
+    /// The peer's version came as a patch: it is asked for whole first.
+    NeedsWhole,
+    /// Not text, no common base, or both sides changed the same lines.
+    Impossible,
 }
 
 /// How long the pieces of one change may take to arrive before a repeat of its version
@@ -132,18 +149,23 @@ impl Receiving {
 
     /// Judges peers' changes by their version vectors (`book`), reporting the conflict
     /// copies it makes to `capture`. A mirror applies what its sender sends regardless.
-    /// `settled` hears of every applied change, so that the session relays it.
+    /// `settled` hears of every applied change, so that the session relays it; `bases`
+    /// (under `conflicts=merge`) keeps what it applies for three-way merges.
     pub fn keeping_versions_in(
         mut self,
         book: Arc<Book>,
         capture: Arc<dyn ChangeSink>,
         settled: Arc<super::Settled>,
+        rules: Rules,
+        bases: Option<Arc<Bases>>,
     ) -> Self {
         self.versions = Some(Versioning {
             book,
             capture,
             applying: HashMap::new(),
             settled,
+            rules,
+            bases,
         });
         self
     }
@@ -363,6 +385,20 @@ impl Receiving {
                 Ok(()) => Some(version),
                 Err(err) => return (false, self.failed(from, &err)),
             },
+            Ok(Some(Verdict::Merge {
+                version,
+                theirs_wins,
+                copy,
+            })) => match self.merge(change, &version, theirs_wins) {
+                Ok(Merged::Done) => return (true, Vec::new()),
+                Ok(Merged::NeedsWhole) => return (true, self.ask_whole(from, &change.path)),
+                Ok(Merged::Impossible) if theirs_wins => match self.keep_mine(change, &copy) {
+                    Ok(()) => Some(version),
+                    Err(err) => return (false, self.failed(from, &err)),
+                },
+                Ok(Merged::Impossible) => return (true, Vec::new()),
+                Err(err) => return (false, self.failed(from, &err)),
+            },
             Ok(None) => None,
             Err(err) => return (false, self.failed(from, &err)),
         };
@@ -395,6 +431,16 @@ impl Receiving {
         match result {
             Ok(applied) => {
                 if let (Some(versions), Some(version)) = (&mut self.versions, version) {
+                    if let (Some(bases), Op::File { .. }) = (&versions.bases, &change.op) {
+                        if let Ok(Some(content)) = self.applier.read_small(&change.path, MAX_MERGED)
+                        {
+                            if let Ok(path) = crate::sync::safe_path::checked(&change.path) {
+                                if let Err(err) = bases.keep(&path, &version, &content) {
+                                    tracing::debug!(?path, "not kept as a merge base: {err}");
+                                }
+                            }
+                        }
+                    }
                     versions.applied(change, version);
                 }
                 (applied.durable, Vec::new())
@@ -448,7 +494,18 @@ impl Receiving {
             .book
             .current(&self.index, &path)
             .map_err(index_err)?;
-        let record = self.index.get(&path).map_err(index_err)?;
+        let mut record = self.index.get(&path).map_err(index_err)?;
+        if change.version.compare(&version) == Order::Concurrent {
+            // Conflicts are decided on what is on disk: a local edit may be stamped but
+            // not indexed yet.
+            record = match self.applier.current_record(&path)? {
+                Some(fresh) => Some(fresh),
+                None => record.map(|mut gone| {
+                    gone.deleted_ns.get_or_insert(0);
+                    gone
+                }),
+            };
+        }
         let mid_change = versions
             .applying
             .get(&change.path)
@@ -457,7 +514,7 @@ impl Receiving {
             version: &version,
             record: record.as_ref(),
         };
-        let verdict = conflict::judge(change, &path, local, mid_change);
+        let verdict = conflict::judge(versions.rules, change, &path, local, mid_change);
         // A folder is removed only if this node has nothing below it that the removal
         // has not seen; the rest is removed entry by entry by catch-up.
         let folder = record
@@ -488,6 +545,126 @@ impl Receiving {
                 self.applier.will_have(path, version.clone());
             }
         }
+    }
+
+    /// Tries the three-way merge of `change` (concurrent with this node's version) and
+    /// applies the result as `version`.
+    fn merge(
+        &mut self,
+        change: &Change,
+        version: &Vector,
+        theirs_win: bool,
+    ) -> Result<Merged, ApplyError> {
+        let Some(versions) = &self.versions else {
+            return Ok(Merged::Impossible);
+        };
+        let Some(bases) = versions.bases.clone() else {
+            return Ok(Merged::Impossible);
+        };
+        let Op::File {
+            meta: their_meta,
+            size,
+            data,
+            ..
+        } = &change.op
+        else {
+            return Ok(Merged::Impossible);
+        };
+        let theirs = match data {
+            FileData::Whole {
+                offset: 0,
+                data,
+                last: true,
+            } => data.bytes.clone(),
+            _ if *size <= MAX_MERGED => return Ok(Merged::NeedsWhole),
+            _ => return Ok(Merged::Impossible),
+        };
+        let path = crate::sync::safe_path::checked(&change.path).map_err(|reason| {
+            ApplyError::BadPath {
+                path: String::from_utf8_lossy(&change.path.0).into_owned(),
+                reason,
+            }
+        })?;
+        let index_err = |source| ApplyError::Index {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        let mine_version = versions
+            .book
+            .current(&self.index, &path)
+            .map_err(index_err)?;
+        let Some(record) = self.index.get(&path).map_err(index_err)? else {
+            return Ok(Merged::Impossible);
+        };
+        let Some(mine) = self.applier.read_small(&change.path, MAX_MERGED)? else {
+            return Ok(Merged::Impossible);
+        };
+        let Some(base) = bases.common(&path, &mine_version, &change.version) else {
+            return Ok(Merged::Impossible);
+        };
+        let (winner, loser) = match theirs_win {
+            true => (&theirs, &mine),
+            false => (&mine, &theirs),
+        };
+        let Some(merged) = merge::three_way(&base, winner, loser) else {
+            return Ok(Merged::Impossible);
+        };
+        // The winner's metadata, so that both sides of the conflict write the same file.
+        let meta = match theirs_win {
+            true => their_meta.clone(),
+            false => Meta {
+                mode: record.mode & 0o7777,
+                uid: record.uid,
+                gid: record.gid,
+                mtime_ns: record.mtime_ns,
+                xattrs: None,
+            },
+        };
+        let blocks = merged
+            .chunks(BLOCK_SIZE as usize)
+            .enumerate()
+            .map(|(at, block)| (at as u64, *blake3::hash(block).as_bytes()))
+            .collect();
+        let result = Change {
+            seq: change.seq,
+            path: change.path.clone(),
+            op: Op::File {
+                meta,
+                size: merged.len() as u64,
+                data: FileData::Whole {
+                    offset: 0,
+                    data: raw_payload(merged.clone()),
+                    last: true,
+                },
+                blocks,
+            },
+            version: version.clone(),
+        };
+        self.applier.will_have(path.clone(), version.clone());
+        let (local, invalidate) = (&self.local, &self.invalidate);
+        self.applier.apply_then(&result, |paths| {
+            show_paths(local, invalidate.as_ref(), paths, None)
+        })?;
+        if let Some(versions) = &mut self.versions {
+            versions.applied(&result, version.clone());
+        }
+        if let Err(err) = bases.keep(&path, version, &merged) {
+            tracing::debug!(?path, "merge result not kept as a base: {err}");
+        }
+        tracing::info!(?path, "conflict: both versions merged three-way");
+        Ok(Merged::Done)
+    }
+
+    /// Asks `peer` for the whole of `path`, with nothing to build a delta on.
+    fn ask_whole(&self, peer: NodeId, path: &RelPath) -> Vec<Reply> {
+        vec![Reply::Send {
+            to: peer,
+            message: Message::WantFiles(vec![Want {
+                path: path.clone(),
+                signature: None,
+                resume: None,
+            }]),
+        }]
     }
 
     /// Moves this node's losing version of `change`'s path to `copy` and reports the copy

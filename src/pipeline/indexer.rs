@@ -14,6 +14,7 @@ use steady_state::*;
 use super::update::{Content, Update};
 use super::Settled;
 use crate::index::{record_for, FileRecord, Index, IndexError};
+use crate::sync::merge::Bases;
 use crate::sync::vector::Vector;
 
 /// Why the scanner should walk the tree now.
@@ -242,17 +243,31 @@ fn now_ns() -> i64 {
 pub struct Indexer {
     index: Arc<Index>,
     root: OwnedFd,
+    /// Where the versions this node makes of small text files are kept as merge bases
+    /// (`conflicts=merge` only).
+    bases: Option<Arc<Bases>>,
 }
 
 impl Indexer {
     pub fn new(index: Arc<Index>, root: OwnedFd) -> Self {
-        Indexer { index, root }
+        Indexer {
+            index,
+            root,
+            bases: None,
+        }
+    }
+
+    /// Keeps each version this node makes of a small text file in `bases`.
+    pub fn keeping_merge_bases(mut self, bases: Arc<Bases>) -> Self {
+        self.bases = Some(bases);
+        self
     }
 
     /// Applies a batch of updates in order; returns whether a rescan is needed.
     pub fn apply(&self, updates: Vec<Update>) -> Result<Option<ScanReason>, IndexError> {
         let mut writes = Writes::default();
         let mut rescan = None;
+        let mut made = Vec::new();
         for update in updates {
             tracing::debug!(?update, "index update");
             match update {
@@ -263,6 +278,9 @@ impl Indexer {
                     ..
                 } => {
                     writes.version(&path, &version);
+                    if self.bases.is_some() {
+                        made.push((path.clone(), version));
+                    }
                     let dirty = match &content {
                         Content::Unchanged => Some(&[][..]),
                         Content::Ranges(ranges) => Some(ranges.as_slice()),
@@ -315,6 +333,13 @@ impl Indexer {
             }
         }
         writes.commit(&self.index)?;
+        if let Some(bases) = &self.bases {
+            for (path, version) in made {
+                if let Err(err) = bases.keep_from(self.root.as_fd(), &path, &version) {
+                    tracing::debug!(?path, "not kept as a merge base: {err}");
+                }
+            }
+        }
         Ok(rescan)
     }
 

@@ -141,6 +141,8 @@ pub struct ReplicationGraph {
     pub settled: Arc<Settled>,
     /// The versions of local changes (shared by the coalescer, encoder and applier).
     pub book: Arc<crate::sync::book::Book>,
+    /// Merge bases under `conflicts=merge`; the mount's indexer keeps local versions.
+    pub bases: Option<Arc<crate::sync::merge::Bases>>,
 }
 
 /// How many messages a channel carrying file data holds: each may carry up to a chunk
@@ -301,6 +303,7 @@ fn add_replication(
         local,
         settled,
         book,
+        bases: _,
     } = parts;
     let peers = session.peers.clone();
     let encoding = Arc::new(encoder::Encoding {

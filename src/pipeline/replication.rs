@@ -10,7 +10,7 @@ use super::applier::Receiving;
 use super::session::Session;
 use super::ReplicationGraph;
 use crate::change::ChangeSink;
-use crate::config::{Mode, Replication, Settings};
+use crate::config::{ConflictPolicy, DeletionRule, Mode, Replication, Settings};
 use crate::identity::{NodeId, NodeKey};
 use crate::ignores::Ignores;
 use crate::index::Index;
@@ -19,9 +19,11 @@ use crate::stun::{Keeper, KeeperConfig};
 use crate::sync::apply::Applier;
 use crate::sync::book::{replica_of, Book};
 use crate::sync::compress::CompressionPolicy;
+use crate::sync::conflict::{Policy, Rules};
 use crate::sync::durability::{SyncGate, SYNC_TIMEOUT};
 use crate::sync::encode::Encoder;
 use crate::sync::local::LocalChanges;
+use crate::sync::merge::Bases;
 use crate::sync::proto::Hello;
 
 /// How long a `filesync revert` waits for the applier.
@@ -59,6 +61,8 @@ pub enum ReplicationError {
 #[derive(Clone)]
 pub struct ReplicationPlan {
     key: Arc<NodeKey>,
+    /// How conflicts are resolved, with the preferred node's ID checked.
+    rules: Rules,
     peers: Vec<(NodeId, Option<SocketAddr>)>,
     settings: Replication,
     node_name: String,
@@ -116,8 +120,26 @@ impl ReplicationPlan {
             };
             peers.push((id, address));
         }
+        let parse_id = |id: &str| {
+            id.parse::<NodeId>()
+                .map_err(|err| ReplicationError::PeerId {
+                    id: id.to_owned(),
+                    reason: err.to_string(),
+                })
+        };
+        let policy = match &replication.conflicts {
+            ConflictPolicy::KeepBoth => Policy::KeepBoth,
+            ConflictPolicy::NewestWins => Policy::NewestWins,
+            ConflictPolicy::Merge => Policy::Merge,
+            ConflictPolicy::PreferNode(id) => Policy::PreferNode(replica_of(&parse_id(id)?)),
+        };
+        let rules = Rules {
+            policy,
+            deletions_win: replication.deletions == DeletionRule::DeleteWins,
+        };
         Ok(Some(ReplicationPlan {
             key: Arc::new(key),
+            rules,
             peers,
             settings: replication.clone(),
             node_name: settings.node_name.clone(),
@@ -215,6 +237,12 @@ impl ReplicationPlan {
             })
             .collect();
         let book = Arc::new(Book::new(replica_of(&self.key.id())));
+        let bases = match self.rules.policy {
+            Policy::Merge => Some(Arc::new(
+                Bases::open(state_dir).map_err(|err| state(err.to_string()))?,
+            )),
+            _ => None,
+        };
         let mut encoder = Encoder::open(source, state_dir).map_err(|err| state(err.to_string()))?;
         // Sequence numbers grow across restarts, so a peer's acknowledgements never go
         // backwards: start from the clock.
@@ -265,11 +293,18 @@ impl ReplicationPlan {
                 ignores,
             )
             .reporting_to(stats)
-            .keeping_versions_in(book.clone(), capture, settled.clone()),
+            .keeping_versions_in(
+                book.clone(),
+                capture,
+                settled.clone(),
+                self.rules,
+                bases.clone(),
+            ),
             gate,
             local,
             settled,
             book,
+            bases,
         })
     }
 }

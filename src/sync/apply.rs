@@ -779,6 +779,36 @@ impl Applier {
         self.vectors_due.insert(path, vector);
     }
 
+    /// What is at `path` on disk now, read afresh (the index may lag behind a local change
+    /// still on its way through the pipeline); `None` when nothing is there.
+    pub fn current_record(&self, path: &Path) -> Result<Option<FileRecord>, ApplyError> {
+        record_for(self.root.as_fd(), path, None, None).map_err(|source| ApplyError::Index {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// The content of the regular file at `path`, if it has at most `max` bytes.
+    pub fn read_small(&self, path: &RelPath, max: u64) -> Result<Option<Vec<u8>>, ApplyError> {
+        use std::io::Read;
+        let rel = checked(path)?;
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+        let file = match safe_path::open_beneath(self.root.as_fd(), &rel, flags) {
+            Ok(fd) => File::from(fd),
+            Err(ResolveError::Unsafe(reason)) => return Err(bad_path(path.0.as_slice(), reason)),
+            Err(ResolveError::Io(_)) => return Ok(None),
+        };
+        let meta = file.metadata().map_err(io_err(&rel, "stat"))?;
+        if !meta.is_file() || meta.len() > max {
+            return Ok(None);
+        }
+        let mut content = Vec::with_capacity(meta.len() as usize);
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut content)
+            .map_err(io_err(&rel, "reading"))?;
+        Ok((content.len() as u64 <= max).then_some(content))
+    }
+
     /// How many files wait in the batch [`Applier::commit_deferred`] finishes.
     pub fn files_waiting(&self) -> usize {
         self.pending.len()

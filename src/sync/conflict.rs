@@ -1,30 +1,56 @@
 //! What a node does with a peer's change, given the versions (see [`super::vector`]):
-//! apply it, drop it, or keep both sides of a conflict. Pure, so every rule is tested
-//! without a folder.
+//! apply it, drop it, or keep both sides of a conflict, by the folder's [`Rules`]. Pure,
+//! so every rule is tested without a folder.
 //!
 //! The rules, the same on every node so that all of them end with the same tree:
 //! - A change newer than what the node has is applied; an older or equal one is dropped
 //!   (which also ends echoes and relay loops), except for the later pieces of a change
 //!   being applied right now, which share its version.
 //! - Concurrent versions of a path are a conflict:
-//!   - a deletion against an edit: the edit wins, whichever side made it;
+//!   - a deletion against an edit: the edit wins, whichever side made it (unless the
+//!     rules say deletions win);
 //!   - two directories, or two files with the same content, simply merge their versions;
 //!   - two different files (or links, or device nodes): the winner is the one with the
-//!     newer mtime, then the larger last writer. A node whose own version loses keeps it
-//!     beside the winner as `name.sync-conflict-YYYYMMDD-HHMMSS-<writer>.ext` (a new
-//!     local file, replicated like any other) and takes the winner; a node whose version
-//!     wins drops the peer's, and the peer does the renaming when it sees this version.
-//!     Only the loser's holder renames, so each conflict makes exactly one copy.
+//!     newer mtime, then the larger last writer (with `prefer-node`, that node's version
+//!     first). Under `keep-both` a node whose own version loses keeps it beside the
+//!     winner as `name.sync-conflict-YYYYMMDD-HHMMSS-<writer>.ext` (a new local file,
+//!     replicated like any other) and takes the winner; a node whose version wins drops
+//!     the peer's, and the peer does the renaming when it sees this version. Only the
+//!     loser's holder renames, so each conflict makes exactly one copy. Under
+//!     `newest-wins` and `prefer-node` the loser is only kept in the versions store.
+//!     Under `merge` the applier first tries a three-way merge of text.
+//!
+//! Every node of a folder must use the same rules, or they may disagree on winners.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::proto::{Change, Hash, Op};
+use super::proto::{Change, FileData, Hash, Op};
 use super::vector::{Order, Replica, Vector};
 use super::versions::format_time;
 use crate::index::FileRecord;
+
+/// How concurrent versions of a file are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    #[default]
+    KeepBoth,
+    NewestWins,
+    /// This replica's version wins; between two others, the newer.
+    PreferNode(Replica),
+    /// A three-way merge of text when both sides changed different lines, else keep-both.
+    Merge,
+}
+
+/// A folder's conflict rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rules {
+    pub policy: Policy,
+    /// Whether a deletion beats a concurrent edit (by default the edit wins).
+    pub deletions_win: bool,
+}
 
 /// What to do with a peer's change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +62,14 @@ pub enum Verdict {
     /// This node's version lost a conflict: move it to `copy`, then apply the change,
     /// after which the path has `version`.
     KeepBoth { copy: PathBuf, version: Vector },
+    /// Both changed the file: try a three-way merge, which the version `version` then
+    /// has; `theirs_wins` says which side wins if the merge is impossible, and `copy` is
+    /// where this node's version goes then.
+    Merge {
+        version: Vector,
+        theirs_wins: bool,
+        copy: PathBuf,
+    },
 }
 
 /// What this node has at a path.
@@ -49,7 +83,13 @@ pub struct Local<'a> {
 /// Decides about `change` (already checked) to the path `path`. `mid_change` says that
 /// an earlier piece of a change with this same version was applied (its later pieces
 /// carry the same version).
-pub fn judge(change: &Change, path: &Path, local: Local<'_>, mid_change: bool) -> Verdict {
+pub fn judge(
+    rules: Rules,
+    change: &Change,
+    path: &Path,
+    local: Local<'_>,
+    mid_change: bool,
+) -> Verdict {
     let incoming = &change.version;
     if mid_change {
         return Verdict::Apply(incoming.merged(local.version));
@@ -59,12 +99,29 @@ pub fn judge(change: &Change, path: &Path, local: Local<'_>, mid_change: bool) -
         // Nodes that never stamped (or an index from before versions) compare by content,
         // as the sender decided.
         Order::Equal if incoming.is_empty() => Verdict::Apply(incoming.clone()),
-        Order::Equal => Verdict::Drop("this version is here already"),
+        // The same version with other content should not happen; if a race made it, the
+        // newer content (then the larger hash) wins on every node, so they converge.
+        Order::Equal => match (&change.op, local.record.filter(|r| r.is_live())) {
+            (
+                op @ Op::File {
+                    data: FileData::Whole { .. } | FileData::Delta { .. },
+                    ..
+                },
+                Some(record),
+            ) if !same_content(op, record) && outranks(op, record) => {
+                Verdict::Apply(incoming.clone())
+            }
+            _ => Verdict::Drop("this version is here already"),
+        },
         Order::Older => Verdict::Drop("a newer version is here"),
         Order::Concurrent => {
             let merged = incoming.merged(local.version);
             match (&change.op, local.record.filter(|r| r.is_live())) {
+                (Op::Remove, Some(_)) if rules.deletions_win => Verdict::Apply(merged),
                 (Op::Remove, Some(_)) => Verdict::Drop("edited here while deleted there"),
+                (_, None) if rules.deletions_win && local.record.is_some() => {
+                    Verdict::Drop("deleted here while edited there")
+                }
                 (_, None) => Verdict::Apply(merged),
                 (Op::Dir { .. } | Op::Rename { .. } | Op::Link { .. }, Some(_)) => {
                     Verdict::Apply(merged)
@@ -73,19 +130,40 @@ pub fn judge(change: &Change, path: &Path, local: Local<'_>, mid_change: bool) -
                 (op, Some(record)) => {
                     let theirs = (mtime_of(op).unwrap_or(i64::MIN), incoming.last_writer());
                     let mine = (record.mtime_ns, local.version.last_writer());
-                    if theirs > mine {
-                        let writer = mine.1.unwrap_or_default();
-                        Verdict::KeepBoth {
-                            copy: conflict_name(path, record.mtime_ns, writer),
+                    let theirs_win = match rules.policy {
+                        Policy::PreferNode(node) if theirs.1 == Some(node) => true,
+                        Policy::PreferNode(node) if mine.1 == Some(node) => false,
+                        _ => theirs > mine,
+                    };
+                    let copy = conflict_name(path, record.mtime_ns, mine.1.unwrap_or_default());
+                    match rules.policy {
+                        Policy::Merge if matches!(op, Op::File { .. }) => Verdict::Merge {
                             version: merged,
-                        }
-                    } else {
-                        Verdict::Drop("this node's version wins the conflict")
+                            theirs_wins: theirs_win,
+                            copy,
+                        },
+                        _ if !theirs_win => Verdict::Drop("this node's version wins the conflict"),
+                        Policy::KeepBoth | Policy::Merge => Verdict::KeepBoth {
+                            copy,
+                            version: merged,
+                        },
+                        Policy::NewestWins | Policy::PreferNode(_) => Verdict::Apply(merged),
                     }
                 }
             }
         }
     }
+}
+
+/// Whether a file change's content ranks above the record's: newer mtime, then the
+/// larger hash of its block hashes.
+fn outranks(op: &Op, record: &FileRecord) -> bool {
+    let Op::File { meta, blocks, .. } = op else {
+        return false;
+    };
+    let theirs: Vec<Hash> = blocks.iter().map(|(_, hash)| *hash).collect();
+    let digest = |hashes: &[Hash]| *blake3::hash(hashes.concat().as_slice()).as_bytes();
+    (meta.mtime_ns, digest(&theirs)) > (record.mtime_ns, digest(&record.block_hashes))
 }
 
 /// The modification time a change gives its path, if it says.
@@ -214,8 +292,17 @@ mod tests {
     const PATH: &str = "d/notes.txt";
 
     fn judged(change: &Change, version: &Vector, record: Option<&FileRecord>) -> Verdict {
+        judged_by(Rules::default(), change, version, record)
+    }
+
+    fn judged_by(
+        rules: Rules,
+        change: &Change,
+        version: &Vector,
+        record: Option<&FileRecord>,
+    ) -> Verdict {
         let local = Local { version, record };
-        judge(change, Path::new(PATH), local, false)
+        judge(rules, change, Path::new(PATH), local, false)
     }
 
     #[test]
@@ -238,7 +325,7 @@ mod tests {
             record: Some(&rec),
         };
         assert!(matches!(
-            judge(&same, Path::new(PATH), local, true),
+            judge(Rules::default(), &same, Path::new(PATH), local, true),
             Verdict::Apply(_)
         ));
     }
@@ -286,6 +373,57 @@ mod tests {
             judged(&file(vb.clone(), 500, b"kept"), &va, Some(&live)),
             Verdict::Apply(va.merged(&vb))
         );
+    }
+
+    #[test]
+    fn policies_choose_the_winner_and_what_is_kept() {
+        let (va, vb) = (v(&[(1, 7), (2, 3)]), v(&[(1, 5), (2, 9)]));
+        let (ra, rb) = (record(100, b"from a", true), record(200, b"from b", true));
+        let newest = Rules {
+            policy: Policy::NewestWins,
+            deletions_win: false,
+        };
+        assert_eq!(
+            judged_by(newest, &file(vb.clone(), 200, b"from b"), &va, Some(&ra)),
+            Verdict::Apply(va.merged(&vb))
+        );
+        // Node 1 (A, the older edit) is preferred: A's version wins on both sides.
+        let prefer_a = Rules {
+            policy: Policy::PreferNode(1),
+            deletions_win: false,
+        };
+        assert!(matches!(
+            judged_by(prefer_a, &file(vb.clone(), 200, b"from b"), &va, Some(&ra)),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(
+            judged_by(prefer_a, &file(va.clone(), 100, b"from a"), &vb, Some(&rb)),
+            Verdict::Apply(va.merged(&vb))
+        );
+        let merge = Rules {
+            policy: Policy::Merge,
+            deletions_win: false,
+        };
+        assert!(matches!(
+            judged_by(merge, &file(vb.clone(), 200, b"from b"), &va, Some(&ra)),
+            Verdict::Merge {
+                theirs_wins: true,
+                ..
+            }
+        ));
+        let deletions = Rules {
+            policy: Policy::KeepBoth,
+            deletions_win: true,
+        };
+        let gone = record(100, b"from a", false);
+        assert_eq!(
+            judged_by(deletions, &removal(vb.clone()), &va, Some(&ra)),
+            Verdict::Apply(va.merged(&vb))
+        );
+        assert!(matches!(
+            judged_by(deletions, &file(vb.clone(), 200, b"b"), &va, Some(&gone)),
+            Verdict::Drop(_)
+        ));
     }
 
     #[test]

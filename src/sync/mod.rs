@@ -13,6 +13,7 @@ pub mod durability;
 pub mod encode;
 pub mod journal;
 pub mod local;
+pub mod merge;
 pub mod proto;
 pub mod safe_path;
 pub mod vector;
