@@ -11,6 +11,7 @@
 pub mod capture;
 pub mod change;
 pub mod config;
+pub mod conflicts;
 pub mod control;
 pub mod fs;
 pub mod fuse;

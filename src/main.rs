@@ -185,6 +185,41 @@ Examples:
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// List the conflict copies below a folder (a mount point, by default the current one).
+    ///
+    /// Each copy is a version that lost a conflict, kept beside the file it conflicted
+    /// with; settle one with `filesync resolve`.
+    #[command(after_help = "\
+Examples:
+  filesync conflicts /mnt/data
+  filesync conflicts /mnt/data/reports --json")]
+    Conflicts {
+        /// Where to look (every folder below it too).
+        #[arg(default_value = ".")]
+        folder: PathBuf,
+        /// One JSON object per line: original, copy, written, writer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settle the conflict of a file: keep one version, remove its conflict copies.
+    ///
+    /// Done through the mount, so every peer ends with the same single file.
+    #[command(after_help = "\
+Examples:
+  filesync resolve /mnt/data/notes.txt --keep mine
+  filesync resolve /mnt/data/notes.txt --keep theirs
+  filesync resolve /mnt/data/notes.txt --keep /tmp/notes-merged.txt")]
+    Resolve {
+        /// The file that has conflict copies beside it, as a path in a filesync mount.
+        path: PathBuf,
+        /// `mine` (this node's version), `theirs` (the other one), or a file whose
+        /// content to keep (e.g. merged by hand).
+        #[arg(long, value_name = "mine|theirs|FILE")]
+        keep: String,
+        /// The mount's state folder, if it was mounted with `state_dir=`.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Show the running mounts, their peers and how replication is going
     ///
     /// Per mount: backing folder, watcher, mode, pending changes, replication lag, last
@@ -329,6 +364,12 @@ fn main() -> ExitCode {
             at,
             state_dir,
         } => run_restore(&path, at.as_deref(), state_dir),
+        Command::Conflicts { folder, json } => run_conflicts(&folder, json),
+        Command::Resolve {
+            path,
+            keep,
+            state_dir,
+        } => run_resolve(&path, &keep, state_dir),
         Command::Status {
             mountpoint,
             state_dir,
@@ -683,6 +724,65 @@ fn run_restore(path: &Path, at: Option<&str>, state_dir: Option<PathBuf>) -> any
         path.display(),
         versions::format_time(chosen.replaced)
     );
+    Ok(())
+}
+
+fn run_conflicts(folder: &Path, json: bool) -> anyhow::Result<()> {
+    let found = filesync::conflicts::find(folder)?;
+    if json {
+        for copy in &found {
+            println!("{}", serde_json::to_string(copy)?);
+        }
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("no conflict copies below {}", folder.display());
+    }
+    for copy in &found {
+        println!(
+            "{}: {} (written {} UTC by node {})",
+            copy.original.display(),
+            copy.copy.display(),
+            copy.written,
+            copy.writer
+        );
+    }
+    Ok(())
+}
+
+fn run_resolve(path: &Path, keep: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use filesync::conflicts::Keep;
+    let keep = match keep {
+        "mine" => Keep::Mine,
+        "theirs" => Keep::Theirs,
+        file => Keep::File(PathBuf::from(file)),
+    };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
+        .with_context(|| format!("cannot find the folder of {}", path.display()))?;
+    let path = parent.join(path.file_name().context("give the path of a file")?);
+    // Which copy is this node's: the daemon knows this node's ID.
+    let my_tag = match keep {
+        Keep::File(_) => String::new(),
+        _ => {
+            let (mountpoint, _) = mount::filesync_mount_of(&path).with_context(|| {
+                format!(
+                    "{} is not in a filesync mount: give a path inside the mount point",
+                    path.display()
+                )
+            })?;
+            let state_dir = state_dir.unwrap_or_else(|| mount::state_dir_of(&mountpoint));
+            let answer = filesync::control::request(&state_dir, "status")?;
+            let status: filesync::status::MountStatus = serde_json::from_str(&answer)
+                .with_context(|| format!("the daemon's answer is not a status: {answer}"))?;
+            let id: filesync::identity::NodeId = status
+                .node_id
+                .context("the mount has no node ID (no peers): use --keep FILE")?
+                .parse()?;
+            filesync::sync::conflict::writer_tag(filesync::sync::book::replica_of(&id))
+        }
+    };
+    println!("{}", filesync::conflicts::resolve(&path, &keep, &my_tag)?);
     Ok(())
 }
 

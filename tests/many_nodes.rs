@@ -8,7 +8,10 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use std::process::Command;
+
 use common::cluster::{netns_available, tree, wait_until, Mesh, Node};
+use common::{run, BIN};
 
 const PORT: u16 = 7878;
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -180,6 +183,38 @@ fn a_partition_heals_into_one_tree_keeping_both_sides_of_every_conflict() {
         assert_eq!(
             fs::read(node.src().join("calm.txt")).expect("calm.txt"),
             b"nobody touches this\n"
+        );
+    }
+
+    // The conflict is listed everywhere, and settled on A by keeping A's version.
+    let listed = run(
+        Command::new(BIN).args(["conflicts", "--json"]).arg(b.mnt()),
+        Duration::from_secs(10),
+    );
+    listed.expect_ok("filesync conflicts");
+    assert_eq!(listed.stdout.lines().count(), 1, "{}", listed.stdout);
+    assert!(listed.stdout.contains("notes.sync-conflict-"));
+    let resolved = run(
+        Command::new(BIN)
+            .arg("resolve")
+            .arg(a.mnt().join("notes.txt"))
+            .args(["--keep", "mine", "--state-dir"])
+            .arg(a.state()),
+        Duration::from_secs(10),
+    );
+    resolved.expect_ok("filesync resolve --keep mine");
+    assert_all_converge(&nodes);
+    for node in &nodes {
+        let notes = fs::read(node.src().join("notes.txt")).expect("notes.txt");
+        assert_eq!(
+            notes, b"edited on A, offline\n",
+            "A's version is kept on {}",
+            node.name
+        );
+        assert!(
+            conflict_copies(node.src()).is_empty(),
+            "no copies left on {}",
+            node.name
         );
     }
 }

@@ -217,9 +217,39 @@ pub fn conflict_name(path: &Path, mtime_ns: i64, writer: Replica) -> PathBuf {
     };
     let mut copy = stem.to_vec();
     copy.extend_from_slice(CONFLICT_MARK.as_bytes());
-    copy.extend_from_slice(format!("{when}-{:08x}", writer >> 32).as_bytes());
+    copy.extend_from_slice(format!("{when}-{}", writer_tag(writer)).as_bytes());
     copy.extend_from_slice(ext);
     path.with_file_name(OsString::from_vec(copy))
+}
+
+/// How conflict copy names show a writer: the first 4 bytes of its key, in hex.
+pub fn writer_tag(writer: Replica) -> String {
+    format!("{:08x}", writer >> 32)
+}
+
+/// The parts of a conflict copy's file name: the original name, when the losing version
+/// was written (`YYYYMMDD-HHMMSS`, UTC) and its writer's tag; `None` for other names.
+pub fn parse_copy_name(name: &[u8]) -> Option<(Vec<u8>, String, String)> {
+    let mark = CONFLICT_MARK.as_bytes();
+    let at = name.windows(mark.len()).position(|w| w == mark)?;
+    let (stem, rest) = (&name[..at], &name[at + mark.len()..]);
+    // YYYYMMDD-HHMMSS-xxxxxxxx, then the extension if any.
+    const STAMP: usize = 8 + 1 + 6 + 1 + 8;
+    let stamp = std::str::from_utf8(rest.get(..STAMP)?).ok()?;
+    let ext = &rest[STAMP..];
+    let (when, tag) = stamp.rsplit_once('-')?;
+    let well_formed = when.len() == 15
+        && when.bytes().enumerate().all(|(i, b)| match i {
+            8 => b == b'-',
+            _ => b.is_ascii_digit(),
+        })
+        && tag.bytes().all(|b| b.is_ascii_hexdigit());
+    if !well_formed || (!ext.is_empty() && ext[0] != b'.') {
+        return None;
+    }
+    let mut original = stem.to_vec();
+    original.extend_from_slice(ext);
+    Some((original, when.to_owned(), tag.to_owned()))
 }
 
 /// Whether `path` names a conflict copy.
@@ -435,6 +465,20 @@ mod tests {
             Path::new("a/b/report.final.sync-conflict-20261118-110640-1a2b3c4d.pdf")
         );
         assert!(is_conflict_copy(&copy));
+        let name = copy.file_name().unwrap().as_bytes();
+        assert_eq!(
+            parse_copy_name(name),
+            Some((
+                b"report.final.pdf".to_vec(),
+                "20261118-110640".to_owned(),
+                "1a2b3c4d".to_owned()
+            ))
+        );
+        assert_eq!(parse_copy_name(b"report.pdf"), None);
+        assert_eq!(
+            parse_copy_name(b"a.sync-conflict-2026x118-110640-1a2b3c4d"),
+            None
+        );
         assert!(!is_conflict_copy(Path::new("a/b/report.final.pdf")));
         let hidden = conflict_name(Path::new(".bashrc"), at, 1);
         assert_eq!(
