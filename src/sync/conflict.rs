@@ -101,6 +101,14 @@ pub fn judge(
         Order::Equal if incoming.is_empty() => Verdict::Apply(incoming.clone()),
         // The same version with other content should not happen; if a race made it, the
         // newer content (then the larger hash) wins on every node, so they converge.
+        // Deleted here at the version it is live there (a rename moved it while it was
+        // edited): the live one wins, so nothing is lost and both sides agree.
+        Order::Equal
+            if !local.record.is_some_and(FileRecord::is_live)
+                && !matches!(change.op, Op::Remove | Op::Rename { .. }) =>
+        {
+            Verdict::Apply(incoming.clone())
+        }
         Order::Equal => match (&change.op, local.record.filter(|r| r.is_live())) {
             (
                 op @ Op::File {

@@ -157,8 +157,9 @@ pub fn compare(ours: &[Entry], theirs: &[Entry]) -> Comparison {
             Some(mine) => match entry.version.compare(&mine.version) {
                 Order::Newer | Order::Concurrent => true,
                 Order::Older => false,
-                // The same version deleted here: nothing newer there.
-                Order::Equal if mine.deleted => entry.version.is_empty(),
+                // Deleted here at the version it is live there: only a rename racing an
+                // edit does that, and the live one wins (see `conflict::judge`).
+                Order::Equal if mine.deleted => true,
                 Order::Equal => !same_state(mine, entry),
             },
         };
