@@ -231,6 +231,8 @@ pub struct Stats {
     traffic: OnceLock<Arc<dyn TrafficSource>>,
     peers: Mutex<BTreeMap<NodeId, PeerState>>,
     last_error: Mutex<Option<String>>,
+    /// Conflict copies in the tree, as of the last catch-up summary.
+    open_conflicts: AtomicU64,
 }
 
 impl std::fmt::Debug for Stats {
@@ -261,6 +263,7 @@ impl Stats {
             traffic: OnceLock::new(),
             peers: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(None),
+            open_conflicts: AtomicU64::new(0),
         }
     }
 
@@ -325,6 +328,11 @@ impl Stats {
     }
 
     /// Remembers the most recent error of the mount (shown until replaced).
+    /// How many conflict copies the tree holds (counted at each catch-up summary).
+    pub fn set_open_conflicts(&self, count: u64) {
+        self.open_conflicts.store(count, Ordering::Relaxed);
+    }
+
     pub fn set_last_error(&self, error: String) {
         *self.last_error.lock() = Some(error);
     }
@@ -470,7 +478,7 @@ impl Stats {
                 .max()
                 .unwrap_or(0),
             last_error: self.last_error.lock().clone(),
-            open_conflicts: 0,
+            open_conflicts: self.open_conflicts.load(Ordering::Relaxed),
             peers,
         }
     }
@@ -572,7 +580,8 @@ pub struct MountStatus {
     /// The largest of the peers' lags.
     pub replication_lag_ms: u64,
     pub last_error: Option<String>,
-    /// Conflicting versions waiting for a decision (always 0 until conflicts exist).
+    /// Conflict copies in the tree (`filesync conflicts` lists them), as of the last
+    /// catch-up summary.
     pub open_conflicts: u64,
     pub peers: Vec<PeerStatus>,
 }

@@ -186,6 +186,18 @@ fn a_partition_heals_into_one_tree_keeping_both_sides_of_every_conflict() {
         );
     }
 
+    // `filesync status` counts it (at a catch-up summary, so within half a minute).
+    let counted = wait_until(CONVERGE, || {
+        let status = run(
+            Command::new(BIN)
+                .args(["status", "--json", "--state-dir"])
+                .arg(b.state()),
+            Duration::from_secs(10),
+        );
+        status.stdout.contains("\"open_conflicts\":1")
+    });
+    assert!(counted, "B's status never counted the conflict copy");
+
     // The conflict is listed everywhere, and settled on A by keeping A's version.
     let listed = run(
         Command::new(BIN).args(["conflicts", "--json"]).arg(b.mnt()),

@@ -753,7 +753,12 @@ impl Receiving {
 
     fn start_catch_up(&mut self, from: NodeId, theirs: &[DirDigest]) -> Vec<Reply> {
         let ours = match digest::summarize(&self.index) {
-            Ok(ours) => ours,
+            Ok(summary) => {
+                if let Some(stats) = &self.stats {
+                    stats.set_open_conflicts(summary.conflict_copies);
+                }
+                summary.dirs
+            }
             Err(err) => {
                 tracing::warn!("cannot summarize the index for catch-up: {err}");
                 return Vec::new();

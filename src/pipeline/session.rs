@@ -264,7 +264,10 @@ impl Session {
             .map(|(peer, _)| *peer)
             .collect();
         let summary = match digest::summarize(&self.index) {
-            Ok(summary) => summary,
+            Ok(summary) => {
+                self.stats.set_open_conflicts(summary.conflict_copies);
+                summary.dirs
+            }
             Err(err) => {
                 tracing::warn!("cannot summarize the index for catch-up: {err}");
                 return;

@@ -18,6 +18,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use super::conflict::is_conflict_copy;
 use super::delta::content_hash;
 use super::proto::{DirDigest, Entry, EntryKind, Hash, RelPath};
 use super::vector::{Order, Vector};
@@ -47,11 +48,21 @@ pub struct Comparison {
     pub removed: Vec<(Vec<u8>, Vector)>,
 }
 
+/// What [`summarize`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The digest of every directory.
+    pub dirs: Vec<DirDigest>,
+    /// How many conflict copies the tree holds (for `filesync status`).
+    pub conflict_copies: u64,
+}
+
 /// The digest of every directory in `index`, the backing folder itself (the empty path)
 /// first, then breadth first. Reads one consistent snapshot, a directory at a time.
-pub fn summarize(index: &Index) -> Result<Vec<DirDigest>, DigestError> {
+pub fn summarize(index: &Index) -> Result<Summary, DigestError> {
     let snapshot = index.snapshot()?;
     let mut out = Vec::new();
+    let mut conflict_copies = 0;
     let mut queue = VecDeque::from([Vec::<u8>::new()]);
     while let Some(dir) = queue.pop_front() {
         let mut hasher = blake3::Hasher::new();
@@ -62,6 +73,9 @@ pub fn summarize(index: &Index) -> Result<Vec<DirDigest>, DigestError> {
             }
         })?;
         for (name, record) in children {
+            if is_conflict_copy(as_path(&name)) {
+                conflict_copies += 1;
+            }
             let path = child(&dir, &name);
             let version = snapshot.vector(as_path(&path))?.unwrap_or_default();
             let entry = entry_of(&name, &record, version);
@@ -75,7 +89,10 @@ pub fn summarize(index: &Index) -> Result<Vec<DirDigest>, DigestError> {
             digest: *hasher.finalize().as_bytes(),
         });
     }
-    Ok(out)
+    Ok(Summary {
+        dirs: out,
+        conflict_copies,
+    })
 }
 
 /// The entries of directory `dir`, deleted ones included, in name order (empty if the
@@ -323,8 +340,12 @@ mod tests {
     #[test]
     fn same_tree_same_digests_whatever_the_node() {
         let dir = tempfile::tempdir().unwrap();
-        let a = summarize(&index_of(dir.path(), "a.redb", tree(1))).unwrap();
-        let b = summarize(&index_of(dir.path(), "b.redb", tree(2))).unwrap();
+        let a = summarize(&index_of(dir.path(), "a.redb", tree(1)))
+            .unwrap()
+            .dirs;
+        let b = summarize(&index_of(dir.path(), "b.redb", tree(2)))
+            .unwrap()
+            .dirs;
         assert_eq!(a, b);
         let dirs: Vec<_> = a.iter().map(|d| d.dir.clone()).collect();
         assert_eq!(dirs, vec![rel(""), rel("d"), rel("f"), rel("d/e")]);
@@ -341,7 +362,10 @@ mod tests {
         changed.push(("f/new".into(), record(FileKind::File, 0, 70, b"", 2)));
         changed[4].1.deleted_ns = Some(99);
         let theirs = index_of(dir.path(), "theirs.redb", changed);
-        let (o, t) = (summarize(&ours).unwrap(), summarize(&theirs).unwrap());
+        let (o, t) = (
+            summarize(&ours).unwrap().dirs,
+            summarize(&theirs).unwrap().dirs,
+        );
         assert_eq!(differing_dirs(&o, &t), vec![rel("d"), rel("d/e"), rel("f")]);
 
         let cmp = compare(
