@@ -52,6 +52,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The version vector of each path (see [`crate::sync::vector`]), keyed like `records`;
 /// kept apart from the records so that the scan, which never needs them, reads less.
 const VECTORS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vectors");
+/// Where each renamed path went (keyed like `records`, the value is the new path's
+/// bytes), so that a peer's change to the old name, made before it heard of the rename,
+/// follows it.
+const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves");
+/// How many renames in a row [`Index::moved_to`] follows.
+const MAX_MOVE_HOPS: usize = 8;
 const KEY_FORMAT_NAME: &str = "key_format";
 /// The key layout this build reads and writes.
 const KEY_FORMAT: u64 = 1;
@@ -184,7 +190,72 @@ impl Index {
         }
         let txn = self.begin_write()?;
         txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
+        txn.open_table(MOVES).map_err(|e| self.db_err(e.into()))?;
         txn.commit().map_err(|e| self.db_err(e.into()))
+    }
+
+    /// Notes that each `from` was renamed to its `to`.
+    pub fn put_moves(&self, moves: Vec<(PathBuf, PathBuf)>) -> Result<(), IndexError> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let encoded = moves
+            .into_iter()
+            .map(|(from, to)| match key::encode(&from) {
+                Some(k) => Ok((k, to.into_os_string().into_vec())),
+                None => Err(IndexError::BadPath { path: from }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(MOVES).map_err(|e| self.db_err(e.into()))?;
+            for (k, v) in &encoded {
+                table
+                    .insert(k.as_slice(), v.as_slice())
+                    .map_err(|e| self.db_err(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e.into()))
+    }
+
+    /// Where `path` is now if it, or a folder above it, was renamed and nothing lives at
+    /// the old name since; `None` otherwise. Follows a few renames in a row.
+    pub fn moved_to(&self, path: &Path) -> Result<Option<PathBuf>, IndexError> {
+        let snapshot = self.snapshot()?;
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e.into()))?;
+        let moves = match txn.open_table(MOVES) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.db_err(e.into())),
+        };
+        let mut current = path.to_path_buf();
+        let mut moved = false;
+        for _ in 0..MAX_MOVE_HOPS {
+            let mut found = None;
+            for old in current.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+                if snapshot.get(old)?.is_some_and(|r| r.is_live()) {
+                    break;
+                }
+                let Some(k) = key::encode(old) else { break };
+                if let Some(v) = moves.get(k.as_slice()).map_err(|e| self.db_err(e.into()))? {
+                    let to = PathBuf::from(OsString::from_vec(v.value().to_vec()));
+                    let below = current.strip_prefix(old).unwrap_or(Path::new(""));
+                    found = Some(match below.as_os_str().is_empty() {
+                        true => to,
+                        false => to.join(below),
+                    });
+                    break;
+                }
+            }
+            match found {
+                Some(next) if next != current => {
+                    current = next;
+                    moved = true;
+                }
+                _ => break,
+            }
+        }
+        Ok(moved.then_some(current))
     }
 
     /// The version vector of `path` (live or deleted), if one was stored.
@@ -293,6 +364,22 @@ impl Index {
     /// had, a tombstone included (the path was created again). If any path is invalid
     /// nothing is written.
     pub fn put_batch(&self, updates: Vec<(PathBuf, FileRecord)>) -> Result<(), IndexError> {
+        self.put_batch_with_vectors(updates, Vec::new())
+    }
+
+    /// [`Index::put_batch`] and [`Index::put_vectors`] in one transaction (one fsync).
+    pub fn put_batch_with_vectors(
+        &self,
+        updates: Vec<(PathBuf, FileRecord)>,
+        vectors: Vec<(PathBuf, Vector)>,
+    ) -> Result<(), IndexError> {
+        let vectors = vectors
+            .into_iter()
+            .map(|(path, vector)| match key::encode(&path) {
+                Some(k) => Ok((k, vector.encode())),
+                None => Err(IndexError::BadPath { path }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let encoded = updates
             .into_iter()
             .map(|(path, rec)| match key::encode(&path) {
@@ -304,6 +391,14 @@ impl Index {
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| self.db_err(e.into()))?;
             for (k, v) in &encoded {
+                table
+                    .insert(k.as_slice(), v.as_slice())
+                    .map_err(|e| self.db_err(e.into()))?;
+            }
+        }
+        if !vectors.is_empty() {
+            let mut table = txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
+            for (k, v) in &vectors {
                 table
                     .insert(k.as_slice(), v.as_slice())
                     .map_err(|e| self.db_err(e.into()))?;

@@ -319,12 +319,44 @@ impl Receiving {
             }
             Admission::FetchTarget(path) => return (true, self.ask_for(from, vec![path])),
         }
+        let followed = self.follow_moves(change);
+        let change = followed.as_ref().unwrap_or(change);
         let touches_rules = self.touches_ignore_file(change);
         let applied = self.apply_admitted(from, change);
+        if let (
+            Op::Rename {
+                to,
+                exchange: false,
+            },
+            (true, _),
+        ) = (&change.op, &applied)
+        {
+            let paths = crate::sync::safe_path::checked(&change.path)
+                .and_then(|from| Ok((from, crate::sync::safe_path::checked(to)?)));
+            if let Ok((from, to)) = paths {
+                if let Err(err) = self.index.put_moves(vec![(from, to)]) {
+                    tracing::warn!("cannot note a rename in the index: {err}");
+                }
+            }
+        }
         if touches_rules {
             self.ignores.reload();
         }
         applied
+    }
+
+    /// `change` redirected to where its path went, if this node renamed the path (or a
+    /// folder above it) since the peer last heard: the peer's edit follows the rename.
+    fn follow_moves(&self, change: &Change) -> Option<Change> {
+        self.versions.as_ref()?;
+        let path = crate::sync::safe_path::checked(&change.path).ok()?;
+        let moved = self.index.moved_to(&path).ok()??;
+        let moved = crate::sync::encode::rel_path(&moved)?;
+        tracing::debug!(from = ?change.path, to = ?moved, "the path was renamed here: following");
+        Some(Change {
+            path: moved,
+            ..change.clone()
+        })
     }
 
     fn is_ignored(&self, path: &RelPath, is_dir: bool) -> bool {

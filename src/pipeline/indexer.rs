@@ -183,6 +183,8 @@ struct Writes {
     /// Version vectors, stored after the records they describe (a crash in between
     /// leaves an older vector, which the next local change moves past anyway).
     vectors: Vec<(PathBuf, Vector)>,
+    /// Renames, so a peer's change to an old name follows it (see [`Index::moved_to`]).
+    moves: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Writes {
@@ -215,13 +217,21 @@ impl Writes {
     }
 
     fn commit(&mut self, index: &Index) -> Result<(), IndexError> {
+        let mut vectors = std::mem::take(&mut self.vectors);
         if !self.records.is_empty() {
-            index.put_batch(std::mem::take(&mut self.records))?;
+            // Vectors ride with the records' transaction: one fsync for both.
+            let records = std::mem::take(&mut self.records);
+            let with_records = match self.tombstones.is_empty() {
+                true => std::mem::take(&mut vectors),
+                false => Vec::new(),
+            };
+            index.put_batch_with_vectors(records, with_records)?;
         }
         if !self.tombstones.is_empty() {
             index.tombstone_batch(std::mem::take(&mut self.tombstones), now_ns())?;
         }
-        index.put_vectors(std::mem::take(&mut self.vectors))
+        index.put_vectors(vectors)?;
+        index.put_moves(std::mem::take(&mut self.moves))
     }
 
     /// Notes `path`'s version; an empty vector (a folder not shared) is not stored.
@@ -310,6 +320,7 @@ impl Indexer {
                     writes.commit(&self.index)?;
                     writes.version(&from, &version);
                     writes.version(&to, &version);
+                    writes.moves.push((from.clone(), to.clone()));
                     self.rename(&mut writes, &from, &to)?;
                 }
                 Update::Renamed {

@@ -1109,21 +1109,18 @@ impl Applier {
                 paths.push(path);
             }
         }
-        if let Some(first) = records.first().map(|(p, _)| p.clone()) {
-            self.index
-                .put_batch(records)
-                .map_err(|source| ApplyError::Index {
-                    path: first,
-                    source: Box::new(source),
-                })?;
-        }
         let vectors: Vec<(PathBuf, Vector)> = paths
             .iter()
             .filter_map(|path| Some((path.clone(), self.vectors_due.remove(path)?)))
             .collect();
-        if let Some(first) = vectors.first().map(|(p, _)| p.clone()) {
+        let first = records
+            .first()
+            .map(|(p, _)| p)
+            .or(vectors.first().map(|(p, _)| p))
+            .cloned();
+        if let Some(first) = first {
             self.index
-                .put_vectors(vectors)
+                .put_batch_with_vectors(records, vectors)
                 .map_err(|source| ApplyError::Index {
                     path: first,
                     source: Box::new(source),
