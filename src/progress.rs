@@ -2,8 +2,9 @@
 //!
 //! A person at a terminal gets an `indicatif` bar (files, bytes, rate, time left); a log
 //! file, a pipe or the journal gets plain lines every few seconds instead, because a bar
-//! redrawn in place is unreadable there. The daemon always writes plain lines (through
-//! `tracing`), since it has no terminal.
+//! redrawn in place is unreadable there. The daemon writes plain lines (through
+//! `tracing`), and also draws a bar while a catch-up runs if it was started in the
+//! foreground on a terminal.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -118,10 +119,15 @@ impl ScanProgress {
 }
 
 /// Files and bytes arriving from peers, logged every few seconds while they flow, so
-/// that the log of a first sync of a large folder shows it advancing.
+/// that the log of a first sync of a large folder shows it advancing. Once the applier
+/// has asked a peer for the files a catch-up needs ([`TransferLog::expect`]), the lines
+/// also say how much is left and about how long it takes, and the end of the catch-up
+/// ([`TransferLog::caught_up`]) writes a summary line.
 #[derive(Debug, Default)]
 pub struct TransferLog {
     current: Option<Transfer>,
+    /// A bar on the daemon's terminal, when it runs in the foreground on one.
+    bar: Option<ProgressBar>,
 }
 
 #[derive(Debug)]
@@ -131,9 +137,102 @@ struct Transfer {
     last_line: Instant,
     files: u64,
     bytes: u64,
+    /// What the catch-ups under way asked for: files and bytes (0 when not known).
+    expected_files: u64,
+    expected_bytes: u64,
+}
+
+impl Transfer {
+    fn new(now: Instant) -> Transfer {
+        Transfer {
+            started: now,
+            last_arrival: now,
+            last_line: now,
+            files: 0,
+            bytes: 0,
+            expected_files: 0,
+            expected_bytes: 0,
+        }
+    }
+
+    /// The progress line: what arrived, the rate, and with a known total what is left.
+    fn line(&self, now: Instant) -> String {
+        let elapsed = now.duration_since(self.started);
+        let mut line = format!(
+            "receiving from peers: {} files, {} in {} ({}/s)",
+            HumanCount(self.files),
+            HumanBytes(self.bytes),
+            HumanDuration(elapsed),
+            HumanBytes(per_second(self.bytes, elapsed))
+        );
+        if self.expected_files > 0 {
+            line.push_str(&format!(
+                " of {} files, {}",
+                HumanCount(self.expected_files),
+                HumanBytes(self.expected_bytes)
+            ));
+            let left = match self.expected_bytes {
+                0 => time_left(self.files, self.expected_files, elapsed),
+                expected => time_left(self.bytes, expected, elapsed),
+            };
+            if let Some(left) = left {
+                line.push_str(&format!(", about {} left", HumanDuration(left)));
+            }
+        }
+        line
+    }
 }
 
 impl TransferLog {
+    /// Notes that `files` files of `bytes` bytes in all were asked for (a catch-up).
+    pub fn expect(&mut self, files: u64, bytes: u64) {
+        if files == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let transfer = self.current.get_or_insert_with(|| Transfer::new(now));
+        transfer.last_arrival = now;
+        transfer.expected_files = transfer.expected_files.saturating_add(files);
+        transfer.expected_bytes = transfer.expected_bytes.saturating_add(bytes);
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = self.bar.get_or_insert_with(|| {
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                let template =
+                    "{spinner} catching up [{bar:20}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}";
+                // The template is constant; a bad one only loses the layout.
+                if let Ok(style) = ProgressStyle::with_template(template) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                bar
+            });
+            bar.set_length(transfer.expected_bytes);
+            bar.set_position(transfer.bytes);
+        }
+    }
+
+    /// A peer sent every file it was asked for: with everything asked for in, logs the
+    /// summary of the transfer and starts the next one afresh.
+    pub fn caught_up(&mut self) {
+        let Some(transfer) = &self.current else {
+            return;
+        };
+        if transfer.expected_files == 0 || transfer.files < transfer.expected_files {
+            return;
+        }
+        let elapsed = transfer.started.elapsed();
+        tracing::info!(
+            "catch-up done: {} files, {} in {} ({}/s)",
+            HumanCount(transfer.files),
+            HumanBytes(transfer.bytes),
+            HumanDuration(elapsed),
+            HumanBytes(per_second(transfer.bytes, elapsed))
+        );
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.current = None;
+    }
+
     /// Counts a message a peer sent (after it was checked): a file whose content is now
     /// complete counts as a file, and the file data it carries as bytes.
     pub fn record(&mut self, message: &Message) {
@@ -158,27 +257,17 @@ impl TransferLog {
         let now = Instant::now();
         let transfer = match &mut self.current {
             Some(transfer) if now.duration_since(transfer.last_arrival) < TRANSFER_IDLE => transfer,
-            current => current.insert(Transfer {
-                started: now,
-                last_arrival: now,
-                last_line: now,
-                files: 0,
-                bytes: 0,
-            }),
+            current => current.insert(Transfer::new(now)),
         };
         transfer.last_arrival = now;
         transfer.bytes = transfer.bytes.saturating_add(bytes);
         transfer.files = transfer.files.saturating_add(u64::from(completes_file));
+        if let Some(bar) = &self.bar {
+            bar.set_position(transfer.bytes);
+        }
         if now.duration_since(transfer.last_line) >= TRANSFER_LOG_EVERY {
             transfer.last_line = now;
-            let elapsed = now.duration_since(transfer.started);
-            tracing::info!(
-                "receiving from peers: {} files, {} in {} ({}/s)",
-                HumanCount(transfer.files),
-                HumanBytes(transfer.bytes),
-                HumanDuration(elapsed),
-                HumanBytes(per_second(transfer.bytes, elapsed))
-            );
+            tracing::info!("{}", transfer.line(now));
         }
     }
 }
@@ -260,5 +349,26 @@ mod tests {
         log.record(&Message::CaughtUp);
         let transfer = log.current.as_ref().map(|t| (t.files, t.bytes));
         assert_eq!(transfer, Some((1, 8)));
+    }
+
+    #[test]
+    fn a_catch_up_with_a_known_total_says_what_is_left_and_ends_with_a_summary() {
+        let mut log = TransferLog::default();
+        log.expect(4, 400);
+        let started = Instant::now() - Duration::from_secs(10);
+        let transfer = log.current.as_mut().expect("a transfer");
+        transfer.started = started;
+        transfer.files = 1;
+        transfer.bytes = 100;
+        let line = transfer.line(Instant::now());
+        assert!(line.contains("of 4 files, 400 B"), "{line}");
+        assert!(line.contains("about 30 seconds left"), "{line}");
+        log.caught_up();
+        assert!(log.current.is_some(), "not everything asked for is in yet");
+        if let Some(transfer) = log.current.as_mut() {
+            transfer.files = 4;
+        }
+        log.caught_up();
+        assert!(log.current.is_none());
     }
 }

@@ -598,3 +598,94 @@ fn nodes_that_dial_each_other_send_each_change_once() {
     assert!(wait_until(CONVERGE, || fs::read(a.src().join("back.txt"))
         .is_ok_and(|c| c == b"from b")));
 }
+
+#[test]
+fn a_node_joining_late_catches_up_with_a_known_total_and_a_summary() {
+    if !netns_available() {
+        return;
+    }
+    let net = Net::pair();
+    let mut a = Node::new("a", Some(&net.a));
+    let mut b = Node::new("b", Some(&net.b));
+    let mut bytes = 0u64;
+    for d in 0..4 {
+        let dir = a.src().join(format!("d{d}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for f in 0..25 {
+            let content = format!("{d}/{f}\n").repeat(200);
+            bytes += content.len() as u64;
+            fs::write(dir.join(format!("f{f}")), content).expect("write");
+        }
+    }
+    // A indexes its tree while B is not there yet; B then catches up on all of it.
+    a.start(&[b.peer_at(&format!("{ADDR_B}:{PORT}"))]);
+    assert!(
+        wait_until(CONVERGE, || a.log().contains("reconcile scan done")),
+        "A never finished its first scan:\n{}",
+        a.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    b.start(&[
+        format!("listen={ADDR_B}:{PORT}"),
+        a.peer(),
+        "mode=receiveonly".to_owned(),
+    ]);
+    assert_converge(a.src(), b.src(), CONVERGE);
+    let asked = format!("104 entries: 100 files, {bytes} bytes");
+    assert!(
+        wait_until(CONVERGE, || b.log().contains(&asked)
+            && b.log().contains("catch-up done: 100 files, ")),
+        "B's log lacks the catch-up's total ({asked}) or its summary:\n{}",
+        b.log()
+    );
+}
+
+#[test]
+fn a_change_that_cannot_be_applied_is_the_mounts_last_error_in_status() {
+    if !netns_available() {
+        return;
+    }
+    let (_net, a, b) = pair();
+    assert_connected(&b);
+    fs::create_dir(a.mnt().join("locked")).expect("mkdir");
+    assert_converge(a.src(), b.src(), CONVERGE);
+    // An immutable folder on B: nothing can be created in it, not even by root.
+    let locked = b.src().join("locked");
+    run(
+        Command::new("chattr").arg("+i").arg(&locked),
+        Duration::from_secs(10),
+    )
+    .expect_ok("chattr +i");
+    struct Unlock(std::path::PathBuf);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+        }
+    }
+    let _unlock = Unlock(locked);
+    fs::write(a.mnt().join("locked/refused.txt"), b"cannot land").expect("write on A");
+    let mut last = String::new();
+    let reported = wait_until(CONVERGE, || {
+        let status = run(
+            Command::new(common::BIN)
+                .args(["status", "--json", "--state-dir"])
+                .arg(b.state()),
+            Duration::from_secs(10),
+        );
+        let json: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+        last = json["mounts"][0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        last.contains("locked/refused.txt")
+    });
+    assert!(
+        reported,
+        "B's status does not name the failed change: {last:?}\n{}",
+        b.log()
+    );
+    assert!(
+        last.starts_with("cannot apply a change from peer"),
+        "{last}"
+    );
+}

@@ -19,6 +19,7 @@ use crate::identity::NodeId;
 use crate::ignores::{Ignores, IGNORE_FILE};
 use crate::index::Index;
 use crate::index::BLOCK_SIZE;
+use crate::progress::TransferLog;
 use crate::status::Stats;
 use crate::sync::apply::{Applier, ApplyError};
 use crate::sync::book::Book;
@@ -38,6 +39,9 @@ struct CatchUp {
     /// Listings asked for and not yet received.
     dirs_pending: usize,
     wants: Vec<Want>,
+    /// How many of `wants` are files, and their bytes, as the peer's listings give them.
+    wanted_files: u64,
+    wanted_bytes: u64,
     started: Option<Instant>,
 }
 
@@ -61,6 +65,8 @@ pub struct Receiving {
     reverts: crossbeam_channel::Receiver<crossbeam_channel::Sender<String>>,
     /// This node's ignore rules: what they match is not taken from peers.
     ignores: Arc<Ignores>,
+    /// Files arriving from peers, logged with the progress of catch-ups.
+    arrivals: TransferLog,
     /// Where a change that cannot be applied is recorded as the mount's last error, so
     /// `filesync status` shows it and not only the log.
     stats: Option<Arc<Stats>>,
@@ -119,6 +125,12 @@ const LINGER: Duration = Duration::from_millis(3);
 /// How often versions past their keeping time are dropped (also at start).
 const EXPIRE_VERSIONS_EVERY: Duration = Duration::from_secs(3600);
 
+/// How long the applier waits for the next change before committing those it applied
+/// (see `apply`): about what the next small file takes to come in a steady stream.
+const GROUP_WAIT: Duration = Duration::from_millis(2);
+/// The longest a group of applied changes waits for its commit (and acknowledgement).
+const GROUP_AT_MOST: Duration = Duration::from_millis(25);
+
 /// How long a whole-file transfer may pause before catch-up asks for the file anew.
 const STALLED: Duration = Duration::from_secs(15);
 
@@ -144,6 +156,7 @@ impl Receiving {
             ignores,
             stats: None,
             versions: None,
+            arrivals: TransferLog::default(),
         }
     }
 
@@ -201,6 +214,10 @@ async fn apply<A: SteadyActor>(
     let mut receiving = receiving.lock();
     let idle_wait = Duration::from_millis(100);
     let mut versions_expired = Instant::now();
+    // One acknowledgement per peer per commit: the highest change made durable.
+    let mut acks: HashMap<NodeId, u64> = HashMap::new();
+    // When the changes applied but not yet committed started to gather.
+    let mut group: Option<Instant> = None;
     while actor.is_running(|| checked.is_closed_and_empty() && replies.mark_closed()) {
         if versions_expired.elapsed() >= EXPIRE_VERSIONS_EVERY {
             receiving.applier.expire_versions();
@@ -210,8 +227,6 @@ async fn apply<A: SteadyActor>(
             actor.wait_avail(&mut checked, 1),
             actor.wait_timeout(idle_wait)
         );
-        // One acknowledgement per peer per batch: the highest change made durable.
-        let mut acks: HashMap<NodeId, u64> = HashMap::new();
         let mut out = Vec::new();
         while let Ok(answer) = receiving.reverts.try_recv() {
             let (replies, text) = receiving.revert();
@@ -242,8 +257,29 @@ async fn apply<A: SteadyActor>(
                 break;
             }
         }
+        // What waits is shown as soon as it is durable and in place; the fsync of the new
+        // names and the index commit wait a moment for the next change, which then shares
+        // them (group commit): a lone small file costs one journal commit before it shows.
+        let waiting = receiving
+            .applier
+            .place_waiting()
+            .map(|placed| receiving.show(&placed));
+        let grouped = waiting.is_ok() && receiving.applier.has_uncommitted();
+        let started = *group.get_or_insert_with(Instant::now);
+        if grouped && started.elapsed() < GROUP_AT_MOST {
+            let more = await_for_any!(
+                actor.wait_avail(&mut checked, 1),
+                actor.wait_timeout(GROUP_WAIT)
+            );
+            if more && actor.avail_units(&mut checked) > 0 {
+                send_replies(&mut actor, &mut replies, out).await;
+                continue;
+            }
+        }
+        group = None;
         // Acknowledged changes must be in place and in the index first.
-        match receiving.applier.commit_deferred() {
+        let committed = waiting.and_then(|_| receiving.applier.commit_deferred());
+        match committed {
             Ok(placed) => receiving.show(&placed),
             Err(err) => {
                 tracing::warn!(
@@ -252,19 +288,24 @@ async fn apply<A: SteadyActor>(
                 acks.clear();
             }
         }
-        for (peer, seq) in acks {
+        for (peer, seq) in acks.drain() {
             out.push(Reply::Send {
                 to: peer,
                 message: Message::Ack { seq },
             });
         }
-        for reply in out {
-            actor
-                .send_async(&mut replies, reply, SendSaturation::AwaitForRoom)
-                .await;
-        }
+        send_replies(&mut actor, &mut replies, out).await;
     }
     Ok(())
+}
+
+/// Sends the replies, waiting for room.
+async fn send_replies<A: SteadyActor>(actor: &mut A, replies: &mut Tx<Reply>, out: Vec<Reply>) {
+    for reply in out {
+        actor
+            .send_async(replies, reply, SendSaturation::AwaitForRoom)
+            .await;
+    }
 }
 
 impl Receiving {
@@ -274,6 +315,7 @@ impl Receiving {
         message: Message,
         acks: &mut HashMap<NodeId, u64>,
     ) -> Vec<Reply> {
+        self.arrivals.record(&message);
         match message {
             Message::Change(change) => {
                 let seq = change.seq;
@@ -287,6 +329,7 @@ impl Receiving {
             Message::Summary(theirs) => self.start_catch_up(from, &theirs),
             Message::Listing { dir, entries } => self.compare_listing(from, &dir, &entries),
             Message::CaughtUp => {
+                self.arrivals.caught_up();
                 if let Some(catch_up) = self.catch_up.remove(&from) {
                     let took = catch_up.started.map(|s| s.elapsed()).unwrap_or_default();
                     tracing::info!("caught up with peer {from} in {took:?}");
@@ -810,6 +853,8 @@ impl Receiving {
             CatchUp {
                 dirs_pending: dirs.len(),
                 wants: Vec::new(),
+                wanted_files: 0,
+                wanted_bytes: 0,
                 started: Some(Instant::now()),
             },
         );
@@ -877,16 +922,31 @@ impl Receiving {
             .filter(|path| !self.arriving.contains_key(path) && !local(path))
             .map(|path| self.want(path))
             .collect();
+        let wanted: HashSet<&RelPath> = wants.iter().map(|want| &want.path).collect();
+        let (wanted_files, wanted_bytes) = theirs
+            .iter()
+            .filter(|entry| entry.kind == EntryKind::File && wanted.contains(&child(&entry.name)))
+            .fold((0u64, 0u64), |(files, bytes), entry| {
+                (files + 1, bytes.saturating_add(entry.size))
+            });
         let Some(catch_up) = self.catch_up.get_mut(&from) else {
             return Vec::new();
         };
         catch_up.wants.extend(wants);
+        catch_up.wanted_files += wanted_files;
+        catch_up.wanted_bytes = catch_up.wanted_bytes.saturating_add(wanted_bytes);
         catch_up.dirs_pending = catch_up.dirs_pending.saturating_sub(1);
         if catch_up.dirs_pending > 0 {
             return Vec::new();
         }
         let wants = std::mem::take(&mut catch_up.wants);
-        tracing::info!("asking peer {from} for {} files", wants.len());
+        let wanted_files = std::mem::take(&mut catch_up.wanted_files);
+        let wanted_bytes = std::mem::take(&mut catch_up.wanted_bytes);
+        tracing::info!(
+            "asking peer {from} for {} entries: {wanted_files} files, {wanted_bytes} bytes",
+            wants.len()
+        );
+        self.arrivals.expect(wanted_files, wanted_bytes);
         for want in wants.iter().take(20) {
             tracing::debug!(path = %String::from_utf8_lossy(&want.path.0), "asking for");
         }

@@ -41,7 +41,6 @@ async fn verify<A: SteadyActor>(
     let mut incoming = incoming.acquire_guard().await;
     let mut checked = checked.acquire_guard().await;
     let idle_wait = Duration::from_millis(100);
-    let mut arrivals = crate::progress::TransferLog::default();
     while actor.is_running(|| incoming.is_closed_and_empty() && checked.mark_closed()) {
         let _woken = await_for_any!(
             actor.wait_avail(&mut incoming, 1),
@@ -51,10 +50,7 @@ async fn verify<A: SteadyActor>(
             tracing::trace!("verifying");
             let peer = item.from;
             let result = match check(item) {
-                Ok(item) => {
-                    arrivals.record(&item.message);
-                    Checked::Valid(item)
-                }
+                Ok(item) => Checked::Valid(item),
                 Err(reason) => {
                     tracing::warn!("refusing a message from peer {peer}: {reason}");
                     Checked::Rejected { peer, reason }

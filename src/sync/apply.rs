@@ -185,6 +185,8 @@ pub struct Applier {
     xattr_skip_logged: bool,
     /// Index records of durable files not yet committed (see [`Applier::apply_deferred`]).
     deferred: Vec<Update>,
+    /// The paths in `deferred`: a change of one of them commits the group first.
+    deferred_paths: HashSet<PathBuf>,
     /// New versions of files written whole, complete but not yet fsync'd nor in place:
     /// [`Applier::commit_deferred`] makes them durable and puts them in place together.
     pending: Vec<PendingFile>,
@@ -599,6 +601,7 @@ impl Applier {
             journal_pending: false,
             xattr_skip_logged: false,
             deferred: Vec::new(),
+            deferred_paths: HashSet::new(),
             pending: Vec::new(),
             pending_paths: HashSet::new(),
             pending_bytes: 0,
@@ -767,6 +770,13 @@ impl Applier {
         self.apply_inner(change, visible, true)
     }
 
+    /// Leaves the index records of changes in place for [`Applier::commit_deferred`].
+    fn defer_records(&mut self, changed: Vec<Update>) {
+        self.deferred_paths
+            .extend(changed.iter().map(|(path, _, _)| path.clone()));
+        self.deferred.extend(changed);
+    }
+
     /// Records that `path` has version `vector` once the change being applied to it is
     /// committed: the vector is stored right after the index records (a crash in between
     /// leaves the older vector, and the peer's unacknowledged change is applied again).
@@ -825,7 +835,9 @@ impl Applier {
     /// torn, and the index records what is on disk.
     pub fn commit_deferred(&mut self) -> Result<Vec<PathBuf>, ApplyError> {
         let (mut shown, placing) = self.place_pending();
+        self.sync_placed_dirs()?;
         let changed = std::mem::take(&mut self.deferred);
+        self.deferred_paths.clear();
         if !changed.is_empty() {
             let committed = self.commit(Outcome {
                 changed,
@@ -838,13 +850,28 @@ impl Applier {
         placing.map(|()| shown)
     }
 
+    /// Makes the waiting files durable and puts them in place, like
+    /// [`Applier::commit_deferred`], but leaves the fsync of their names and the index
+    /// commit for later: a change that follows soon shares them (group commit). Returns
+    /// the paths now in place, for the mount to show; nothing is acknowledged before
+    /// `commit_deferred` finishes them.
+    pub fn place_waiting(&mut self) -> Result<Vec<PathBuf>, ApplyError> {
+        let (placed, placing) = self.place_pending();
+        placing.map(|()| placed)
+    }
+
+    /// Whether changes are applied but not yet committed ([`Applier::commit_deferred`]).
+    pub fn has_uncommitted(&self) -> bool {
+        !self.pending.is_empty() || !self.deferred.is_empty() || !self.unsynced_dirs.is_empty()
+    }
+
     /// Makes the files in [`Applier::pending`] durable and links them in. A large batch
     /// takes two `syncfs` calls (data and inodes, then the new names): on a journaling
     /// file system every file's own fsync waits for a journal commit of its own, since its
     /// extents are converted when its writeback completes. A small batch (the latency
     /// case) fsyncs its files, starting the writeback of all before waiting on any, then
-    /// each directory once. Returns the paths placed and the first error (the other files
-    /// are still placed).
+    /// notes each directory for one fsync before the index commit. Returns the paths
+    /// placed and the first error (the other files are still placed).
     fn place_pending(&mut self) -> (Vec<PathBuf>, Result<(), ApplyError>) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_paths.clear();
@@ -881,7 +908,6 @@ impl Applier {
             }
         };
         let mut placed = Vec::with_capacity(pending.len());
-        let mut dirs: Vec<(PathBuf, OwnedFd)> = Vec::new();
         for PendingFile { rel, parent, file } in pending {
             let durable = match whole_fs {
                 Some(_) => Ok(()),
@@ -890,8 +916,9 @@ impl Applier {
             match durable.and_then(|()| self.put_in_place(&parent, &rel, Temp::Unnamed(file))) {
                 Ok(()) => {
                     let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-                    if whole_fs.is_none() && !dirs.iter().any(|(known, _)| *known == dir) {
-                        dirs.push((dir, parent.dir));
+                    let known = self.unsynced_dirs.iter().any(|(d, _)| *d == dir);
+                    if whole_fs.is_none() && !known {
+                        self.unsynced_dirs.push((dir, parent.dir));
                     }
                     placed.push(rel);
                 }
@@ -900,9 +927,6 @@ impl Applier {
         }
         if let Some(fs) = &whole_fs {
             note(rustix::fs::syncfs(fs).map_err(|err| syncfs_err(err.into())));
-        }
-        for (dir, fd) in dirs {
-            note(rustix::fs::fsync(&fd).map_err(io_err(&dir, "fsync of the directory")));
         }
         (placed, first_error)
     }
@@ -929,8 +953,14 @@ impl Applier {
         }
         let rel = checked(&change.path)?;
         let may_wait = defer && is_whole_in_one(&change.op) && !self.pending_paths.contains(&rel);
+        // A file change of another path may join the group that waits for its commit: its
+        // own fsync then carries the earlier names to disk, and one index commit serves all.
+        let joins_group = defer
+            && matches!(change.op, Op::File { .. })
+            && self.pending.is_empty()
+            && !self.deferred_paths.contains(&rel);
         let mut shown = Vec::new();
-        if !may_wait {
+        if !may_wait && !joins_group {
             shown = self.commit_deferred()?;
         }
         self.place_later = may_wait;
@@ -944,7 +974,7 @@ impl Applier {
         }
         let (outcome, durable) = result?;
         if outcome.placed_later {
-            self.deferred.extend(outcome.changed);
+            self.defer_records(outcome.changed);
             if self.batch_is_full() {
                 shown.extend(self.commit_deferred()?);
             }
@@ -964,16 +994,21 @@ impl Applier {
             .collect();
         shown.extend(in_place.iter().cloned());
         visible(&shown);
-        self.sync_placed_dirs()?;
         // Records read whole from disk do not depend on the index's earlier state, so
-        // they may wait; anything else first commits what waits, keeping the order.
+        // they may wait, and so may a file change joining the group (no other change of
+        // its path is applied before the group commits); anything else first commits
+        // what waits, keeping the order.
         let whole = outcome.removed.is_empty()
             && outcome
                 .changed
                 .iter()
                 .all(|(_, previous, dirty)| previous.is_none() && dirty.is_none());
-        if defer && whole {
-            self.deferred.extend(outcome.changed);
+        let groups = joins_group && outcome.removed.is_empty();
+        if !groups {
+            self.sync_placed_dirs()?;
+        }
+        if defer && (whole || groups) {
+            self.defer_records(outcome.changed);
             tracing::trace!(seq = change.seq, path = ?rel, "change applied, index deferred");
             return Ok(Applied {
                 paths: in_place,
