@@ -89,6 +89,19 @@ struct Versioning {
     bases: Option<Arc<Bases>>,
 }
 
+/// The kind of a change's operation, for logs.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::File { .. } => "file",
+        Op::Dir { .. } => "dir",
+        Op::Symlink { .. } => "symlink",
+        Op::Special { .. } => "special",
+        Op::Link { .. } => "link",
+        Op::Remove => "remove",
+        Op::Rename { .. } => "rename",
+    }
+}
+
 /// What became of a three-way merge.
 enum Merged {
     /// The merged file is in place.
@@ -390,8 +403,14 @@ impl Receiving {
 
     /// `change` redirected to where its path went, if this node renamed the path (or a
     /// folder above it) since the peer last heard: the peer's edit follows the rename.
+    /// A removal does not follow: a peer that no longer has the old name (it may have
+    /// applied the rename already) answers for it with a removal, which must not remove
+    /// the renamed file; a deletion racing a rename leaves the file alive, losing nothing.
     fn follow_moves(&self, change: &Change) -> Option<Change> {
         self.versions.as_ref()?;
+        if matches!(change.op, Op::Remove) {
+            return None;
+        }
         let path = crate::sync::safe_path::checked(&change.path).ok()?;
         let moved = self.index.moved_to(&path).ok()??;
         let moved = crate::sync::encode::rel_path(&moved)?;
@@ -455,7 +474,15 @@ impl Receiving {
                 tracing::debug!(path = ?change.path, version = %change.version, "not applied: {why}");
                 return (true, Vec::new());
             }
-            Ok(Some(Verdict::Apply(version))) => Some(version),
+            Ok(Some(Verdict::Apply(version))) => {
+                tracing::debug!(
+                    path = %String::from_utf8_lossy(&change.path.0),
+                    op = op_name(&change.op),
+                    %version,
+                    "applying"
+                );
+                Some(version)
+            }
             Ok(Some(Verdict::KeepBoth { copy, version })) => match self.keep_mine(change, &copy) {
                 Ok(()) => Some(version),
                 Err(err) => return (false, self.failed(from, &err)),
@@ -565,11 +592,27 @@ impl Receiving {
             path: path.clone(),
             source: Box::new(source),
         };
-        let version = versions
+        let mut version = versions
             .book
             .current(&self.index, &path)
             .map_err(index_err)?;
         let mut record = self.index.get(&path).map_err(index_err)?;
+        // Only file data comes in pieces; a removal or anything else with the same
+        // version is a duplicate (e.g. a peer answering for a name it renamed meanwhile).
+        let mid_change = matches!(change.op, Op::File { .. })
+            && versions
+                .applying
+                .get(&change.path)
+                .is_some_and(|(applying, _)| *applying == change.version);
+        // A local write still on its way to the coalescer has no version yet, but the
+        // file on disk already differs from the index: it counts as this node's next
+        // version, so a peer's change cannot silently replace it.
+        if !mid_change
+            && change.version.compare(&version) == Order::Newer
+            && self.applier.changed_since_indexed(&path, record.as_ref())
+        {
+            version = version.bumped(versions.book.replica(), 0);
+        }
         if change.version.compare(&version) == Order::Concurrent {
             // Conflicts are decided on what is on disk: a local edit may be stamped but
             // not indexed yet.
@@ -581,10 +624,6 @@ impl Receiving {
                 }),
             };
         }
-        let mid_change = versions
-            .applying
-            .get(&change.path)
-            .is_some_and(|(applying, _)| *applying == change.version);
         let local = Local {
             version: &version,
             record: record.as_ref(),

@@ -798,6 +798,28 @@ impl Applier {
         })
     }
 
+    /// Whether the regular file at `path` changed on disk since `record` was indexed (and
+    /// not by this applier, whose own changes wait in its group): size, mtime, ctime or
+    /// inode differ. Anything else than a live file on both sides counts as unchanged.
+    pub fn changed_since_indexed(&self, path: &Path, record: Option<&FileRecord>) -> bool {
+        let Some(record) = record.filter(|r| r.is_live()) else {
+            return false;
+        };
+        if self.deferred_paths.contains(path) || self.pending_paths.contains(path) {
+            return false;
+        }
+        let Ok(stat) = safe_path::stat_beneath(self.root.as_fd(), path) else {
+            return false;
+        };
+        let mtime_ns = stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64;
+        let ctime_ns = stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64;
+        FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
+            && (stat.st_size as u64 != record.size
+                || mtime_ns != record.mtime_ns
+                || ctime_ns != record.ctime_ns
+                || stat.st_ino != record.ino)
+    }
+
     /// The content of the regular file at `path`, if it has at most `max` bytes.
     pub fn read_small(&self, path: &RelPath, max: u64) -> Result<Option<Vec<u8>>, ApplyError> {
         use std::io::Read;

@@ -177,6 +177,17 @@ pub fn open_beneath(
     .map_err(|e| ResolveError::Io(e.into()))
 }
 
+/// `lstat` of `rel` (checked) below `root`, resolved like [`open_beneath`].
+pub fn stat_beneath(root: BorrowedFd<'_>, rel: &Path) -> Result<rustix::fs::Stat, ResolveError> {
+    let parent = open_parent(root, rel, false)?;
+    rustix::fs::statat(
+        &parent.dir,
+        parent.name.as_os_str(),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| ResolveError::Io(e.into()))
+}
+
 /// The type of `name` in `dir` without following a symlink; `None` when nothing is there.
 pub fn type_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
