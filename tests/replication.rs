@@ -689,3 +689,29 @@ fn a_change_that_cannot_be_applied_is_the_mounts_last_error_in_status() {
         "{last}"
     );
 }
+
+#[test]
+fn large_files_written_in_one_call_are_sent_once() {
+    if !netns_available() {
+        return;
+    }
+    let (net, a, b) = pair();
+    assert_connected(&b);
+    let before = net.bytes_sent_by_a();
+    let mut rng = common::Rng::new(7);
+    const FILES: u64 = 6;
+    const SIZE: usize = 4 << 20;
+    for n in 0..FILES {
+        // One write() each, which FUSE splits into several; the coalescer may pass the
+        // file on in more than one update while it is still being written.
+        fs::write(a.mnt().join(format!("big-{n}.bin")), rng.bytes(SIZE)).expect("write");
+    }
+    assert_converge(a.src(), b.src(), CONVERGE);
+    let sent = net.bytes_sent_by_a() - before;
+    let payload = FILES * SIZE as u64;
+    assert!(
+        sent < payload * 3 / 2,
+        "{sent} bytes on the link for {payload} bytes of files: some were sent again\n{}",
+        b.log()
+    );
+}

@@ -852,6 +852,7 @@ impl RangeStream {
     fn next_op(&mut self) -> io::Result<Option<Op>> {
         let mut ranges: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut blocks: Vec<(u64, Hash)> = Vec::new();
+        let mut blocks_read = 0usize;
         let mut data_len = 0usize;
         let mut buf = Vec::new();
         while let Some(block) = self.peek_block() {
@@ -859,8 +860,8 @@ impl RangeStream {
             let portions = self.portions(start, start + BLOCK_SIZE);
             let adding: u64 = portions.iter().map(|p| p.1 - p.0).sum();
             let cost =
-                (ranges.len() + portions.len()) * RANGE_COST + (blocks.len() + 1) * BLOCK_COST;
-            if !blocks.is_empty()
+                (ranges.len() + portions.len()) * RANGE_COST + (blocks_read + 1) * BLOCK_COST;
+            if blocks_read > 0
                 && (data_len as u64 + adding > proto::MAX_CHUNK as u64 || cost > OVERHEAD_BUDGET)
             {
                 break;
@@ -878,8 +879,18 @@ impl RangeStream {
             }
             let read = buf.get(..got).unwrap_or_default();
             let hash = *blake3::hash(read).as_bytes();
+            // A block the ranges cover only in part also holds bytes the receiver got (or
+            // gets) from other changes, and a writer may be changing them right now (the
+            // rest of one large write arrives as later updates): checking its hash would
+            // fail for no fault and fetch the whole file again. Only whole blocks, and a
+            // block touched only by a size change, are checked; catch-up compares whole
+            // files later anyway.
+            let covered: u64 = portions.iter().map(|p| p.1 - p.0).sum();
             if got > 0 {
-                blocks.push((block, hash));
+                blocks_read += 1;
+                if portions.is_empty() || covered >= got as u64 {
+                    blocks.push((block, hash));
+                }
             }
             if let Some(patch) = &mut self.patch {
                 let entries = Signature::calculate(read, patch.options);
@@ -913,7 +924,7 @@ impl RangeStream {
                 }
             }
         }
-        if blocks.is_empty() && self.emitted {
+        if blocks_read == 0 && self.emitted {
             return Ok(None);
         }
         self.emitted = true;
