@@ -59,6 +59,8 @@ pub struct Receiving {
     /// ask for these while they keep arriving (the file may be half written, and a whole
     /// copy would race with its live changes); a quiet one is compared again later.
     arriving: HashMap<RelPath, Instant>,
+    /// Files asked for again after a change could not be applied, and when.
+    asked: HashMap<RelPath, Instant>,
     /// Changes made here behind the mount's back (on a receive-only node).
     local: Arc<LocalChanges>,
     /// `filesync revert` requests, each with where to send the one-line answer.
@@ -164,6 +166,7 @@ impl Receiving {
             mirror,
             catch_up: HashMap::new(),
             arriving: HashMap::new(),
+            asked: HashMap::new(),
             local,
             reverts,
             ignores,
@@ -513,6 +516,7 @@ impl Receiving {
                 ..
             } => {
                 self.arriving.remove(&change.path);
+                self.asked.remove(&change.path);
             }
             Op::File { .. } => {
                 self.arriving.insert(change.path.clone(), Instant::now());
@@ -553,12 +557,26 @@ impl Receiving {
                 | ApplyError::Missing { .. }
                 | ApplyError::OutOfOrder { .. }),
             ) => {
-                tracing::info!("{err}: asking peer {from} for it");
                 // A rename whose source is missing here needs what is now at its target.
                 let wanted = match &change.op {
                     Op::Rename { to, .. } => to.clone(),
                     _ => change.path.clone(),
                 };
+                // Every later piece of a transfer whose start was missed fails the same
+                // way: one request for the file is enough.
+                let now = Instant::now();
+                let asked_lately = self
+                    .asked
+                    .get(&wanted)
+                    .is_some_and(|when| now.duration_since(*when) < STALLED);
+                if asked_lately {
+                    tracing::debug!("{err}: already asked peer {from} for it");
+                    return (true, Vec::new());
+                }
+                tracing::info!("{err}: asking peer {from} for it");
+                self.asked
+                    .retain(|_, when| now.duration_since(*when) < STALLED);
+                self.asked.insert(wanted.clone(), now);
                 (true, self.ask_for(from, vec![wanted]))
             }
             Err(err) => (false, self.failed(from, &err)),
