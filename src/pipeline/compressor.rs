@@ -1,6 +1,7 @@
 //! The compressor actor: compresses the file data of outgoing changes by the folder's
 //! policy (see [`crate::sync::compress`]: zstd at the configured level, skipping types that
-//! are already compressed), so the session sends fewer bytes.
+//! are already compressed), so the session sends fewer bytes. The pieces of a whole file
+//! whose first piece did not compress are sent raw without trying again.
 
 use std::error::Error;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use steady_state::*;
 
 use super::session::Outgoing;
 use crate::status::{payload_sizes, Stats};
-use crate::sync::compress::CompressionPolicy;
+use crate::sync::compress::{CompressionPolicy, WholeTransfers};
 use crate::sync::proto::Message;
 
 pub async fn run(
@@ -34,13 +35,14 @@ async fn compress<A: SteadyActor>(
     let mut raw = raw.acquire_guard().await;
     let mut compressed = compressed.acquire_guard().await;
     let idle_wait = Duration::from_millis(100);
+    let mut transfers = WholeTransfers::default();
     while actor.is_running(|| raw.is_closed_and_empty() && compressed.mark_closed()) {
         let _woken = await_for_any!(actor.wait_avail(&mut raw, 1), actor.wait_timeout(idle_wait));
         while let Some(mut outgoing) = actor.try_take(&mut raw) {
             if let Message::Change(change) = &mut outgoing.message {
                 tracing::trace!(seq = change.seq, "compressing");
                 let (raw_bytes, _) = payload_sizes(&change.op);
-                policy.compress_change(change);
+                transfers.compress_change(&policy, change);
                 let (_, compressed_bytes) = payload_sizes(&change.op);
                 stats.sent_payload.add(raw_bytes, compressed_bytes);
             }

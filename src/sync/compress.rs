@@ -186,6 +186,42 @@ impl CompressionPolicy {
     }
 }
 
+/// What the sender remembers between the pieces of a whole-file transfer: the file whose
+/// first piece did not compress. Its later pieces are sent raw without trying: a large
+/// random or already-packed file costs a zstd pass per MiB for nothing otherwise, the
+/// largest cost of an initial sync of such files.
+#[derive(Debug, Default)]
+pub struct WholeTransfers {
+    incompressible: Option<proto::RelPath>,
+}
+
+impl WholeTransfers {
+    /// Compresses `change` by `policy`, except a later piece of a whole file whose first
+    /// piece stayed raw.
+    pub fn compress_change(&mut self, policy: &CompressionPolicy, change: &mut Change) {
+        let Op::File {
+            data: FileData::Whole { offset, data, .. },
+            ..
+        } = &change.op
+        else {
+            policy.compress_change(change);
+            return;
+        };
+        let first = *offset == 0;
+        let sizeable = data.bytes.len() >= MIN_COMPRESS;
+        if !first && self.incompressible.as_ref() == Some(&change.path) {
+            return;
+        }
+        policy.compress_change(change);
+        if first && sizeable {
+            let stayed_raw = payloads_mut(&mut change.op)
+                .iter()
+                .all(|payload| payload.codec == proto::Codec::Raw);
+            self.incompressible = stayed_raw.then(|| change.path.clone());
+        }
+    }
+}
+
 /// The lower-cased extension of the last component of `path`, empty when it has none (a
 /// leading dot, as in `.bashrc`, starts a name, not an extension).
 fn extension(path: &[u8]) -> Vec<u8> {
@@ -386,6 +422,49 @@ mod tests {
         let mut change = whole("a.txt", text(100_000));
         custom.compress_change(&mut change);
         assert_eq!(payload(&change).codec, proto::Codec::Raw);
+    }
+
+    fn piece(path: &str, offset: u64, bytes: Vec<u8>) -> Change {
+        let mut change = whole(path, bytes);
+        if let Op::File {
+            data: FileData::Whole { offset: at, .. },
+            ..
+        } = &mut change.op
+        {
+            *at = offset;
+        }
+        change
+    }
+
+    #[test]
+    fn a_whole_file_whose_first_piece_stays_raw_is_sent_raw_to_its_end() {
+        let policy = CompressionPolicy::default();
+        let mut transfers = WholeTransfers::default();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: Vec<u8> = (0..100_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let mut first = piece("big.bin", 0, noise);
+        transfers.compress_change(&policy, &mut first);
+        assert_eq!(payload(&first).codec, proto::Codec::Raw);
+        // Text later in the same file is not tried.
+        let mut later = piece("big.bin", 100_000, text(100_000));
+        transfers.compress_change(&policy, &mut later);
+        assert_eq!(payload(&later).codec, proto::Codec::Raw);
+        // Another file, or the same file sent again from its start, is tried again.
+        for path in ["other.bin", "big.bin"] {
+            let mut change = piece(path, 0, text(100_000));
+            transfers.compress_change(&policy, &mut change);
+            assert_eq!(payload(&change).codec, proto::Codec::Zstd, "{path}");
+            let mut later = piece(path, 100_000, text(100_000));
+            transfers.compress_change(&policy, &mut later);
+            assert_eq!(payload(&later).codec, proto::Codec::Zstd, "{path}");
+        }
     }
 
     #[test]
