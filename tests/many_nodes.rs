@@ -16,6 +16,17 @@ use common::{run, BIN};
 const PORT: u16 = 7878;
 const CONVERGE: Duration = Duration::from_secs(90);
 
+/// The tests here run one at a time: each starts three daemons, and on a 2-core machine
+/// several such clusters at once starve each other far past any real deployment.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds [`ONE_AT_A_TIME`] for a test (a failed test's poisoned lock is still a lock).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Starts one node per namespace of `mesh`, each listening; for each `(from, to)` in
 /// `links`, node `from` dials node `to`, which accepts it.
 fn start(mesh: &Mesh, count: usize, links: &[(usize, usize)]) -> Vec<Node> {
@@ -100,6 +111,7 @@ fn three_nodes_in_a_chain_converge_through_the_middle() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     // A (0) and C (2) only know B (1); their own link is down for good measure.
     mesh.cut(0, 2);
@@ -129,6 +141,7 @@ fn a_partition_heals_into_one_tree_keeping_both_sides_of_every_conflict() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     let nodes = start(&mesh, 3, &[(0, 1), (0, 2), (1, 2)]);
     for node in &nodes {
@@ -236,6 +249,7 @@ fn a_node_that_was_stopped_reconciles_by_catch_up() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     let links = [(0, 1), (0, 2), (1, 2)];
     let mut nodes = start(&mesh, 3, &links);
@@ -290,6 +304,7 @@ fn text_edited_in_different_places_merges_and_overlapping_edits_keep_both() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     let nodes = start_with(&mesh, 3, &[(0, 1), (0, 2), (1, 2)], &["conflicts=merge"]);
     for node in &nodes {
@@ -367,6 +382,7 @@ fn random_operations_partitions_and_heals_converge_without_losing_a_write() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let seed = std::env::var("FILESYNC_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -408,8 +424,11 @@ fn random_operations_partitions_and_heals_converge_without_losing_a_write() {
             cut[link] = !cut[link];
             log.push(format!("{step}: link {i}-{j} cut={}", cut[link]));
         } else {
-            // What this node has now is replaced by what it does next.
-            if let Ok(before) = fs::read(&path) {
+            // What this node has now is replaced by what it does next. Read from the
+            // backing folder, which is what the node versions (its mount's cache may
+            // lag an applied change by a moment).
+            let rel = path.strip_prefix(nodes[n].mnt()).expect("below the mount");
+            if let Ok(before) = fs::read(nodes[n].src().join(rel)) {
                 superseded.insert(before);
             }
             if roll < 8 {
@@ -451,6 +470,7 @@ fn an_edit_follows_a_folder_renamed_meanwhile_on_another_node() {
     if !netns_available() {
         return;
     }
+    let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     let nodes = start(&mesh, 3, &[(0, 1), (0, 2), (1, 2)]);
     for node in &nodes {

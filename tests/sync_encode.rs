@@ -179,7 +179,7 @@ fn ranges_are_read_exactly_and_split_at_the_chunk_limit() {
 }
 
 #[test]
-fn truncation_sends_the_new_size_and_its_last_block() {
+fn truncation_sends_the_new_size_and_no_data() {
     let s = setup();
     let content = noise(300_000, 2);
     fs::write(s.root.join("t"), &content).unwrap();
@@ -207,8 +207,9 @@ fn truncation_sends_the_new_size_and_its_last_block() {
     };
     assert_eq!(*size, 200_000);
     assert!(ranges.is_empty());
-    assert_eq!(blocks.len(), 1);
-    check_blocks(&content[..200_000], blocks);
+    // The last block is not checked by hash: a write may already have changed it, which
+    // a later change brings (catch-up compares whole files).
+    assert!(blocks.is_empty());
 }
 
 #[test]

@@ -594,9 +594,9 @@ impl Receiving {
 
     /// What to do with `change` by its version; `None` when versions are not used.
     fn judge(&mut self, change: &Change) -> Result<Option<Verdict>, ApplyError> {
-        let Some(versions) = &mut self.versions else {
+        if self.versions.is_none() {
             return Ok(None);
-        };
+        }
         if self.mirror {
             return Ok(Some(Verdict::Apply(change.version.clone())));
         }
@@ -609,6 +609,15 @@ impl Receiving {
         let index_err = |source| ApplyError::Index {
             path: path.clone(),
             source: Box::new(source),
+        };
+        if self.applier.is_uncommitted(&path) {
+            // A change of this path waits for its commit: commit first, so the index
+            // the judgement reads is not behind the disk.
+            let placed = self.applier.commit_deferred()?;
+            show_paths(&self.local, self.invalidate.as_ref(), &placed, None);
+        }
+        let Some(versions) = &mut self.versions else {
+            return Ok(None);
         };
         let mut version = versions
             .book

@@ -798,6 +798,12 @@ impl Applier {
         })
     }
 
+    /// Whether a change to `path` was applied but its index record not committed yet (it
+    /// waits in the group): the index then lags the disk.
+    pub fn is_uncommitted(&self, path: &Path) -> bool {
+        self.deferred_paths.contains(path) || self.pending_paths.contains(path)
+    }
+
     /// Whether the regular file at `path` changed on disk since `record` was indexed (and
     /// not by this applier, whose own changes wait in its group): size, mtime, ctime or
     /// inode differ. Anything else than a live file on both sides counts as unchanged.

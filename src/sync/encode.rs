@@ -882,13 +882,14 @@ impl RangeStream {
             // A block the ranges cover only in part also holds bytes the receiver got (or
             // gets) from other changes, and a writer may be changing them right now (the
             // rest of one large write arrives as later updates): checking its hash would
-            // fail for no fault and fetch the whole file again. Only whole blocks, and a
-            // block touched only by a size change, are checked; catch-up compares whole
+            // fail for no fault and fetch the whole file again. The same goes for a block
+            // touched only by a size change (a truncation read after the next write).
+            // Only blocks the ranges cover whole are checked; catch-up compares whole
             // files later anyway.
             let covered: u64 = portions.iter().map(|p| p.1 - p.0).sum();
             if got > 0 {
                 blocks_read += 1;
-                if portions.is_empty() || covered >= got as u64 {
+                if !portions.is_empty() && covered >= got as u64 {
                     blocks.push((block, hash));
                 }
             }
