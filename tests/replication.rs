@@ -508,8 +508,10 @@ fn what_a_peer_replaced_or_removed_is_kept_and_can_be_restored() {
         assert!(out.status.success(), "{out:?}");
         out.stdout
     };
+    // One version per state B replaced: the overwrite (O_TRUNC, then the write) may
+    // arrive as two changes when the machine is busy, keeping one more.
     let listed = versions(&mb.join("report.txt"));
-    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(matches!(listed.lines().count(), 1 | 2), "{listed}");
     assert!(listed.contains("report~"), "{listed}");
     assert!(versions(&mb.join("doomed.txt")).contains("doomed~"));
 
