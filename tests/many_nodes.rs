@@ -47,6 +47,17 @@ fn start_with(mesh: &Mesh, count: usize, links: &[(usize, usize)], extra: &[&str
     nodes
 }
 
+/// [`start_with`], then waits until every node has seen each of its links connect.
+fn start_connected(mesh: &Mesh, links: &[(usize, usize)], extra: &[&str]) -> Vec<Node> {
+    let count = links.iter().map(|&(a, b)| a.max(b) + 1).max().unwrap_or(0);
+    let nodes = start_with(mesh, count, links, extra);
+    for (i, node) in nodes.iter().enumerate() {
+        let mine = links.iter().filter(|&&(a, b)| a == i || b == i).count();
+        assert_connected(node, mine);
+    }
+    nodes
+}
+
 /// Node `i`'s mount options (see [`start`]).
 fn options(mesh: &Mesh, nodes: &[Node], links: &[(usize, usize)], i: usize) -> Vec<String> {
     let mut opts = vec![
@@ -143,10 +154,7 @@ fn a_partition_heals_into_one_tree_keeping_both_sides_of_every_conflict() {
     }
     let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
-    let nodes = start(&mesh, 3, &[(0, 1), (0, 2), (1, 2)]);
-    for node in &nodes {
-        assert_connected(node, 2);
-    }
+    let nodes = start_connected(&mesh, &[(0, 1), (0, 2), (1, 2)], &[]);
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     fs::write(a.mnt().join("notes.txt"), b"the common base\n").expect("write");
     fs::write(a.mnt().join("doomed.txt"), b"the common base\n").expect("write");
@@ -252,10 +260,7 @@ fn a_node_that_was_stopped_reconciles_by_catch_up() {
     let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
     let links = [(0, 1), (0, 2), (1, 2)];
-    let mut nodes = start(&mesh, 3, &links);
-    for node in &nodes {
-        assert_connected(node, 2);
-    }
+    let mut nodes = start_connected(&mesh, &links, &[]);
     for name in ["report.txt", "old.txt", "mine.txt"] {
         fs::write(nodes[1].mnt().join(name), b"base\n").expect("write");
     }
@@ -306,10 +311,7 @@ fn text_edited_in_different_places_merges_and_overlapping_edits_keep_both() {
     }
     let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
-    let nodes = start_with(&mesh, 3, &[(0, 1), (0, 2), (1, 2)], &["conflicts=merge"]);
-    for node in &nodes {
-        assert_connected(node, 2);
-    }
+    let nodes = start_connected(&mesh, &[(0, 1), (0, 2), (1, 2)], &["conflicts=merge"]);
     let lines: String = (1..=12).map(|n| format!("line {n}\n")).collect();
     fs::write(nodes[1].mnt().join("plan.md"), &lines).expect("write");
     fs::write(nodes[1].mnt().join("clash.md"), &lines).expect("write");
@@ -398,10 +400,7 @@ fn random_operations_partitions_and_heals_converge_without_losing_a_write() {
     let paths = ["a.txt", "b.txt", "d/c.txt"];
     let links = [(0, 1), (0, 2), (1, 2)];
     let mesh = Mesh::new(NODES);
-    let nodes = start(&mesh, NODES, &links);
-    for node in &nodes {
-        assert_connected(node, 2);
-    }
+    let nodes = start_connected(&mesh, &links, &[]);
     fs::create_dir(nodes[0].mnt().join("d")).expect("mkdir");
     assert_all_converge(&nodes);
 
@@ -472,10 +471,7 @@ fn an_edit_follows_a_folder_renamed_meanwhile_on_another_node() {
     }
     let _serial = one_at_a_time();
     let mesh = Mesh::new(3);
-    let nodes = start(&mesh, 3, &[(0, 1), (0, 2), (1, 2)]);
-    for node in &nodes {
-        assert_connected(node, 2);
-    }
+    let nodes = start_connected(&mesh, &[(0, 1), (0, 2), (1, 2)], &[]);
     let (a, c) = (&nodes[0], &nodes[2]);
     fs::create_dir(a.mnt().join("proj")).expect("mkdir");
     fs::write(a.mnt().join("proj/readme.md"), b"first draft\n").expect("write");

@@ -268,23 +268,7 @@ impl Index {
         if vectors.is_empty() {
             return Ok(());
         }
-        let encoded = vectors
-            .into_iter()
-            .map(|(path, vector)| match key::encode(&path) {
-                Some(k) => Ok((k, vector.encode())),
-                None => Err(IndexError::BadPath { path }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let txn = self.begin_write()?;
-        {
-            let mut table = txn.open_table(VECTORS).map_err(|e| self.db_err(e.into()))?;
-            for (k, v) in &encoded {
-                table
-                    .insert(k.as_slice(), v.as_slice())
-                    .map_err(|e| self.db_err(e.into()))?;
-            }
-        }
-        txn.commit().map_err(|e| self.db_err(e.into()))
+        self.put_batch_with_vectors(Vec::new(), vectors)
     }
 
     /// The database file.

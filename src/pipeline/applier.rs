@@ -600,12 +600,7 @@ impl Receiving {
         if self.mirror {
             return Ok(Some(Verdict::Apply(change.version.clone())));
         }
-        let path = crate::sync::safe_path::checked(&change.path).map_err(|reason| {
-            ApplyError::BadPath {
-                path: String::from_utf8_lossy(&change.path.0).into_owned(),
-                reason,
-            }
-        })?;
+        let path = crate::sync::apply::checked(&change.path)?;
         let index_err = |source| ApplyError::Index {
             path: path.clone(),
             source: Box::new(source),
@@ -720,12 +715,7 @@ impl Receiving {
             _ if *size <= MAX_MERGED => return Ok(Merged::NeedsWhole),
             _ => return Ok(Merged::Impossible),
         };
-        let path = crate::sync::safe_path::checked(&change.path).map_err(|reason| {
-            ApplyError::BadPath {
-                path: String::from_utf8_lossy(&change.path.0).into_owned(),
-                reason,
-            }
-        })?;
+        let path = crate::sync::apply::checked(&change.path)?;
         let index_err = |source| ApplyError::Index {
             path: path.clone(),
             source: Box::new(source),

@@ -289,7 +289,8 @@ fn bad_path(path: &[u8], reason: PathError) -> ApplyError {
     }
 }
 
-fn checked(path: &RelPath) -> Result<PathBuf, ApplyError> {
+/// `path` checked as a path below the folder (see [`safe_path::checked`]).
+pub fn checked(path: &RelPath) -> Result<PathBuf, ApplyError> {
     safe_path::checked(path).map_err(|reason| bad_path(&path.0, reason))
 }
 
