@@ -660,21 +660,31 @@ fn run_revert(mountpoint: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<(
     Ok(())
 }
 
+/// `path` (a file, which need not exist) with its folder made absolute.
+fn absolute_file_path(path: &Path) -> anyhow::Result<PathBuf> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
+        .with_context(|| format!("cannot find the folder of {}", path.display()))?;
+    Ok(parent.join(path.file_name().context("give the path of a file")?))
+}
+
+/// The filesync mount an absolute `path` is in, and the path relative to it.
+fn mount_of(path: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    mount::filesync_mount_of(path).with_context(|| {
+        format!(
+            "{} is not in a filesync mount: give a path inside the mount point",
+            path.display()
+        )
+    })
+}
+
 /// The versions kept of `path` (a path in a filesync mount), with the path made absolute.
 fn kept_versions(
     path: &Path,
     state_dir: Option<PathBuf>,
 ) -> anyhow::Result<(PathBuf, Vec<versions::Version>)> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
-        .with_context(|| format!("cannot find the folder of {}", path.display()))?;
-    let path = parent.join(path.file_name().context("give the path of a file")?);
-    let (mountpoint, rel) = mount::filesync_mount_of(&path).with_context(|| {
-        format!(
-            "{} is not in a filesync mount: give a path inside the mount point",
-            path.display()
-        )
-    })?;
+    let path = absolute_file_path(path)?;
+    let (mountpoint, rel) = mount_of(&path)?;
     let state_dir = state_dir.unwrap_or_else(|| mount::state_dir_of(&mountpoint));
     let kept = versions::list(&state_dir, &rel)
         .with_context(|| format!("cannot read the versions in {}", state_dir.display()))?;
@@ -757,20 +767,12 @@ fn run_resolve(path: &Path, keep: &str, state_dir: Option<PathBuf>) -> anyhow::R
         "theirs" => Keep::Theirs,
         file => Keep::File(PathBuf::from(file)),
     };
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
-        .with_context(|| format!("cannot find the folder of {}", path.display()))?;
-    let path = parent.join(path.file_name().context("give the path of a file")?);
+    let path = absolute_file_path(path)?;
     // Which copy is this node's: the daemon knows this node's ID.
     let my_tag = match keep {
         Keep::File(_) => String::new(),
         _ => {
-            let (mountpoint, _) = mount::filesync_mount_of(&path).with_context(|| {
-                format!(
-                    "{} is not in a filesync mount: give a path inside the mount point",
-                    path.display()
-                )
-            })?;
+            let (mountpoint, _) = mount_of(&path)?;
             let state_dir = state_dir.unwrap_or_else(|| mount::state_dir_of(&mountpoint));
             let answer = filesync::control::request(&state_dir, "status")?;
             let status: filesync::status::MountStatus = serde_json::from_str(&answer)

@@ -403,16 +403,7 @@ mod tests {
             policy.compress_change(&mut change);
             assert_eq!(payload(&change).codec, proto::Codec::Zstd, "{path}");
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let noise: Vec<u8> = (0..100_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        let mut change = whole("random.bin", noise);
+        let mut change = whole("random.bin", noise(0x9e37_79b9_7f4a_7c15, 100_000));
         policy.compress_change(&mut change);
         assert_eq!(payload(&change).codec, proto::Codec::Raw);
         let mut change = whole("a.txt", text(100_000));
@@ -422,6 +413,18 @@ mod tests {
         let mut change = whole("a.txt", text(100_000));
         custom.compress_change(&mut change);
         assert_eq!(payload(&change).codec, proto::Codec::Raw);
+    }
+
+    /// `len` bytes that do not compress (xorshift from `seed`).
+    fn noise(mut state: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
     }
 
     fn piece(path: &str, offset: u64, bytes: Vec<u8>) -> Change {
@@ -440,16 +443,7 @@ mod tests {
     fn a_whole_file_whose_first_piece_stays_raw_is_sent_raw_to_its_end() {
         let policy = CompressionPolicy::default();
         let mut transfers = WholeTransfers::default();
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let noise: Vec<u8> = (0..100_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        let mut first = piece("big.bin", 0, noise);
+        let mut first = piece("big.bin", 0, noise(0x2545_f491_4f6c_dd1d, 100_000));
         transfers.compress_change(&policy, &mut first);
         assert_eq!(payload(&first).codec, proto::Codec::Raw);
         // Text later in the same file is not tried.
