@@ -715,8 +715,16 @@ fn large_files_written_in_one_call_are_sent_once() {
     assert_converge(a.src(), b.src(), CONVERGE);
     let sent = net.bytes_sent_by_a() - before;
     let payload = FILES * SIZE as u64;
+    // The bug fetched files whole again (2.8x to 3.8x the payload). A busy machine still
+    // splits a file into several updates, and the first, read whole while the file
+    // grows, overlaps the next (up to about 1.6x with the whole suite running at once).
     assert!(
-        sent < payload * 3 / 2,
+        !b.log().contains("ask the sender for the whole file"),
+        "B fetched a file whole again:\n{}",
+        b.log()
+    );
+    assert!(
+        sent < payload * 2,
         "{sent} bytes on the link for {payload} bytes of files: some were sent again\n{}",
         b.log()
     );
