@@ -52,6 +52,7 @@
 //! | `conflicts=POLICY` | `[replication] conflicts` | | how concurrent edits of one file are resolved, the same on every node: `keep-both` (the newer mtime wins, the other is kept beside it as `name.sync-conflict-YYYYMMDD-HHMMSS-<writer>.ext`), `newest-wins` (the other is only kept in the versions, `filesync versions`), `prefer-node=ID` (that node's edit wins, else the newer; the other is kept in the versions) or `merge` (text files edited in different places are merged three-way; otherwise keep-both). Give every node the same policy | `keep-both` |
 //! | `deletions=RULE` | `[replication] deletions` | | `edit-wins` (a file edited on one node while deleted on another is restored everywhere) or `delete-wins` | `edit-wins` |
 //! | `stun=HOST:PORT` | `[replication] stun` (a list of the same strings) | | a STUN server (`filesync stun-server` or any public one) that tells this node its public address and NAT type; may be given several times, servers from every source are combined; two servers at different addresses are needed to tell the NAT type | none |
+//! | `rendezvous=ID@HOST:PORT` | `[replication] rendezvous` | | a node every peer can reach (`filesync rendezvous`): it introduces this node to peers given without an address, so they punch through their NATs to each other or, failing that, relays their encrypted bytes. The ID is checked in the handshake | none |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -96,6 +97,7 @@
 //! conflicts = "keep-both"    # or "newest-wins", "prefer-node=ID", "merge"
 //! deletions = "edit-wins"    # or "delete-wins"
 //! stun = ["stun.example.org:3478", "198.18.0.3:3478"]  # STUN servers for NAT discovery
+//! rendezvous = "ID@rendezvous.example.org:7879"  # reaches peers behind NATs
 //! ```
 //!
 //! # Mount options
@@ -140,7 +142,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, metrics, \
      peer, listen, mode, durability, key, compression, keep_versions, conflicts, deletions, stun, \
-     config";
+     rendezvous, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -212,6 +214,8 @@ const EXPECT_DELETIONS: &str = "edit-wins or delete-wins";
 const EXPECT_DURABILITY: &str = "async or sync";
 const EXPECT_COMPRESSION: &str = "off or a zstd level from 1 to 19";
 const EXPECT_KEEP_VERSIONS: &str = "off or a number of days from 1 to 36500";
+const EXPECT_RENDEZVOUS: &str = "a node ID as 'filesync id' prints it, then @HOST:PORT, such \
+     as ID@198.18.0.1:7879";
 const EXPECT_STUN: &str = "a STUN server as HOST:PORT, such as stun.example.org:3478 or \
      198.18.0.1:3478";
 /// Where the node key is when none is named.
@@ -400,12 +404,14 @@ pub struct Replication {
     pub deletions: DeletionRule,
     /// STUN servers (`HOST:PORT`) asked for this node's public address.
     pub stun: Vec<String>,
+    /// The rendezvous that introduces this node to peers without an address.
+    pub rendezvous: Option<PeerSpec>,
 }
 
 impl Replication {
     /// Whether this mount talks to any peer at all.
     pub fn is_enabled(&self) -> bool {
-        !self.peers.is_empty() || self.listen.is_some()
+        !self.peers.is_empty() || self.listen.is_some() || self.rendezvous.is_some()
     }
 }
 
@@ -511,6 +517,8 @@ pub struct MountOptions {
     pub deletions: Option<DeletionRule>,
     /// `stun=HOST:PORT`, repeatable: STUN servers for NAT discovery.
     pub stun: Vec<String>,
+    /// `rendezvous=ID@HOST:PORT`.
+    pub rendezvous: Option<PeerSpec>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -557,6 +565,7 @@ impl MountOptions {
             conflicts: later.conflicts.or(self.conflicts),
             deletions: later.deletions.or(self.deletions),
             stun: merge_stun(self.stun, later.stun),
+            rendezvous: later.rendezvous.or(self.rendezvous),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -608,6 +617,9 @@ impl MountOptions {
             "conflicts" => self.conflicts = Some(check_conflicts(needs("POLICY")?, &origin)?),
             "deletions" => {
                 self.deletions = Some(check_deletions(needs("edit-wins|delete-wins")?, &origin)?);
+            }
+            "rendezvous" => {
+                self.rendezvous = Some(check_rendezvous(needs("ID@HOST:PORT")?, &origin)?);
             }
             "stun" => {
                 let server = check_stun(needs("HOST:PORT")?, &origin)?;
@@ -1034,6 +1046,14 @@ fn merge_peers(earlier: Vec<PeerSpec>, later: Vec<PeerSpec>) -> Vec<PeerSpec> {
 
 /// Check a STUN server: `HOST:PORT` with a non-empty host and a non-zero port; the name is
 /// resolved by the discovery client, again on every round.
+/// A rendezvous: a peer specification that must name an address.
+fn check_rendezvous(raw: Raw<'_>, origin: &Origin<'_>) -> Result<PeerSpec, ConfigError> {
+    match check_peer(raw, origin) {
+        Ok(spec) if spec.address.is_some() => Ok(spec),
+        _ => Err(raw.invalid(origin, EXPECT_RENDEZVOUS)),
+    }
+}
+
 fn check_stun(raw: Raw<'_>, origin: &Origin<'_>) -> Result<String, ConfigError> {
     let text = raw.text().ok_or_else(|| raw.invalid(origin, EXPECT_STUN))?;
     let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
@@ -1280,10 +1300,11 @@ struct MetricsSection {
 #[serde(
     deny_unknown_fields,
     expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
-                 compression, keep_versions, conflicts, deletions and stun"
+                 compression, keep_versions, conflicts, deletions, stun and rendezvous"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
+    rendezvous: Option<toml::Value>,
     stun: Option<Vec<toml::Value>>,
     listen: Option<toml::Value>,
     mode: Option<toml::Value>,
@@ -1421,6 +1442,11 @@ impl ReplicationSection {
             layer.stun = merge_stun(std::mem::take(&mut layer.stun), vec![server]);
         }
         layer.listen = checked(raw(&self.listen), key("[replication].listen"), check_listen)?;
+        layer.rendezvous = checked(
+            raw(&self.rendezvous),
+            key("[replication].rendezvous"),
+            check_rendezvous,
+        )?;
         layer.mode = checked(raw(&self.mode), key("[replication].mode"), check_mode)?;
         layer.durability = checked(
             raw(&self.durability),
@@ -1592,6 +1618,7 @@ impl Host {
                 conflicts: merged.conflicts.unwrap_or_default(),
                 deletions: merged.deletions.unwrap_or_default(),
                 stun: merged.stun,
+                rendezvous: merged.rendezvous,
             },
             config_file,
             kernel: merged.kernel,
@@ -1759,6 +1786,7 @@ mod tests {
                     conflicts: ConflictPolicy::KeepBoth,
                     deletions: DeletionRule::EditWins,
                     stun: Vec::new(),
+                    rendezvous: None,
                 },
                 config_file: None,
                 kernel: KernelFlags::default(),

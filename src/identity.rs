@@ -33,7 +33,9 @@ const GROUP_LEN: usize = 7;
 const CHECK_CONTEXT: &[u8] = b"filesync node id check v1";
 
 /// A node's public identity: its X25519 public key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId([u8; 32]);
 
 impl NodeId {

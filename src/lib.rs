@@ -24,6 +24,7 @@ pub mod mount;
 pub mod net;
 pub mod pipeline;
 pub mod progress;
+pub mod reach;
 pub mod service;
 pub mod status;
 pub mod stun;

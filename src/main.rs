@@ -275,6 +275,41 @@ Examples:
         #[arg(long, value_name = "FILTER", default_value = "info")]
         log: String,
     },
+    /// Run a rendezvous that lets nodes behind NATs reach each other (for `-o rendezvous=`)
+    ///
+    /// Run it where every node can reach it. Nodes keep a connection to it (Noise, like
+    /// any filesync connection; only the nodes given with --peer get in). When one node
+    /// asks for another, both are told each other's addresses and connect to each other
+    /// directly through their NATs (a TCP hole punch). When that is impossible (a NAT
+    /// that maps each destination to another port) and --relay is given, the rendezvous
+    /// forwards their bytes, which stay encrypted end to end: it cannot read them. Runs in
+    /// the foreground until Ctrl-C or SIGTERM; its ID (for `rendezvous=ID@HOST:PORT`) is
+    /// `filesync id --key` of its key.
+    ///
+    /// Examples:
+    ///   filesync rendezvous --listen 0.0.0.0:7879 --peer ID1 --peer ID2
+    ///   filesync rendezvous --listen 0.0.0.0:7879 --peer ID1 --peer ID2 --relay --relay-rate 10000000
+    #[command(verbatim_doc_comment)]
+    Rendezvous {
+        /// Where nodes connect.
+        #[arg(long, value_name = "ADDRESS:PORT", default_value = "127.0.0.1:7879")]
+        listen: std::net::SocketAddr,
+        /// The rendezvous's own key (made with `filesync keygen --key PATH`).
+        #[arg(long, value_name = "PATH", default_value = identity::DEFAULT_KEY_PATH)]
+        key: PathBuf,
+        /// A node it serves, by ID; repeat for each node.
+        #[arg(long = "peer", value_name = "ID", required = true)]
+        peers: Vec<String>,
+        /// Also relay between nodes that cannot reach each other directly.
+        #[arg(long)]
+        relay: bool,
+        /// With --relay: at most this many bytes per second over all relays.
+        #[arg(long, value_name = "BYTES", requires = "relay")]
+        relay_rate: Option<u64>,
+        /// A tracing filter for the log on standard error.
+        #[arg(long, value_name = "FILTER", default_value = "info")]
+        log: String,
+    },
     /// Show two nodes on this machine syncing, with no configuration.
     ///
     /// Two nodes in temporary folders, both mounted and connected over loopback with fresh
@@ -383,6 +418,14 @@ fn main() -> ExitCode {
             burst,
             log,
         } => run_stun_server(listen, rate, burst, &log),
+        Command::Rendezvous {
+            listen,
+            key,
+            peers,
+            relay,
+            relay_rate,
+            log,
+        } => run_rendezvous(listen, &key, &peers, relay.then_some(relay_rate), &log),
         Command::Scan {
             source,
             mountpoint,
@@ -907,6 +950,9 @@ fn print_status(report: &StatusReport) {
         if let Some(id) = &mount.node_id {
             println!("  node {id}");
         }
+        if let Some(address) = &mount.public_address {
+            println!("  public address {address}");
+        }
         if let Some(error) = &mount.last_error {
             println!("  last error: {error}");
         }
@@ -967,6 +1013,50 @@ fn run_stun_server(
     signals.forever().next();
     drop(server);
     tracing::info!("STUN server stopped");
+    Ok(())
+}
+
+/// `relay`: `None` relays nothing, `Some(None)` relays without a rate limit.
+fn run_rendezvous(
+    listen: std::net::SocketAddr,
+    key: &Path,
+    peers: &[String],
+    relay: Option<Option<u64>>,
+    log: &str,
+) -> anyhow::Result<()> {
+    use filesync::reach::{RelayPolicy, Rendezvous, RendezvousConfig};
+    init_logging(log, None)?;
+    let key = NodeKey::load(key)?;
+    let mut allowed = Vec::new();
+    for peer in peers {
+        let id: filesync::identity::NodeId = peer.parse().with_context(|| {
+            format!("--peer {peer} is not a node ID: copy it as 'filesync id' prints it")
+        })?;
+        allowed.push(id);
+    }
+    let relay = match relay {
+        None => RelayPolicy::Off,
+        Some(None) => RelayPolicy::Unlimited,
+        Some(Some(rate)) => RelayPolicy::Capped(rate),
+    };
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot handle signals")?;
+    println!("{}", key.id());
+    let rendezvous = Rendezvous::start(RendezvousConfig {
+        listen,
+        key: std::sync::Arc::new(key),
+        allowed: allowed.into_iter().collect(),
+        relay,
+        keepalive: filesync::net::DEFAULT_KEEPALIVE,
+    })?;
+    signals.forever().next();
+    let stats = rendezvous.stats();
+    drop(rendezvous);
+    tracing::info!(
+        "rendezvous stopped: {} introductions, {} relays, {} bytes relayed",
+        stats.introductions,
+        stats.relays,
+        stats.relayed_bytes
+    );
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::change::{Change, Source};
 use crate::config::Mode;
 use crate::identity::NodeId;
-use crate::net::Traffic;
+use crate::net::{PathKind, Traffic};
 use crate::sync::proto::{FileData, Op, Payload};
 
 /// Changes in flight remembered per peer and direction; beyond this the oldest are
@@ -199,6 +199,8 @@ struct PeerState {
     address: Option<SocketAddr>,
     name: Option<String>,
     connected: bool,
+    /// How the current (or last) connection goes.
+    path: Option<PathKind>,
     last_error: Option<String>,
     /// Whether this node dropped the current connection, with a reason in `last_error`
     /// that says more than the disconnection will.
@@ -233,6 +235,8 @@ pub struct Stats {
     last_error: Mutex<Option<String>>,
     /// Conflict copies in the tree, as of the last catch-up summary.
     open_conflicts: AtomicU64,
+    /// This node's public address, as a rendezvous or STUN server last saw it.
+    public_address: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -264,6 +268,7 @@ impl Stats {
             peers: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(None),
             open_conflicts: AtomicU64::new(0),
+            public_address: Mutex::new(None),
         }
     }
 
@@ -342,10 +347,15 @@ impl Stats {
         self.peers.lock().entry(peer).or_default().address = address;
     }
 
-    pub fn peer_connected(&self, peer: NodeId, address: SocketAddr, name: &str) {
+    pub fn set_public_address(&self, address: Option<String>) {
+        *self.public_address.lock() = address;
+    }
+
+    pub fn peer_connected(&self, peer: NodeId, address: SocketAddr, name: &str, path: PathKind) {
         let mut peers = self.peers.lock();
         let state = peers.entry(peer).or_default();
         state.connected = true;
+        state.path = Some(path);
         state.dropped = false;
         state.address = Some(address);
         state.name = Some(name.to_owned());
@@ -448,7 +458,7 @@ impl Stats {
                     id: id.to_string(),
                     name: state.name.clone(),
                     address: state.address.map(|a| a.to_string()),
-                    path: "direct".to_owned(),
+                    path: state.path.unwrap_or(PathKind::Direct).to_string(),
                     connected: state.connected,
                     rtt_us: if state.connected {
                         traffic.rtt.map(duration_micros)
@@ -479,6 +489,7 @@ impl Stats {
                 .unwrap_or(0),
             last_error: self.last_error.lock().clone(),
             open_conflicts: self.open_conflicts.load(Ordering::Relaxed),
+            public_address: self.public_address.lock().clone(),
             peers,
         }
     }
@@ -583,6 +594,9 @@ pub struct MountStatus {
     /// Conflict copies in the tree (`filesync conflicts` lists them), as of the last
     /// catch-up summary.
     pub open_conflicts: u64,
+    /// This node's public address, when a rendezvous or STUN server told it.
+    #[serde(default)]
+    pub public_address: Option<String>,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -593,7 +607,10 @@ pub struct PeerStatus {
     /// The name the peer gave when it last connected.
     pub name: Option<String>,
     pub address: Option<String>,
-    /// How the connection is made: `direct` (a TCP connection to the peer's address).
+    /// How the connection is made (the last one, while disconnected): `direct` (a TCP
+    /// connection to an address one side listens on), `hole-punched` (through both NATs,
+    /// introduced by a rendezvous) or `relayed` (through the rendezvous, still encrypted
+    /// end to end).
     pub path: String,
     pub connected: bool,
     /// The kernel's smoothed TCP round-trip time of the connection, in microseconds.
@@ -624,7 +641,12 @@ mod tests {
         let stats = Stats::new("/srv".into(), "/mnt".into(), "sendreceive".into());
         let id = peer();
         stats.add_peer(id, None);
-        stats.peer_connected(id, "127.0.0.1:1".parse().expect("address"), "b");
+        stats.peer_connected(
+            id,
+            "127.0.0.1:1".parse().expect("address"),
+            "b",
+            PathKind::Direct,
+        );
         for seq in 1..=3 {
             stats.change_sent(id, seq);
             stats.change_received(id, seq + 10);
@@ -648,7 +670,12 @@ mod tests {
             .is_some_and(|e| e.contains("reset by peer")));
 
         // The reason this node dropped a connection says more than the disconnection.
-        stats.peer_connected(id, "127.0.0.1:1".parse().expect("address"), "b");
+        stats.peer_connected(
+            id,
+            "127.0.0.1:1".parse().expect("address"),
+            "b",
+            PathKind::Direct,
+        );
         stats.peer_dropped(id, "it sent changes to a send-only node");
         stats.peer_disconnected(id, Some("connection reset"));
         let report = stats.report();

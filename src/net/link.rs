@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use super::backoff::{Backoff, MAX_DELAY, MIN_DELAY};
 use super::channel::{self, ChannelReceiver, ChannelSender, Established, Expect};
 use super::frame::Deadline;
-use super::{LinkConfig, LinkEvent, NetError};
+use super::{LinkConfig, LinkEvent, NetError, PathKind};
 use crate::identity::NodeId;
 use crate::sync::proto::Message;
 
@@ -49,10 +49,12 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// The listener's accept thread looks at its stop signal at least this often.
 const ACCEPT_POLL_MS: i32 = 1000;
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+const LISTEN_BACKLOG: i32 = 128;
 
 /// State of a link shared by its handle and its threads.
 struct Shared {
     peer: NodeId,
+    path: PathKind,
     connected: AtomicBool,
     closing: AtomicBool,
     /// The current connection's queue; `None` while disconnected.
@@ -98,15 +100,29 @@ impl Link {
     /// A link that connects to `peer` at `addr` and reconnects whenever the connection is
     /// lost or cannot be made. Only a node proving the key of `peer` is accepted.
     pub fn dial(peer: NodeId, addr: SocketAddr, cfg: LinkConfig) -> Link {
-        Link::start(peer, cfg, format!("link-{}", peer.short()), move |ctx| {
-            dial_loop(&ctx, addr)
+        Link::dial_from(peer, addr, None, cfg)
+    }
+
+    /// Like [`Link::dial`], but every connection leaves from `local` (shared with a
+    /// listener on the same port), so the peer sees the address a NAT gives that port.
+    pub fn dial_from(
+        peer: NodeId,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+        cfg: LinkConfig,
+    ) -> Link {
+        let name = format!("link-{}", peer.short());
+        Link::start(peer, PathKind::Direct, cfg, name, move |ctx| {
+            dial_loop(&ctx, addr, local)
         })
     }
 
-    /// The link of a connection a [`Listener`] accepted; it ends with the connection.
-    fn accepted(established: Established, cfg: LinkConfig) -> Link {
+    /// The link of a connection that is already set up (accepted by a [`Listener`],
+    /// punched through NATs or relayed); it ends with the connection.
+    pub(crate) fn over(established: Established, cfg: LinkConfig, path: PathKind) -> Link {
         let peer = established.peer;
-        Link::start(peer, cfg, format!("peer-{}", peer.short()), move |ctx| {
+        let name = format!("peer-{}", peer.short());
+        Link::start(peer, path, cfg, name, move |ctx| {
             let (reason, clean) = run_connection(&ctx, established);
             // Closing consumed the handle; no one listens for this event any more.
             if !ctx.shared.closing.load(Ordering::SeqCst) {
@@ -117,12 +133,14 @@ impl Link {
 
     fn start(
         peer: NodeId,
+        path: PathKind,
         cfg: LinkConfig,
         name: String,
         body: impl FnOnce(Context) + Send + 'static,
     ) -> Link {
         let shared = Arc::new(Shared {
             peer,
+            path,
             connected: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             outgoing: Mutex::new(None),
@@ -217,6 +235,17 @@ impl Link {
         self.shared.peer
     }
 
+    /// How the link reaches its peer.
+    pub fn path(&self) -> PathKind {
+        self.shared.path
+    }
+
+    /// Disconnected once the link's thread has ended, for a watcher that does not own
+    /// the link.
+    pub fn ended(&self) -> Receiver<()> {
+        self.done.clone()
+    }
+
     /// What the link has carried over all its connections, with the current connection's
     /// round-trip time and queue. Read from the kernel, so it costs nothing until asked.
     pub fn traffic(&self) -> Traffic {
@@ -286,11 +315,11 @@ fn deliver(ctx: &Context, event: LinkEvent) -> bool {
     }
 }
 
-fn dial_loop(ctx: &Context, addr: SocketAddr) {
+fn dial_loop(ctx: &Context, addr: SocketAddr, local: Option<SocketAddr>) {
     let peer = ctx.shared.peer;
     let mut backoff = Backoff::new(MIN_DELAY, MAX_DELAY);
     while !ctx.shared.closing.load(Ordering::SeqCst) {
-        match connect(ctx, addr) {
+        match connect(ctx, addr, local) {
             Ok(established) => {
                 backoff.reset();
                 let (reason, clean) = run_connection(ctx, established);
@@ -319,9 +348,13 @@ fn dial_loop(ctx: &Context, addr: SocketAddr) {
     }
 }
 
-fn connect(ctx: &Context, addr: SocketAddr) -> Result<Established, NetError> {
+fn connect(
+    ctx: &Context,
+    addr: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<Established, NetError> {
     let deadline = Deadline::after(ctx.cfg.handshake_timeout, "during connection setup");
-    let stream = TcpStream::connect_timeout(&addr, ctx.cfg.handshake_timeout)
+    let stream = super::connect_from(local, addr, ctx.cfg.handshake_timeout)
         .map_err(|source| NetError::Connect { addr, source })?;
     *ctx.shared.socket.lock() = Some(stream.try_clone().map_err(NetError::Io)?);
     if ctx.shared.closing.load(Ordering::SeqCst) {
@@ -555,7 +588,12 @@ pub struct Listener {
 impl Listener {
     pub fn bind(addr: SocketAddr, cfg: LinkConfig) -> Result<Listener, NetError> {
         let bind_error = |source| NetError::Bind { addr, source };
-        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let listener = super::shared_port_socket(addr)
+            .and_then(|socket| {
+                socket.listen(LISTEN_BACKLOG)?;
+                Ok(TcpListener::from(socket))
+            })
+            .map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
         let (wake_rx, wake) =
@@ -705,7 +743,7 @@ impl Acceptor {
                 match result {
                     Ok(established) => {
                         let timeout = cfg.handshake_timeout;
-                        let link = Link::accepted(established, cfg);
+                        let link = Link::over(established, cfg, PathKind::Direct);
                         if let Err(e) = links.send_timeout(link, timeout) {
                             tracing::warn!(
                                 "dropping the connection from {addr}: no one took it in time"

@@ -20,8 +20,8 @@
 //! decrypt because it was tampered with, replayed or reordered, trailing bytes, a message
 //! that does not decode) ends the connection with a [`NetError`] that says why.
 
-mod backoff;
-mod channel;
+pub(crate) mod backoff;
+pub(crate) mod channel;
 mod frame;
 mod link;
 mod noise;
@@ -34,7 +34,66 @@ use std::time::Duration;
 use crate::identity::{NodeId, NodeKey};
 use crate::sync::proto;
 
+pub(crate) use frame::Deadline;
 pub use link::{Link, Listener, Rejection, Traffic};
+
+/// How a link reaches its peer, as `filesync status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathKind {
+    /// A TCP connection to an address the peer listens on (or from it to ours).
+    Direct,
+    /// A TCP connection both sides opened at once through their NATs (simultaneous open).
+    HolePunched,
+    /// Through a rendezvous node that forwards the bytes; encrypted end to end.
+    Relayed,
+}
+
+impl PathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::HolePunched => "hole-punched",
+            PathKind::Relayed => "relayed",
+        }
+    }
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A TCP socket bound to `local` that shares its port with others bound the same way
+/// (`SO_REUSEADDR` and `SO_REUSEPORT`): the listener, STUN queries, the connection to a
+/// rendezvous and hole punches all leave from one port, so they share one NAT mapping.
+pub fn shared_port_socket(local: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SockAddr::from(local))?;
+    Ok(socket)
+}
+
+/// A TCP connection to `remote`, from a port shared as [`shared_port_socket`] makes it
+/// when `local` is given, else from any port.
+pub fn connect_from(
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let Some(local) = local else {
+        return std::net::TcpStream::connect_timeout(&remote, timeout);
+    };
+    let socket = shared_port_socket(local)?;
+    socket.connect_timeout(&socket2::SockAddr::from(remote), timeout)?;
+    Ok(socket.into())
+}
 
 /// The Noise protocol every connection speaks.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";

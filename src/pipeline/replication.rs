@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::applier::Receiving;
-use super::session::Session;
+use super::session::{PeerWays, Session};
 use super::ReplicationGraph;
 use crate::change::ChangeSink;
 use crate::config::{ConflictPolicy, DeletionRule, Mode, Replication, Settings};
@@ -15,6 +15,7 @@ use crate::identity::{NodeId, NodeKey};
 use crate::ignores::Ignores;
 use crate::index::Index;
 use crate::net::{Link, LinkConfig, Listener, PeerSet};
+use crate::reach::{ReachConfig, Reacher};
 use crate::stun::{Keeper, KeeperConfig};
 use crate::sync::apply::Applier;
 use crate::sync::book::{replica_of, Book};
@@ -33,6 +34,8 @@ const CONTROL_WAIT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// While a peer is reached through the relay, how often a hole punch is tried again.
+const UPGRADE_EVERY: Duration = Duration::from_secs(60);
 /// Both directions of a connection rekey after this many messages.
 const REKEY_AFTER: u64 = 65_536;
 
@@ -53,6 +56,8 @@ pub enum ReplicationError {
     SelfPeer(String),
     #[error("cannot listen on {address}: {reason}; choose a free port or another address")]
     Listen { address: SocketAddr, reason: String },
+    #[error("cannot start reaching peers through the rendezvous: {0}")]
+    Rendezvous(String),
     #[error("cannot prepare replication in {path}: {reason}")]
     State { path: String, reason: String },
 }
@@ -64,6 +69,7 @@ pub struct ReplicationPlan {
     /// How conflicts are resolved, with the preferred node's ID checked.
     rules: Rules,
     peers: Vec<(NodeId, Option<SocketAddr>)>,
+    rendezvous: Option<(NodeId, SocketAddr)>,
     settings: Replication,
     node_name: String,
 }
@@ -127,6 +133,14 @@ impl ReplicationPlan {
                     reason: err.to_string(),
                 })
         };
+        let rendezvous = match &replication.rendezvous {
+            Some(spec) => {
+                let id = parse_id(&spec.id)?;
+                let address = spec.address.as_deref().unwrap_or_default();
+                Some((id, resolve(&spec.id, address)?))
+            }
+            None => None,
+        };
         let policy = match &replication.conflicts {
             ConflictPolicy::KeepBoth => Policy::KeepBoth,
             ConflictPolicy::NewestWins => Policy::NewestWins,
@@ -141,6 +155,7 @@ impl ReplicationPlan {
             key: Arc::new(key),
             rules,
             peers,
+            rendezvous,
             settings: replication.clone(),
             node_name: settings.node_name.clone(),
         }))
@@ -229,6 +244,7 @@ impl ReplicationPlan {
             })?),
             None => None,
         };
+        let reacher = self.start_reacher(&config, listener.as_ref())?;
         let dialed: Vec<Link> = self
             .peers
             .iter()
@@ -275,8 +291,11 @@ impl ReplicationPlan {
             encoder,
             compression,
             session: Session::new(
-                dialed,
-                listener,
+                PeerWays {
+                    dialed,
+                    listener,
+                    reacher,
+                },
                 index.clone(),
                 gate.clone(),
                 hello,
@@ -339,6 +358,49 @@ impl ReplicationPlan {
                 None
             }
         }
+    }
+}
+
+impl ReplicationPlan {
+    /// The search for paths to the peers given without an address, when a rendezvous is
+    /// configured. Its connections leave from the listening port, if the node listens.
+    fn start_reacher(
+        &self,
+        link: &LinkConfig,
+        listener: Option<&Listener>,
+    ) -> Result<Option<Reacher>, ReplicationError> {
+        let Some(rendezvous) = self.rendezvous else {
+            return Ok(None);
+        };
+        let peers: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, address)| address.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        let stun = self
+            .settings
+            .stun
+            .iter()
+            .filter_map(|server| match server.to_socket_addrs() {
+                Ok(mut found) => found.next(),
+                Err(err) => {
+                    tracing::warn!("STUN server {server} left out: {err}");
+                    None
+                }
+            })
+            .collect();
+        let config = ReachConfig {
+            link: link.clone(),
+            rendezvous,
+            peers,
+            local: listener.map(Listener::local_addr),
+            stun,
+            upgrade_every: UPGRADE_EVERY,
+        };
+        Reacher::start(config)
+            .map(Some)
+            .map_err(|err| ReplicationError::Rendezvous(err.to_string()))
     }
 }
 

@@ -21,6 +21,7 @@ use super::Settled;
 use crate::identity::NodeId;
 use crate::index::Index;
 use crate::net::{Link, LinkEvent, Listener, Traffic};
+use crate::reach::Reacher;
 use crate::status::{payload_sizes, Stats, TrafficSource};
 use crate::sync::digest;
 use crate::sync::durability::SyncGate;
@@ -195,10 +196,22 @@ fn close_in_background(links: Vec<Arc<Link>>) {
     }
 }
 
+/// Where the session's links come from.
+pub struct PeerWays {
+    /// Links to peers at known addresses.
+    pub dialed: Vec<Link>,
+    /// Accepts peers that connect to this node.
+    pub listener: Option<Listener>,
+    /// Finds paths to peers behind NATs through a rendezvous.
+    pub reacher: Option<Reacher>,
+}
+
 /// What the inbound half works with.
 pub struct Session {
     pub peers: Arc<Peers>,
     pub listener: Option<Listener>,
+    /// Paths to peers behind NATs, found through a rendezvous.
+    pub reacher: Option<Reacher>,
     pub index: Arc<Index>,
     pub gate: Arc<SyncGate>,
     /// This node's own hello: whether it sends and receives.
@@ -213,8 +226,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(
-        dialed: Vec<Link>,
-        listener: Option<Listener>,
+        ways: PeerWays,
         index: Arc<Index>,
         gate: Arc<SyncGate>,
         hello: Hello,
@@ -225,6 +237,11 @@ impl Session {
             links: Mutex::new(Vec::new()),
             stats: stats.clone(),
         });
+        let PeerWays {
+            dialed,
+            listener,
+            reacher,
+        } = ways;
         for link in dialed {
             peers.add(link);
         }
@@ -232,6 +249,7 @@ impl Session {
         Session {
             peers,
             listener,
+            reacher,
             index,
             gate,
             hello,
@@ -323,11 +341,14 @@ async fn receive<A: SteadyActor>(
         match event {
             LinkEvent::Connected { peer, addr, hello } => {
                 tracing::info!(
-                    "connected to peer {peer} ({}) at {addr}: it {}",
+                    "connected to peer {peer} ({}) at {addr}, {}: it {}",
                     hello.node_name,
+                    link.path(),
                     describe(&hello)
                 );
-                session.stats.peer_connected(peer, addr, &hello.node_name);
+                session
+                    .stats
+                    .peer_connected(peer, addr, &hello.node_name, link.path());
                 // Both nodes may have dialed: a second link to a connected peer carries
                 // what is sent over it, but the peer is already caught up with.
                 let first = session.peers.targets(Some(peer)).is_empty();
@@ -400,6 +421,11 @@ async fn receive<A: SteadyActor>(
                             .peers
                             .drop_peer(from, "it sent a hello in the middle of a session");
                     }
+                    Message::Reach(_) => {
+                        session
+                            .peers
+                            .drop_peer(from, "it sent a rendezvous message on a sync connection");
+                    }
                 }
             }
         }
@@ -422,6 +448,17 @@ fn next_event(session: &Session) -> Option<(Arc<Link>, LinkEvent)> {
             );
         }
     }
+    if let Some(reacher) = &session.reacher {
+        while let Ok(link) = reacher.links().try_recv() {
+            session.peers.add(link);
+        }
+        let found = reacher.status();
+        let public = found
+            .observed
+            .or(found.stun.map(|(address, _)| address))
+            .map(|address| address.to_string());
+        session.stats.set_public_address(public);
+    }
     let links = session.peers.event_sources(&session.stats);
     let mut select = Select::new();
     for link in &links {
@@ -431,8 +468,14 @@ fn next_event(session: &Session) -> Option<(Arc<Link>, LinkEvent)> {
         .listener
         .as_ref()
         .map(|l| (select.recv(l.links()), select.recv(l.rejections())));
+    let reached = session
+        .reacher
+        .as_ref()
+        .map(|reacher| select.recv(reacher.links()));
     let ready = select.ready_timeout(POLL).ok()?;
-    if accepted.is_some_and(|(links, rejections)| ready == links || ready == rejections) {
+    if accepted.is_some_and(|(links, rejections)| ready == links || ready == rejections)
+        || reached == Some(ready)
+    {
         return None;
     }
     let link = links.get(ready)?;

@@ -126,6 +126,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Change(_) => "change",
         Message::Ack { .. } => "ack",
         Message::Error(_) => "error",
+        Message::Reach(_) => "rendezvous",
     }
 }
 

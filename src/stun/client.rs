@@ -161,17 +161,7 @@ fn ask_tcp(
     server: SocketAddr,
     timeout: Duration,
 ) -> io::Result<(Option<SocketAddr>, SocketAddr)> {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(local),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&SockAddr::from(local))?;
-    socket.connect_timeout(&SockAddr::from(server), timeout)?;
-    let mut stream = std::net::TcpStream::from(socket);
+    let mut stream = crate::net::connect_from(Some(local), server, timeout)?;
     let bound = stream.local_addr()?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

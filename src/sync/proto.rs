@@ -20,13 +20,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::NodeId;
+
 pub use super::vector::Vector;
 
 /// The version of this message set. A peer with another version is refused with an error
 /// that names both.
 /// Version 2 added version vectors to [`Change`] and [`Entry`], and deleted entries to
-/// listings.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// listings. Version 3 added [`Reach`], spoken with rendezvous nodes.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The most file data one [`Message`] carries; larger content travels as several
 /// [`FileData::Whole`] pieces or several ranges messages.
@@ -238,4 +240,44 @@ pub enum Message {
     },
     /// The other side made an error; the connection closes after it.
     Error(String),
+    /// Between a node and a rendezvous node only (see [`crate::reach`]).
+    Reach(Reach),
+}
+
+/// What a node and a rendezvous node say to each other to find a path between two nodes
+/// behind NATs. Every address here only says where to try: whoever answers there must
+/// still prove the expected key in the Noise handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reach {
+    /// Node → rendezvous, first on its control connection and again when it learns more:
+    /// addresses where it may be reached (its own, and its public one from STUN), and
+    /// whether its NAT maps each destination to another port (hole punching then fails).
+    Announce {
+        candidates: Vec<std::net::SocketAddr>,
+        endpoint_dependent: bool,
+    },
+    /// Rendezvous → node: the address its control connection came from.
+    Observed { address: std::net::SocketAddr },
+    /// Node → rendezvous: have `peer` punch towards this node now.
+    Introduce { peer: NodeId },
+    /// Rendezvous → both nodes: connect to `peer` at these addresses now; `relay_now`
+    /// when a NAT on the way maps per destination, so only a relay will do.
+    Punch {
+        peer: NodeId,
+        candidates: Vec<std::net::SocketAddr>,
+        relay_now: bool,
+    },
+    /// Rendezvous → node: `peer` has no control connection, so it cannot be reached.
+    Absent { peer: NodeId },
+    /// Node → rendezvous, the first message of a relay connection: join it to `peer`.
+    RelayOpen { peer: NodeId, session: u64 },
+    /// Rendezvous → node on its control connection: `peer` opened a relay; join it.
+    RelayOffer { peer: NodeId, session: u64 },
+    /// Node → rendezvous, the first message of a relay connection answering an offer.
+    RelayJoin { peer: NodeId, session: u64 },
+    /// Rendezvous → both ends of a relay: from the next byte on, this connection carries
+    /// the other node's bytes unchanged.
+    RelayReady,
+    /// Rendezvous → node: no relay, and why.
+    RelayRefused { reason: String },
 }
