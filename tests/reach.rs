@@ -89,16 +89,15 @@ impl World {
             sh("ip", &["netns", "add", namespace]);
             sh("ip", &["-n", namespace, "link", "set", "lo", "up"]);
         }
-        sh("ip", &["-n", p, "link", "add", "srv", "type", "dummy"]);
+        // The servers' addresses sit on loopback; the public namespace routes to them.
         sh(
             "ip",
-            &["-n", p, "addr", "add", "198.18.0.1/32", "dev", "srv"],
+            &["-n", p, "addr", "add", "198.18.0.1/32", "dev", "lo"],
         );
         sh(
             "ip",
-            &["-n", p, "addr", "add", "198.18.0.3/32", "dev", "srv"],
+            &["-n", p, "addr", "add", "198.18.0.3/32", "dev", "lo"],
         );
-        sh("ip", &["-n", p, "link", "set", "srv", "up"]);
         sh(
             "ip",
             &[

@@ -266,6 +266,14 @@ fn control(
     let node = established.peer;
     let observed = established.addr;
     let link = Arc::new(Link::over(established, state.cfg.clone(), PathKind::Direct));
+    // The link can take messages once it reports the connection.
+    if !matches!(
+        link.events().recv_timeout(state.cfg.handshake_timeout),
+        Ok(LinkEvent::Connected { .. })
+    ) {
+        tracing::warn!("the control connection of {node} ended at once");
+        return;
+    }
     if let Err(err) = link.send(Message::Reach(Reach::Observed { address: observed })) {
         tracing::warn!("cannot answer {node}: {err}");
         return;
