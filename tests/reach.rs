@@ -109,7 +109,7 @@ impl World {
                 "echo 1 > /proc/sys/net/ipv4/ip_forward",
             ],
         );
-        for side in 0..2 {
+        for (side, nat) in masquerade.into_iter().enumerate() {
             let (r, h) = (world.routers[side].as_str(), world.homes[side].as_str());
             let up = format!("up{side}");
             let wan_public = format!("198.19.{}.1/24", side + 1);
@@ -162,10 +162,7 @@ impl World {
                 r,
                 "add chain ip nat post { type nat hook postrouting priority srcnat; }",
             );
-            nft(
-                r,
-                &format!("add rule ip nat post oifname \"wan\" {}", masquerade[side]),
-            );
+            nft(r, &format!("add rule ip nat post oifname \"wan\" {nat}"));
             nft(r, "add table ip filter");
             nft(
                 r,
