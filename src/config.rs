@@ -53,6 +53,7 @@
 //! | `deletions=RULE` | `[replication] deletions` | | `edit-wins` (a file edited on one node while deleted on another is restored everywhere) or `delete-wins` | `edit-wins` |
 //! | `stun=HOST:PORT` | `[replication] stun` (a list of the same strings) | | a STUN server (`filesync stun-server` or any public one) that tells this node its public address and NAT type; may be given several times, servers from every source are combined; two servers at different addresses are needed to tell the NAT type | none |
 //! | `rendezvous=ID@HOST:PORT` | `[replication] rendezvous` | | a node every peer can reach (`filesync rendezvous`): it introduces this node to peers given without an address, so they punch through their NATs to each other or, failing that, relays their encrypted bytes. The ID is checked in the handshake | none |
+//! | `upgrade_interval=SECONDS` | `[replication] upgrade_interval` | | while a peer is reached through the rendezvous's relay, how often a direct path (a hole punch) is tried again; whole seconds 0 to 86400, 0 never tries again | 60 |
 //! | `config=PATH` | | | an absolute path | see above |
 //!
 //! An empty environment variable counts as unset. In the settings file a value may be written as
@@ -98,6 +99,7 @@
 //! deletions = "edit-wins"    # or "delete-wins"
 //! stun = ["stun.example.org:3478", "198.18.0.3:3478"]  # STUN servers for NAT discovery
 //! rendezvous = "ID@rendezvous.example.org:7879"  # reaches peers behind NATs
+//! upgrade_interval = 60      # seconds between tries to replace a relay by a direct path
 //! ```
 //!
 //! # Mount options
@@ -142,7 +144,7 @@ const ENV_SYNC_INTERVAL: &str = "FILESYNCH_SYNC_INTERVAL";
 const ACCEPTED_OPTIONS: &str = "node_id, node_name, sync_interval, allow_other, ro, rw, \
      passthrough, threads, log, log_file, state_dir, watcher, debounce_us, telemetry, metrics, \
      peer, listen, mode, durability, key, compression, keep_versions, conflicts, deletions, stun, \
-     rendezvous, config";
+     rendezvous, upgrade_interval, config";
 
 /// Standard value-less options of mount(8), mount.fuse and fstab that we accept and ignore,
 /// so that an fstab line or a systemd mount unit works unchanged.
@@ -220,6 +222,8 @@ const EXPECT_STUN: &str = "a STUN server as HOST:PORT, such as stun.example.org:
      198.18.0.1:3478";
 /// Where the node key is when none is named.
 pub const DEFAULT_KEY_PATH: &str = "/etc/filesync/node.key";
+/// How often a relayed peer is tried directly again, when not set.
+const DEFAULT_UPGRADE_INTERVAL: Duration = Duration::from_secs(60);
 /// The zstd level when none is given: fast, and most of the gain.
 const DEFAULT_COMPRESSION: i32 = 3;
 /// Days versions are kept unless configured otherwise: a month.
@@ -406,6 +410,8 @@ pub struct Replication {
     pub stun: Vec<String>,
     /// The rendezvous that introduces this node to peers without an address.
     pub rendezvous: Option<PeerSpec>,
+    /// While a peer is relayed, how often a direct path is tried; zero never tries again.
+    pub upgrade_interval: Duration,
 }
 
 impl Replication {
@@ -519,6 +525,8 @@ pub struct MountOptions {
     pub stun: Vec<String>,
     /// `rendezvous=ID@HOST:PORT`.
     pub rendezvous: Option<PeerSpec>,
+    /// `upgrade_interval=SECONDS`.
+    pub upgrade_interval: Option<Duration>,
     /// `config=PATH`: the settings file, same as `--config` (for fstab, which has no flags).
     pub config: Option<PathBuf>,
     /// `noexec`, `nosuid`, `noatime`...: passed on to the kernel.
@@ -566,6 +574,7 @@ impl MountOptions {
             deletions: later.deletions.or(self.deletions),
             stun: merge_stun(self.stun, later.stun),
             rendezvous: later.rendezvous.or(self.rendezvous),
+            upgrade_interval: later.upgrade_interval.or(self.upgrade_interval),
             config: later.config.or(self.config),
             kernel: self.kernel.merge(later.kernel),
         }
@@ -617,6 +626,9 @@ impl MountOptions {
             "conflicts" => self.conflicts = Some(check_conflicts(needs("POLICY")?, &origin)?),
             "deletions" => {
                 self.deletions = Some(check_deletions(needs("edit-wins|delete-wins")?, &origin)?);
+            }
+            "upgrade_interval" => {
+                self.upgrade_interval = Some(check_seconds(needs("SECONDS")?, &origin)?);
             }
             "rendezvous" => {
                 self.rendezvous = Some(check_rendezvous(needs("ID@HOST:PORT")?, &origin)?);
@@ -1300,11 +1312,13 @@ struct MetricsSection {
 #[serde(
     deny_unknown_fields,
     expecting = "a [replication] table with the keys peers, listen, mode, durability, key, \
-                 compression, keep_versions, conflicts, deletions, stun and rendezvous"
+                 compression, keep_versions, conflicts, deletions, stun, rendezvous and \
+                 upgrade_interval"
 )]
 struct ReplicationSection {
     peers: Option<Vec<toml::Value>>,
     rendezvous: Option<toml::Value>,
+    upgrade_interval: Option<toml::Value>,
     stun: Option<Vec<toml::Value>>,
     listen: Option<toml::Value>,
     mode: Option<toml::Value>,
@@ -1446,6 +1460,11 @@ impl ReplicationSection {
             raw(&self.rendezvous),
             key("[replication].rendezvous"),
             check_rendezvous,
+        )?;
+        layer.upgrade_interval = checked(
+            raw(&self.upgrade_interval),
+            key("[replication].upgrade_interval"),
+            check_seconds,
         )?;
         layer.mode = checked(raw(&self.mode), key("[replication].mode"), check_mode)?;
         layer.durability = checked(
@@ -1619,6 +1638,7 @@ impl Host {
                 deletions: merged.deletions.unwrap_or_default(),
                 stun: merged.stun,
                 rendezvous: merged.rendezvous,
+                upgrade_interval: merged.upgrade_interval.unwrap_or(DEFAULT_UPGRADE_INTERVAL),
             },
             config_file,
             kernel: merged.kernel,
@@ -1787,6 +1807,7 @@ mod tests {
                     deletions: DeletionRule::EditWins,
                     stun: Vec::new(),
                     rendezvous: None,
+                    upgrade_interval: Duration::from_secs(60),
                 },
                 config_file: None,
                 kernel: KernelFlags::default(),
@@ -2236,6 +2257,47 @@ mod tests {
         }
         let message = error("", Some("[replication]\nstun = [3478]\n"), &[]);
         assert_mentions(&message, &["[replication].stun", "HOST:PORT"]);
+    }
+
+    #[test]
+    fn rendezvous_and_upgrade_interval_from_options_and_file() {
+        let replication = settings(
+            "rendezvous=AAAA-BBBB@198.18.0.1:7879,upgrade_interval=5",
+            None,
+            &[],
+        )
+        .replication;
+        let rendezvous = replication.rendezvous.clone().expect("a rendezvous");
+        assert_eq!(rendezvous.id, "AAAA-BBBB");
+        assert_eq!(rendezvous.address.as_deref(), Some("198.18.0.1:7879"));
+        assert_eq!(replication.upgrade_interval, Duration::from_secs(5));
+        assert!(replication.is_enabled());
+        let file =
+            "[replication]\nrendezvous = \"CCCC@rv.example.org:7879\"\nupgrade_interval = 0\n";
+        let replication = settings("", Some(file), &[]).replication;
+        assert_eq!(
+            replication
+                .rendezvous
+                .and_then(|spec| spec.address)
+                .as_deref(),
+            Some("rv.example.org:7879")
+        );
+        assert_eq!(replication.upgrade_interval, Duration::ZERO);
+        assert_eq!(
+            settings("", None, &[]).replication.upgrade_interval,
+            Duration::from_secs(60)
+        );
+        for bad in [
+            "rendezvous=",
+            "rendezvous=AAAA",
+            "rendezvous=AAAA@host",
+            "rendezvous=@h:1",
+        ] {
+            assert_mentions(&parse_error(bad), &["rendezvous", "@HOST:PORT"]);
+        }
+        assert_mentions(&parse_error("upgrade_interval=soon"), &["upgrade_interval"]);
+        let message = error("", Some("[replication]\nrendezvous = 7879\n"), &[]);
+        assert_mentions(&message, &["[replication].rendezvous"]);
     }
 
     #[test]

@@ -255,6 +255,23 @@ impl World {
             .sum()
     }
 
+    /// Router b drops everything between it and router a, as a firewall that allows only
+    /// the rendezvous would: no hole can be punched.
+    fn block_direct(&self) {
+        let r = &self.routers[1];
+        nft(r, "add table ip block");
+        nft(
+            r,
+            "add chain ip block between { type filter hook forward priority 0; policy accept; }",
+        );
+        nft(r, "add rule ip block between ip daddr 198.19.1.2 drop");
+        nft(r, "add rule ip block between ip saddr 198.19.1.2 drop");
+    }
+
+    fn unblock_direct(&self) {
+        nft(&self.routers[1], "delete table ip block");
+    }
+
     fn home(&self, side: usize) -> &str {
         &self.homes[side]
     }
@@ -463,6 +480,30 @@ fn behind_a_port_changing_nat_the_nodes_sync_through_the_relay_which_reads_nothi
         "the relay's capture holds plaintext"
     );
     assert!(world.rendezvous_log().contains("relaying between"));
+}
+
+#[test]
+fn a_relayed_peer_moves_to_a_punched_path_once_one_opens() {
+    if !netns_available() || !nft_available() {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let mut world = World::new(["masquerade", "masquerade"]);
+    world.block_direct();
+    let (mut a, mut b) = two_nodes(&world);
+    let rendezvous = world.start_servers(&[&a, &b], true);
+    a.start(&behind_nat(&b, &rendezvous, &["upgrade_interval=2"]));
+    b.start(&behind_nat(&a, &rendezvous, &["upgrade_interval=2"]));
+    wait_for_path(&a, "relayed");
+    wait_for_path(&b, "relayed");
+    fs::write(a.mnt().join("while-relayed.txt"), "through the relay").expect("write");
+    assert_converge(a.mnt(), b.mnt(), CONVERGE);
+
+    world.unblock_direct();
+    wait_for_path(&a, "hole-punched");
+    wait_for_path(&b, "hole-punched");
+    fs::write(b.mnt().join("once-punched.txt"), "directly").expect("write");
+    assert_converge(a.mnt(), b.mnt(), CONVERGE);
 }
 
 #[test]

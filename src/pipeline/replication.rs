@@ -34,8 +34,6 @@ const CONTROL_WAIT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long a peer may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// While a peer is reached through the relay, how often a hole punch is tried again.
-const UPGRADE_EVERY: Duration = Duration::from_secs(60);
 /// Both directions of a connection rekey after this many messages.
 const REKEY_AFTER: u64 = 65_536;
 
@@ -396,7 +394,7 @@ impl ReplicationPlan {
             peers,
             local: listener.map(Listener::local_addr),
             stun,
-            upgrade_every: UPGRADE_EVERY,
+            upgrade_every: self.settings.upgrade_interval,
         };
         Reacher::start(config)
             .map(Some)

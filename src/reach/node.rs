@@ -53,7 +53,7 @@ pub struct ReachConfig {
     pub local: Option<SocketAddr>,
     /// STUN servers asked over TCP from `local` for the node's public address.
     pub stun: Vec<SocketAddr>,
-    /// While a peer is relayed, how often a punch is tried again.
+    /// While a peer is relayed, how often a punch is tried again; zero never tries.
     pub upgrade_every: Duration,
 }
 
@@ -413,7 +413,8 @@ fn call(shared: &Arc<Shared>, peer: NodeId, outcomes: &Receiver<Outcome>) {
 fn keep(shared: &Arc<Shared>, peer: NodeId, outcomes: &Receiver<Outcome>, mut current: Current) {
     let mut next_upgrade = Instant::now() + shared.config.upgrade_every;
     while !shared.stopped() && current.is_alive() {
-        if current.path == PathKind::Relayed && Instant::now() >= next_upgrade {
+        let upgrading = !shared.config.upgrade_every.is_zero();
+        if upgrading && current.path == PathKind::Relayed && Instant::now() >= next_upgrade {
             next_upgrade = Instant::now() + shared.config.upgrade_every;
             shared.tell_rendezvous(Reach::Introduce { peer });
         }
