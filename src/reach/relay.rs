@@ -93,22 +93,25 @@ impl RateLimit {
 
     /// Waits until `bytes` may go; a burst is at most one second's worth.
     fn take(&self, bytes: usize) {
-        let rate = self.bytes_per_second as f64;
-        let wait = {
-            let mut bucket = self.state.lock();
-            let now = Instant::now();
-            let earned = now.duration_since(bucket.refilled).as_secs_f64() * rate;
-            bucket.available = (bucket.available + earned).min(rate);
-            bucket.refilled = now;
-            bucket.available -= bytes as f64;
-            if bucket.available >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-bucket.available / rate)
-            }
-        };
+        let wait = self.reserve(bytes, Instant::now());
         if !wait.is_zero() {
             std::thread::sleep(wait);
+        }
+    }
+
+    /// Takes `bytes` from the bucket at `now`; returns how long to wait before sending
+    /// them so that the rate holds.
+    fn reserve(&self, bytes: usize, now: Instant) -> Duration {
+        let rate = self.bytes_per_second as f64;
+        let mut bucket = self.state.lock();
+        let earned = now.saturating_duration_since(bucket.refilled).as_secs_f64() * rate;
+        bucket.available = (bucket.available + earned).min(rate);
+        bucket.refilled = bucket.refilled.max(now);
+        bucket.available -= bytes as f64;
+        if bucket.available >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-bucket.available / rate)
         }
     }
 }
@@ -155,4 +158,24 @@ fn copy(mut from: TcpStream, mut to: TcpStream, limit: Option<&RateLimit>, relay
     }
     let _ = from.shutdown(std::net::Shutdown::Both);
     let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_spaces_bytes_at_the_rate_with_at_most_a_second_of_burst() {
+        let limit = RateLimit::new(1000);
+        let start = limit.state.lock().refilled;
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Nothing saved up at first: 500 bytes wait half a second, 500 more a second.
+        assert_eq!(limit.reserve(500, at(0)), Duration::from_millis(500));
+        assert_eq!(limit.reserve(500, at(0)), Duration::from_millis(1000));
+        // Once that debt is paid, bytes go as fast as they were earned.
+        assert_eq!(limit.reserve(100, at(1100)), Duration::ZERO);
+        // A long quiet spell saves up at most one second's worth.
+        assert_eq!(limit.reserve(1000, at(60_000)), Duration::ZERO);
+        assert_eq!(limit.reserve(250, at(60_000)), Duration::from_millis(250));
+    }
 }
