@@ -337,6 +337,25 @@ fn a_mount_with_stun_servers_discovers_its_address_from_the_replication_port() {
     let answer =
         filesync::control::request(&mount.scratch().join("state"), "stun").expect("ask the daemon");
     assert!(answer.contains(&expected), "{answer}");
+    // `filesync status` shows it too (it is copied into the status once a second).
+    let public = format!("127.0.0.1:{port}");
+    let mut shown = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shown.contains(&public) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        shown = common::run(
+            Command::new(common::BIN)
+                .args(["status", "--json", "--state-dir"])
+                .arg(mount.scratch().join("state"))
+                .arg(mount.mnt()),
+            Duration::from_secs(20),
+        )
+        .stdout;
+    }
+    assert!(
+        shown.contains(&format!("\"public_address\":\"{public}\"")),
+        "{shown}"
+    );
 }
 
 // ---- behind a NAT ----

@@ -205,6 +205,7 @@ impl ReplicationPlan {
             stats.add_peer(*id, *address);
         }
         let discovery = self.start_discovery();
+        let stun = discovery.clone();
         commands.register("stun", move || {
             discovery.as_ref().and_then(Keeper::latest).map_or_else(
                 || {
@@ -293,6 +294,7 @@ impl ReplicationPlan {
                     dialed,
                     listener,
                     reacher,
+                    stun,
                 },
                 index.clone(),
                 gate.clone(),

@@ -23,6 +23,7 @@ use crate::index::Index;
 use crate::net::{Link, LinkEvent, Listener, Traffic};
 use crate::reach::Reacher;
 use crate::status::{payload_sizes, Stats, TrafficSource};
+use crate::stun::Keeper;
 use crate::sync::digest;
 use crate::sync::durability::SyncGate;
 use crate::sync::proto::{Hello, Message, Want};
@@ -196,7 +197,7 @@ fn close_in_background(links: Vec<Arc<Link>>) {
     }
 }
 
-/// Where the session's links come from.
+/// How the session finds its peers, and its own public address.
 pub struct PeerWays {
     /// Links to peers at known addresses.
     pub dialed: Vec<Link>,
@@ -204,6 +205,8 @@ pub struct PeerWays {
     pub listener: Option<Listener>,
     /// Finds paths to peers behind NATs through a rendezvous.
     pub reacher: Option<Reacher>,
+    /// NAT discovery over UDP, when STUN servers are configured.
+    pub stun: Option<Keeper>,
 }
 
 /// What the inbound half works with.
@@ -212,6 +215,9 @@ pub struct Session {
     pub listener: Option<Listener>,
     /// Paths to peers behind NATs, found through a rendezvous.
     pub reacher: Option<Reacher>,
+    pub stun: Option<Keeper>,
+    /// When the public address was last copied into `stats`.
+    public_noted: Option<Instant>,
     pub index: Arc<Index>,
     pub gate: Arc<SyncGate>,
     /// This node's own hello: whether it sends and receives.
@@ -241,6 +247,7 @@ impl Session {
             dialed,
             listener,
             reacher,
+            stun,
         } = ways;
         for link in dialed {
             peers.add(link);
@@ -250,6 +257,8 @@ impl Session {
             peers,
             listener,
             reacher,
+            stun,
+            public_noted: None,
             index,
             gate,
             hello,
@@ -257,6 +266,24 @@ impl Session {
             stats,
             summaries: HashMap::new(),
         }
+    }
+
+    /// Copies this node's public address, as the rendezvous or STUN last saw it, into the
+    /// status, once a second.
+    fn note_public_address(&mut self) {
+        if self
+            .public_noted
+            .is_some_and(|at| at.elapsed() < PUBLIC_ADDRESS_EVERY)
+        {
+            return;
+        }
+        self.public_noted = Some(Instant::now());
+        let reached = self.reacher.as_ref().map(Reacher::status);
+        let public = reached
+            .and_then(|found| found.observed.or(found.stun.map(|(address, _)| address)))
+            .or_else(|| self.stun.as_ref()?.latest()?.reflexive);
+        self.stats
+            .set_public_address(public.map(|address| address.to_string()));
     }
 
     /// Offers a summary to every peer whose turn it is, once the local pipeline has
@@ -304,6 +331,8 @@ impl Session {
 
 /// How often a connected peer is offered the digest of every directory again.
 const RESUMMARIZE: Duration = Duration::from_secs(30);
+/// How often the status's public address is brought up to date.
+const PUBLIC_ADDRESS_EVERY: Duration = Duration::from_secs(1);
 /// How soon the other peers are offered a summary after a peer's change was applied.
 const RELAY_WITHIN: Duration = Duration::from_secs(1);
 
@@ -335,6 +364,7 @@ async fn receive<A: SteadyActor>(
     while actor.is_running(|| incoming.mark_closed() && jobs.mark_closed()) {
         session.stats.beat();
         session.offer_due_summaries();
+        session.note_public_address();
         let Some((link, event)) = next_event(&session) else {
             continue;
         };
@@ -452,12 +482,6 @@ fn next_event(session: &Session) -> Option<(Arc<Link>, LinkEvent)> {
         while let Ok(link) = reacher.links().try_recv() {
             session.peers.add(link);
         }
-        let found = reacher.status();
-        let public = found
-            .observed
-            .or(found.stun.map(|(address, _)| address))
-            .map(|address| address.to_string());
-        session.stats.set_public_address(public);
     }
     let links = session.peers.event_sources(&session.stats);
     let mut select = Select::new();
