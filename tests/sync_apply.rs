@@ -1011,3 +1011,19 @@ fn a_large_batch_is_made_durable_together_and_lands_whole() {
         assert_eq!(record.size, 1000 + u64::from(i));
     }
 }
+
+#[test]
+fn the_same_content_sent_again_keeps_no_second_version() {
+    let mut node = Node::new();
+    node.applier()
+        .keep_versions(Some(std::time::Duration::from_secs(3600)))
+        .unwrap();
+    node.apply("report.txt", whole(b"first draft")).unwrap();
+    node.apply("report.txt", whole(b"first draft")).unwrap();
+    node.apply("report.txt", whole(b"second draft, longer"))
+        .unwrap();
+    let kept = filesync::sync::versions::list(&node.state_dir(), Path::new("report.txt")).unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(std::fs::read(&kept[0].path).unwrap(), b"first draft");
+    assert_eq!(node.read("report.txt"), b"second draft, longer");
+}

@@ -1292,8 +1292,12 @@ impl Applier {
         Ok(())
     }
 
-    /// Keeps the file about to be replaced at `parent.name` as a version.
-    fn keep_replaced(&self, parent: &Parent, rel: &Path) -> Result<(), ApplyError> {
+    /// Keeps the file about to be replaced at `parent.name` by `new` as a version,
+    /// unless it holds the same bytes (the same content sent again is no new version).
+    fn keep_replaced(&self, parent: &Parent, rel: &Path, new: &File) -> Result<(), ApplyError> {
+        if !self.versions.is_on() || same_content(parent, new) {
+            return Ok(());
+        }
         self.versions
             .keep_linked(parent.dir.as_fd(), &parent.name, rel)
             .map_err(io_err(rel, "keeping the old version"))
@@ -1304,8 +1308,8 @@ impl Applier {
     fn put_in_place(&mut self, parent: &Parent, rel: &Path, temp: Temp) -> Result<(), ApplyError> {
         let name = parent.name.as_os_str();
         match temp {
-            Temp::Named(_, temp_name) => {
-                self.keep_replaced(parent, rel)?;
+            Temp::Named(file, temp_name) => {
+                self.keep_replaced(parent, rel, &file)?;
                 rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
                     .map_err(io_err(rel, "rename"))?;
             }
@@ -1323,7 +1327,7 @@ impl Applier {
                             AtFlags::SYMLINK_FOLLOW,
                         )
                         .map_err(io_err(rel, "link"))?;
-                        self.keep_replaced(parent, rel)?;
+                        self.keep_replaced(parent, rel, &file)?;
                         rustix::fs::renameat(&parent.dir, temp_name.as_os_str(), &parent.dir, name)
                             .map_err(io_err(rel, "rename"))?;
                     }
@@ -2216,6 +2220,39 @@ struct PartialHead {
 /// [`BLOCK_SIZE`] block), as the index and the sender's stored versions hold it.
 /// Whether `op` is a file sent whole in one piece (which [`Applier::apply_deferred`] may
 /// batch).
+/// Whether the regular file at `parent.name` holds exactly the bytes of `new`. False when
+/// it cannot be read, or is larger than comparing is worth (a duplicate version is then
+/// kept, which costs only a link).
+fn same_content(parent: &Parent, new: &File) -> bool {
+    const COMPARED_AT_MOST: u64 = 64 << 20;
+    const PIECE: usize = 1 << 20;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let Ok(old) = rustix::fs::openat(&parent.dir, &parent.name, flags, Mode::empty()) else {
+        return false;
+    };
+    let old = File::from(old);
+    let (Ok(old_meta), Ok(new_meta)) = (old.metadata(), new.metadata()) else {
+        return false;
+    };
+    let len = old_meta.len();
+    if !old_meta.is_file() || len != new_meta.len() || len > COMPARED_AT_MOST {
+        return false;
+    }
+    let (mut a, mut b) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    let mut at = 0;
+    while at < len {
+        let n = usize::try_from(len - at).map_or(PIECE, |left| left.min(PIECE));
+        let (Some(a), Some(b)) = (a.get_mut(..n), b.get_mut(..n)) else {
+            return false;
+        };
+        if old.read_exact_at(a, at).is_err() || new.read_exact_at(b, at).is_err() || a != b {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
 fn is_whole_in_one(op: &Op) -> bool {
     matches!(
         op,
