@@ -1027,3 +1027,40 @@ fn the_same_content_sent_again_keeps_no_second_version() {
     assert_eq!(std::fs::read(&kept[0].path).unwrap(), b"first draft");
     assert_eq!(node.read("report.txt"), b"second draft, longer");
 }
+
+#[test]
+fn pieces_of_one_write_keep_no_versions_and_the_next_write_keeps_one() {
+    use filesync::sync::proto::Vector;
+    let mut node = Node::new();
+    node.applier()
+        .keep_versions(Some(std::time::Duration::from_secs(3600)))
+        .unwrap();
+    let mib = 1 << 20;
+    let (first, second) = (pattern(mib, 1), pattern(mib, 2));
+    let size = 2 * mib as u64;
+    let at = |version: u64, op: Op| Change {
+        version: Vector::from_pairs(vec![(7, version)]),
+        ..change("big.bin", op)
+    };
+    // One 2 MiB write arriving as two pieces of the same version: the second patches
+    // the file in place over the hole the first left, which is no version to keep.
+    node.applier()
+        .apply(&at(1, ranges(size, &[(0, &first)])))
+        .unwrap();
+    node.applier()
+        .apply(&at(1, ranges(size, &[(mib as u64, &second)])))
+        .unwrap();
+    let kept = |node: &Node| {
+        filesync::sync::versions::list(&node.state_dir(), Path::new("big.bin")).unwrap()
+    };
+    assert!(kept(&node).is_empty(), "{:?}", kept(&node));
+    // The next write replaces what the first one made: that is kept, once.
+    node.applier()
+        .apply(&at(2, ranges(size, &[(0, &second)])))
+        .unwrap();
+    let versions = kept(&node);
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let old = std::fs::read(&versions[0].path).unwrap();
+    assert_eq!(old.get(..mib), Some(first.as_slice()));
+    assert_eq!(old.get(mib..), Some(second.as_slice()));
+}

@@ -197,6 +197,11 @@ pub struct Applier {
     pending_bytes: u64,
     /// Set while [`Applier::apply_deferred`] applies a change that may join `pending`.
     place_later: bool,
+    /// The version each of the last few paths was applied at: a change continuing the
+    /// same version (the next piece of one write) replaces nothing worth keeping.
+    applied_versions: HashMap<PathBuf, Vector>,
+    /// Set while applying a change that continues the version of its path.
+    continues_version: bool,
     /// Directories a file was just put into, fsync'd once the change's `visible` callback
     /// ran (see [`Applier::place`]).
     unsynced_dirs: Vec<(PathBuf, OwnedFd)>,
@@ -210,6 +215,8 @@ pub struct Applier {
 /// Files patched in place are copied into the version store first only up to this size;
 /// a larger one would cost its whole size per small change (see [`crate::sync::versions`]).
 pub const MAX_COPIED_VERSION: u64 = 256 << 20;
+/// Paths whose last applied version the applier remembers (see `applied_versions`).
+const REMEMBERED_VERSIONS: usize = 256;
 
 /// A file written whole into an unnamed temporary file, waiting for
 /// [`Applier::commit_deferred`].
@@ -607,6 +614,8 @@ impl Applier {
             pending_paths: HashSet::new(),
             pending_bytes: 0,
             place_later: false,
+            applied_versions: HashMap::new(),
+            continues_version: false,
             unsynced_dirs: Vec::new(),
             versions,
             vectors_due: HashMap::new(),
@@ -993,8 +1002,18 @@ impl Applier {
             shown = self.commit_deferred()?;
         }
         self.place_later = may_wait;
+        self.continues_version =
+            !change.version.is_empty() && self.applied_versions.get(&rel) == Some(&change.version);
         let result = self.apply_op(&rel, &change.op);
         self.place_later = false;
+        self.continues_version = false;
+        if result.is_ok() && !change.version.is_empty() {
+            if self.applied_versions.len() >= REMEMBERED_VERSIONS {
+                self.applied_versions.clear();
+            }
+            self.applied_versions
+                .insert(rel.clone(), change.version.clone());
+        }
         if result.is_err() {
             self.sync_placed_dirs()?;
             // A temporary name the failed change may have left (only where O_TMPFILE is
@@ -1295,7 +1314,7 @@ impl Applier {
     /// Keeps the file about to be replaced at `parent.name` by `new` as a version,
     /// unless it holds the same bytes (the same content sent again is no new version).
     fn keep_replaced(&self, parent: &Parent, rel: &Path, new: &File) -> Result<(), ApplyError> {
-        if !self.versions.is_on() || same_content(parent, new) {
+        if !self.versions.is_on() || self.continues_version || same_content(parent, new) {
             return Ok(());
         }
         self.versions
@@ -1701,7 +1720,10 @@ impl Applier {
         ranges: &[(u64, &[u8])],
         meta: &Meta,
     ) -> Result<(), ApplyError> {
-        if file.metadata().map_or(0, |m| m.len()) <= MAX_COPIED_VERSION {
+        let old_len = file.metadata().map_or(0, |m| m.len());
+        // Bytes past the old end replace nothing: a growing file keeps no version per piece.
+        let replaces = size < old_len || ranges.iter().any(|(offset, _)| *offset < old_len);
+        if replaces && !self.continues_version && old_len <= MAX_COPIED_VERSION {
             self.versions
                 .keep_copy(file, rel)
                 .map_err(io_err(rel, "keeping the old version"))?;
