@@ -84,6 +84,10 @@ struct Versioning {
     /// The version of each path whose change is being applied piece by piece; its later
     /// pieces carry the same version.
     applying: HashMap<RelPath, (Vector, Instant)>,
+    /// `applying` is pruned when it reaches this size (twice what the last pruning left,
+    /// and at least [`APPLYING_PRUNE_FROM`]), so a catch-up of many files does not scan
+    /// it for every piece.
+    applying_prune_at: usize,
     /// Told of every applied change, so the session relays it to the other peers.
     settled: Arc<super::Settled>,
     rules: Rules,
@@ -192,6 +196,7 @@ impl Receiving {
             book,
             capture,
             applying: HashMap::new(),
+            applying_prune_at: APPLYING_PRUNE_FROM,
             settled,
             rules,
             bases,
@@ -1027,9 +1032,10 @@ impl Versioning {
             }
         }
         let now = Instant::now();
-        if self.applying.len() >= APPLYING_PRUNE_FROM {
+        if self.applying.len() >= self.applying_prune_at {
             self.applying
                 .retain(|_, (_, when)| now.duration_since(*when) < PIECES_WITHIN);
+            self.applying_prune_at = (self.applying.len() * 2).max(APPLYING_PRUNE_FROM);
         }
         // Later pieces carry the change's own version, whatever the path now has.
         match &change.op {

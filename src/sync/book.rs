@@ -43,6 +43,10 @@ struct BookState {
     /// The largest counter handed out, so counters grow even if the clock steps back.
     last: u64,
     recent: HashMap<PathBuf, (Vector, Instant)>,
+    /// `recent` is pruned when it reaches this size: twice what the last pruning left,
+    /// so a burst of more than [`PRUNE_FROM`] paths within [`REMEMBER`] costs a scan per
+    /// doubling, not one per path.
+    prune_at: usize,
 }
 
 impl Book {
@@ -116,9 +120,10 @@ impl Book {
 impl BookState {
     fn remember(&mut self, path: PathBuf, vector: Vector) {
         let now = Instant::now();
-        if self.recent.len() >= PRUNE_FROM {
+        if self.recent.len() >= self.prune_at.max(PRUNE_FROM) {
             self.recent
                 .retain(|_, (_, when)| now.duration_since(*when) < REMEMBER);
+            self.prune_at = self.recent.len().saturating_mul(2);
         }
         self.recent.insert(path, (vector, now));
     }
