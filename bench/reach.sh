@@ -21,16 +21,18 @@ WORK=$(mktemp -d /tmp/filesync-bench-reach.XXXXXX)
 TAG=$$
 PIDS=()
 NAMESPACES=()
-cleanup() {
+# What one run made: its daemons, mounts and namespaces.
+cleanup_run() {
     for side in a b; do
         umount "$WORK/$side/mnt" 2>/dev/null || umount -l "$WORK/$side/mnt" 2>/dev/null || true
     done
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     for n in "${NAMESPACES[@]}"; do ip netns del "$n" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    PIDS=()
+    NAMESPACES=()
 }
-trap cleanup EXIT
+trap 'cleanup_run; rm -rf "$WORK"' EXIT
 
 now() { date +%s.%N; }
 
@@ -114,17 +116,13 @@ same_big_file() {
         cmp -s "$WORK/a/src/big.bin" "$WORK/b/src/big.bin"
 }
 
-# run NAME NAT_A NAT_B: prints "NAME first_file_s throughput_MiB_s path"
+# run NAME NAT_A NAT_B: adds "NAME first_file_s throughput_MiB_s path" to $WORK/results
 run() {
     local name=$1
     for side in a b; do
-        umount "$WORK/$side/mnt" 2>/dev/null || true
         rm -rf "${WORK:?}/$side"
         mkdir -p "$WORK/$side"/{src,mnt,state}
     done
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    PIDS=()
     world "$name" "$2" "$3"
     echo "first file" >"$WORK/a/src/first.txt"
     local start
@@ -142,16 +140,16 @@ run() {
     wait_for "the big file on b" same_big_file
     local took
     took=$(python3 -c "print($(now) - $start)")
-    python3 -c "print('$name', '%.3f' % $first, '%.1f' % ($SIZE_MIB / $took), '$path')"
-    for side in a b; do umount "$WORK/$side/mnt" 2>/dev/null || umount -l "$WORK/$side/mnt" || true; done
+    python3 -c "print('$name', '%.3f' % $first, '%.1f' % ($SIZE_MIB / $took), '$path')" >>"$WORK/results"
+    cleanup_run
 }
 
-direct=$(run direct masquerade masquerade)
-relayed=$(run relayed masquerade "masquerade fully-random")
-python3 - "$direct" "$relayed" "$SIZE_MIB" <<'PY'
+run direct masquerade masquerade
+run relayed masquerade "masquerade fully-random"
+python3 - "$WORK/results" "$SIZE_MIB" <<'PY'
 import sys
-rows = [line.split() for line in sys.argv[1:3]]
-size = sys.argv[3]
+rows = [line.split() for line in open(sys.argv[1])]
+size = sys.argv[2]
 for name, first, rate, path in rows:
     print(f"{name:8} path {path:13} first file after {float(first):6.3f} s   {size} MiB at {float(rate):7.1f} MiB/s")
 (_, d_first, d_rate, _), (_, r_first, r_rate, _) = rows

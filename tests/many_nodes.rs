@@ -458,8 +458,13 @@ fn random_operations_partitions_and_heals_converge_without_losing_a_write() {
     for content in written.iter().filter(|c| !superseded.contains(*c)) {
         assert!(
             present.contains(content),
-            "a write that nothing replaced is lost: {:?}\n{context}",
-            String::from_utf8_lossy(content)
+            "a write that nothing replaced is lost: {:?}\n{context}\nnode 0 holds:\n{}",
+            String::from_utf8_lossy(content),
+            tree(nodes[0].src())
+                .iter()
+                .map(|(path, entry)| format!("  {path}: {entry}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 }

@@ -118,6 +118,8 @@ enum Merged {
     Impossible,
 }
 
+/// The most conflict copies of one path, writer and second told apart by a counter.
+const MAX_COPY_COUNTER: u32 = 100;
 /// How long the pieces of one change may take to arrive before a repeat of its version
 /// counts as a duplicate.
 const PIECES_WITHIN: Duration = Duration::from_secs(300);
@@ -806,6 +808,30 @@ impl Receiving {
     /// Moves this node's losing version of `change`'s path to `copy` and reports the copy
     /// as a new local file, so it reaches every peer.
     fn keep_mine(&mut self, change: &Change, copy: &std::path::Path) -> Result<(), ApplyError> {
+        let path = crate::sync::apply::checked(&change.path)?;
+        // Two losing versions last written by one node in one second get one name: the
+        // second takes the next free counter, unless it is the very same version.
+        let mut copy = copy.to_path_buf();
+        let mut counter = 1;
+        loop {
+            match self.applier.copy_holds(&path, &copy)? {
+                None => break,
+                Some(true) => {
+                    tracing::info!(
+                        path = %path.display(),
+                        copy = %copy.display(),
+                        "conflict: a peer's concurrent version wins; this node's is already kept as a copy"
+                    );
+                    return Ok(());
+                }
+                Some(false) if counter < MAX_COPY_COUNTER => {
+                    counter += 1;
+                    copy = crate::sync::conflict::numbered_copy(&copy, counter);
+                }
+                Some(false) => break,
+            }
+        }
+        let copy = copy.as_path();
         let Some(to) = crate::sync::encode::rel_path(copy) else {
             return Ok(());
         };

@@ -1102,6 +1102,29 @@ impl Applier {
         })
     }
 
+    /// Whether a file is at `copy`, and if so whether it holds the same bytes as the file
+    /// at `path` (both relative to the folder): a conflict copy must not be written over
+    /// another version that happens to get the same name.
+    pub fn copy_holds(&self, path: &Path, copy: &Path) -> Result<Option<bool>, ApplyError> {
+        let resolve = |rel: &Path| {
+            safe_path::open_parent(self.root.as_fd(), rel, false)
+                .map_err(resolve_err(rel, "resolving the path"))
+        };
+        let at_copy = resolve(copy)?;
+        if safe_path::type_at(at_copy.dir.as_fd(), &at_copy.name)
+            .map_err(io_err(copy, "stat"))?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let at_path = resolve(path)?;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let Ok(file) = rustix::fs::openat(&at_path.dir, &at_path.name, flags, Mode::empty()) else {
+            return Ok(Some(false));
+        };
+        Ok(Some(same_content(&at_copy, &File::from(file))))
+    }
+
     /// What the sender needs to send `path` cheaply: a signature of our current file (for
     /// a delta) and how much of an interrupted whole-file transfer we hold.
     pub fn want(&self, path: &RelPath) -> Result<Want, ApplyError> {

@@ -205,6 +205,8 @@ fn same_content(op: &Op, record: &FileRecord) -> bool {
 
 /// Marks conflict copies: `filesync conflicts` lists the names that hold it.
 pub const CONFLICT_MARK: &str = ".sync-conflict-";
+/// The length of `YYYYMMDD-HHMMSS-xxxxxxxx` after the mark.
+const COPY_STAMP: usize = 8 + 1 + 6 + 1 + 8;
 
 /// Where a losing version of `path` is kept: beside it, named after the time it was last
 /// changed (UTC) and its last writer, before the extension so that it still opens with
@@ -230,6 +232,24 @@ pub fn conflict_name(path: &Path, mtime_ns: i64, writer: Replica) -> PathBuf {
     path.with_file_name(OsString::from_vec(copy))
 }
 
+/// `copy` (a name [`conflict_name`] made) with a counter after its writer's tag, for a
+/// second version that would get the same name (`notes.sync-conflict-…-1a2b3c4d-2.txt`).
+pub fn numbered_copy(copy: &Path, counter: u32) -> PathBuf {
+    let name = copy.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
+    let Some(at) = name
+        .windows(CONFLICT_MARK.len())
+        .position(|w| w == CONFLICT_MARK.as_bytes())
+    else {
+        return copy.to_path_buf();
+    };
+    let stamp_end = (at + CONFLICT_MARK.len() + COPY_STAMP).min(name.len());
+    let (head, ext) = name.split_at(stamp_end);
+    let mut numbered = head.to_vec();
+    numbered.extend_from_slice(format!("-{counter}").as_bytes());
+    numbered.extend_from_slice(ext);
+    copy.with_file_name(OsString::from_vec(numbered))
+}
+
 /// How conflict copy names show a writer: the first 4 bytes of its key, in hex.
 pub fn writer_tag(writer: Replica) -> String {
     format!("{:08x}", writer >> 32)
@@ -241,10 +261,17 @@ pub fn parse_copy_name(name: &[u8]) -> Option<(Vec<u8>, String, String)> {
     let mark = CONFLICT_MARK.as_bytes();
     let at = name.windows(mark.len()).position(|w| w == mark)?;
     let (stem, rest) = (&name[..at], &name[at + mark.len()..]);
-    // YYYYMMDD-HHMMSS-xxxxxxxx, then the extension if any.
-    const STAMP: usize = 8 + 1 + 6 + 1 + 8;
-    let stamp = std::str::from_utf8(rest.get(..STAMP)?).ok()?;
-    let ext = &rest[STAMP..];
+    // YYYYMMDD-HHMMSS-xxxxxxxx, a counter if several versions got that name, then the
+    // extension if any.
+    let stamp = std::str::from_utf8(rest.get(..COPY_STAMP)?).ok()?;
+    let mut ext = &rest[COPY_STAMP..];
+    if let Some(counted) = ext.strip_prefix(b"-") {
+        let digits = counted.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        ext = &counted[digits..];
+    }
     let (when, tag) = stamp.rsplit_once('-')?;
     let well_formed = when.len() == 15
         && when.bytes().enumerate().all(|(i, b)| match i {
@@ -492,6 +519,28 @@ mod tests {
         assert_eq!(
             hidden,
             Path::new(".bashrc.sync-conflict-20261118-110640-00000000")
+        );
+        // A second version with the same name gets a counter, and is still recognised.
+        let second = numbered_copy(&copy, 2);
+        assert_eq!(
+            second,
+            Path::new("a/b/report.final.sync-conflict-20261118-110640-1a2b3c4d-2.pdf")
+        );
+        assert_eq!(
+            parse_copy_name(second.file_name().unwrap().as_bytes()),
+            Some((
+                b"report.final.pdf".to_vec(),
+                "20261118-110640".to_owned(),
+                "1a2b3c4d".to_owned()
+            ))
+        );
+        assert_eq!(
+            numbered_copy(&hidden, 3),
+            Path::new(".bashrc.sync-conflict-20261118-110640-00000000-3")
+        );
+        assert_eq!(
+            parse_copy_name(b"a.sync-conflict-20261118-110640-1a2b3c4d-.txt"),
+            None
         );
     }
 }
