@@ -811,6 +811,7 @@ impl Receiving {
         let path = crate::sync::apply::checked(&change.path)?;
         // Two losing versions last written by one node in one second get one name: the
         // second takes the next free counter, unless it is the very same version.
+        let named = copy;
         let mut copy = copy.to_path_buf();
         let mut counter = 1;
         loop {
@@ -826,7 +827,7 @@ impl Receiving {
                 }
                 Some(false) if counter < MAX_COPY_COUNTER => {
                     counter += 1;
-                    copy = crate::sync::conflict::numbered_copy(&copy, counter);
+                    copy = crate::sync::conflict::numbered_copy(named, counter);
                 }
                 Some(false) => break,
             }
