@@ -1064,3 +1064,18 @@ fn pieces_of_one_write_keep_no_versions_and_the_next_write_keeps_one() {
     assert_eq!(old.get(..mib), Some(first.as_slice()));
     assert_eq!(old.get(mib..), Some(second.as_slice()));
 }
+
+#[test]
+fn unchanged_content_longer_than_ours_is_a_mismatch_not_zeros() {
+    let mut node = Node::new();
+    node.apply("a.txt", whole(b"")).unwrap();
+    let unchanged = Op::File {
+        meta: meta(0o644),
+        size: 44,
+        data: FileData::Unchanged,
+        blocks: Vec::new(),
+    };
+    let err = node.apply("a.txt", unchanged).unwrap_err();
+    assert!(matches!(err, ApplyError::BaseMismatch { .. }), "{err:?}");
+    assert_eq!(node.read("a.txt"), b"");
+}

@@ -1463,6 +1463,13 @@ impl Applier {
                         path: rel.to_path_buf(),
                     });
                 };
+                // "Unchanged" content cannot be longer than ours: ours is not the version
+                // the sender meant (extending it would make zeros of its bytes).
+                if size > old_size {
+                    return Err(ApplyError::BaseMismatch {
+                        path: rel.to_path_buf(),
+                    });
+                }
                 check_blocks(rel, Some(file), old_size, &[], size, blocks)?;
                 file.set_len(size).map_err(io_err(rel, "truncate"))?;
                 self.set_meta_fd(file.as_fd(), rel, meta)?;
