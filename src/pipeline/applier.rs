@@ -98,7 +98,13 @@ struct Versioning {
 /// The kind of a change's operation, for logs.
 fn op_name(op: &Op) -> &'static str {
     match op {
-        Op::File { .. } => "file",
+        Op::File { data, .. } => match data {
+            FileData::Whole { .. } => "file (whole)",
+            FileData::Ranges(ranges) if ranges.is_empty() => "file (size only)",
+            FileData::Ranges(_) => "file (ranges)",
+            FileData::Delta { .. } => "file (delta)",
+            FileData::Unchanged => "file (metadata)",
+        },
         Op::Dir { .. } => "dir",
         Op::Symlink { .. } => "symlink",
         Op::Special { .. } => "special",
