@@ -314,25 +314,9 @@ fn behind_nat(peer: &Node, rendezvous: &str, extra: &[&str]) -> Vec<String> {
     options
 }
 
-fn status(node: &Node) -> serde_json::Value {
-    let out = run(
-        Command::new(BIN)
-            .args(["status", "--json", "--state-dir"])
-            .arg(node.state())
-            .arg(node.mnt()),
-        Duration::from_secs(20),
-    );
-    serde_json::from_str(&out.stdout).unwrap_or_else(|err| {
-        panic!(
-            "status --json printed no JSON ({err}): {}\n{}",
-            out.stdout, out.stderr
-        )
-    })
-}
-
 /// The path type of the first peer, once it is connected.
 fn connected_path(node: &Node) -> Option<String> {
-    let report = status(node);
+    let report = node.status();
     let peer = &report["mounts"][0]["peers"][0];
     (peer["connected"] == true).then(|| peer["path"].as_str().unwrap_or_default().to_owned())
 }
@@ -347,7 +331,7 @@ fn wait_for_path(node: &Node, expected: &str) {
         reached,
         "node {} is not connected {expected} within {CONNECT:?} (last seen: {last:?}); status: {}",
         node.name,
-        status(node)
+        node.status()
     );
 }
 
@@ -391,7 +375,7 @@ fn behind_two_port_keeping_nats_the_nodes_punch_through_and_sync_directly() {
     b.start(&behind_nat(&a, &rendezvous, &[]));
     wait_for_path(&a, "hole-punched");
     wait_for_path(&b, "hole-punched");
-    let public = status(&a)["mounts"][0]["public_address"].clone();
+    let public = a.status()["mounts"][0]["public_address"].clone();
     assert!(
         public
             .as_str()

@@ -14,31 +14,13 @@ use common::run;
 const PORT: u16 = 7878;
 const CONNECT: Duration = Duration::from_secs(30);
 
-/// `filesync status --json` for the node's state folder, parsed.
-fn status(node: &Node) -> serde_json::Value {
-    let state = node.scratch().join("state");
-    let out = run(
-        Command::new(common::BIN)
-            .args(["status", "--json", "--state-dir"])
-            .arg(&state)
-            .arg(node.mnt()),
-        Duration::from_secs(20),
-    );
-    serde_json::from_str(&out.stdout).unwrap_or_else(|err| {
-        panic!(
-            "status --json printed no JSON ({err}): {}\n{}",
-            out.stdout, out.stderr
-        )
-    })
-}
-
 /// The first peer of the only mount in a status report.
 fn peer(report: &serde_json::Value) -> &serde_json::Value {
     &report["mounts"][0]["peers"][0]
 }
 
 fn connected(node: &Node) -> bool {
-    peer(&status(node))["connected"] == serde_json::Value::Bool(true)
+    peer(&node.status())["connected"] == serde_json::Value::Bool(true)
 }
 
 fn assert_mount(report: &serde_json::Value, node: &Node, mode: &str) {
@@ -75,12 +57,12 @@ fn status_shows_peers_connected_then_a_killed_one_disconnected() {
     assert!(
         wait_until(CONNECT, || connected(&a) && connected(&b)),
         "the peers never both showed connected:\nA: {}\nB: {}",
-        status(&a),
-        status(&b)
+        a.status(),
+        b.status()
     );
     std::fs::write(a.mnt().join("hello.txt"), b"hello").expect("write on A");
-    let report_a = status(&a);
-    let report_b = status(&b);
+    let report_a = a.status();
+    let report_b = b.status();
     assert_mount(&report_a, &a, "sendreceive");
     assert_mount(&report_b, &b, "receiveonly");
     assert_eq!(peer(&report_a)["id"], b.id.as_str());
@@ -90,26 +72,26 @@ fn status_shows_peers_connected_then_a_killed_one_disconnected() {
     assert_eq!(peer(&report_b)["name"], "a");
     assert!(
         wait_until(CONNECT, || {
-            let report = status(&b);
+            let report = b.status();
             peer(&report)["bytes_in"].as_u64().unwrap_or(0) > 0
                 && peer(&report)["bytes_out"].as_u64().unwrap_or(0) > 0
         }),
         "B never counted bytes: {}",
-        status(&b)
+        b.status()
     );
     assert!(
-        peer(&status(&a))["rtt_us"].as_u64().is_some(),
+        peer(&a.status())["rtt_us"].as_u64().is_some(),
         "no round-trip time on a live connection: {}",
-        status(&a)
+        a.status()
     );
 
     a.kill9();
     assert!(
         wait_until(CONNECT, || !connected(&b)),
         "B still shows A connected after kill -9: {}",
-        status(&b)
+        b.status()
     );
-    let report = status(&b);
+    let report = b.status();
     assert!(peer(&report)["rtt_us"].is_null(), "{report}");
 
     // The human-readable form names the mount and the peer's state.

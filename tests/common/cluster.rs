@@ -364,6 +364,23 @@ impl Node {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `filesync status --json` for this node's mount, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run(
+            Command::new(BIN)
+                .args(["status", "--json", "--state-dir"])
+                .arg(&self.state)
+                .arg(&self.mnt),
+            Duration::from_secs(20),
+        );
+        serde_json::from_str(&out.stdout).unwrap_or_else(|err| {
+            panic!(
+                "status --json printed no JSON ({err}): {}\n{}",
+                out.stdout, out.stderr
+            )
+        })
+    }
+
     /// `peer=ID@ADDR:PORT` to dial this node, or `peer=ID` to accept it.
     pub fn peer_at(&self, address: &str) -> String {
         format!("peer={}@{address}", self.id)
