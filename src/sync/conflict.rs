@@ -136,8 +136,19 @@ pub fn judge(
                 }
                 (op, Some(record)) if same_content(op, record) => Verdict::Apply(merged),
                 (op, Some(record)) => {
-                    let theirs = (mtime_of(op).unwrap_or(i64::MIN), incoming.last_writer());
-                    let mine = (record.mtime_ns, local.version.last_writer());
+                    // Newer mtime, then the last writer, then the vectors themselves: two
+                    // concurrent vectors always differ, so exactly one side wins, and
+                    // both sides rank the same pair the same way.
+                    let theirs = (
+                        mtime_of(op).unwrap_or(i64::MIN),
+                        incoming.last_writer(),
+                        incoming.pairs(),
+                    );
+                    let mine = (
+                        record.mtime_ns,
+                        local.version.last_writer(),
+                        local.version.pairs(),
+                    );
                     let theirs_win = match rules.policy {
                         Policy::PreferNode(node) if theirs.1 == Some(node) => true,
                         Policy::PreferNode(node) if mine.1 == Some(node) => false,
@@ -393,6 +404,19 @@ mod tests {
             judge(Rules::default(), &same, Path::new(PATH), local, true),
             Verdict::Apply(_)
         ));
+    }
+
+    #[test]
+    fn concurrent_versions_tied_on_mtime_and_last_writer_still_have_one_winner() {
+        // Both last written by replica 1 at the same instant, each merged with another.
+        let (va, vb) = (v(&[(1, 9), (2, 3)]), v(&[(1, 9), (3, 4)]));
+        let (ra, rb) = (record(100, b"text", true), record(100, b"", true));
+        let on_a = judged(&file(vb.clone(), 100, b""), &va, Some(&ra));
+        let on_b = judged(&file(va.clone(), 100, b"text"), &vb, Some(&rb));
+        let a_keeps_both = matches!(on_a, Verdict::KeepBoth { .. });
+        let b_keeps_both = matches!(on_b, Verdict::KeepBoth { .. });
+        assert!(a_keeps_both != b_keeps_both, "{on_a:?} / {on_b:?}");
+        assert!(matches!(on_a, Verdict::Drop(_)) != matches!(on_b, Verdict::Drop(_)));
     }
 
     #[test]
