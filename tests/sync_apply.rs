@@ -1066,7 +1066,7 @@ fn pieces_of_one_write_keep_no_versions_and_the_next_write_keeps_one() {
 }
 
 #[test]
-fn unchanged_content_longer_than_ours_is_a_mismatch_not_zeros() {
+fn a_size_change_without_data_that_would_grow_our_file_is_a_mismatch_not_zeros() {
     let mut node = Node::new();
     node.apply("a.txt", whole(b"")).unwrap();
     let unchanged = Op::File {
@@ -1077,5 +1077,12 @@ fn unchanged_content_longer_than_ours_is_a_mismatch_not_zeros() {
     };
     let err = node.apply("a.txt", unchanged).unwrap_err();
     assert!(matches!(err, ApplyError::BaseMismatch { .. }), "{err:?}");
+    // The same for a size change alone that would grow the file.
+    let err = node.apply("a.txt", ranges(44, &[])).unwrap_err();
+    assert!(matches!(err, ApplyError::BaseMismatch { .. }), "{err:?}");
     assert_eq!(node.read("a.txt"), b"");
+    // A size change that shrinks it is applied.
+    node.apply("a.txt", whole(b"longer text")).unwrap();
+    node.apply("a.txt", ranges(6, &[])).unwrap();
+    assert_eq!(node.read("a.txt"), b"longer");
 }

@@ -213,32 +213,6 @@ fn truncation_sends_the_new_size_and_no_data() {
 }
 
 #[test]
-fn a_truncation_read_after_the_next_write_is_sent_as_the_truncation() {
-    let s = setup();
-    // `O_TRUNC` then a write: the truncation's update is encoded after the write landed.
-    fs::write(
-        s.root.join("t"),
-        b"step 21 on node 0, written after the O_TRUNC",
-    )
-    .unwrap();
-    let mut encoder = Encoder::open(&s.root, &s.state).unwrap();
-    let changes = all(&mut encoder, &changed("t", Content::Ranges(vec![(0, 0)])));
-    assert_eq!(changes.len(), 1);
-    let Op::File {
-        size,
-        data: FileData::Ranges(ranges),
-        ..
-    } = &changes[0].op
-    else {
-        panic!("ranges expected")
-    };
-    // Not the current size with no data, which a receiver holding less would fill with
-    // zeros: the write's own update brings the bytes.
-    assert_eq!(*size, 0);
-    assert!(ranges.is_empty());
-}
-
-#[test]
 fn unknown_content_of_a_small_file_goes_whole_and_compresses() {
     let s = setup();
     let content: Vec<u8> = b"a line of text\n"

@@ -1477,6 +1477,15 @@ impl Applier {
                 Some(dirty_ranges(&[], old_size, size))
             }
             FileData::Ranges(ranges) => {
+                // A size change alone that grows our file: the sender read the size after
+                // a write whose bytes come in a later change (an `O_TRUNC` open, then a
+                // write). Ours is not the content it assumed; growing it would make zeros
+                // of bytes that exist there.
+                if ranges.is_empty() && old.is_some() && size > old_size {
+                    return Err(ApplyError::BaseMismatch {
+                        path: rel.to_path_buf(),
+                    });
+                }
                 let ranges = ranges
                     .iter()
                     .map(|r| {
@@ -2290,10 +2299,13 @@ fn same_content(parent: &Parent, new: &File) -> bool {
     if !old_meta.is_file() || len != new_meta.len() || len > COMPARED_AT_MOST {
         return false;
     }
-    let (mut a, mut b) = (vec![0u8; PIECE], vec![0u8; PIECE]);
+    // Sized to the file: most compared files are small, and zeroing two whole pieces
+    // for them would cost more than the comparison.
+    let piece = usize::try_from(len).map_or(PIECE, |len| len.min(PIECE));
+    let (mut a, mut b) = (vec![0u8; piece], vec![0u8; piece]);
     let mut at = 0;
     while at < len {
-        let n = usize::try_from(len - at).map_or(PIECE, |left| left.min(PIECE));
+        let n = usize::try_from(len - at).map_or(piece, |left| left.min(piece));
         let (Some(a), Some(b)) = (a.get_mut(..n), b.get_mut(..n)) else {
             return false;
         };

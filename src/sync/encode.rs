@@ -760,15 +760,6 @@ impl RangeStream {
         ranges: &[(u64, u64)],
         stored: Option<Version>,
     ) -> RangeStream {
-        // A truncation alone that is read after the next write landed (an `O_TRUNC` open
-        // then a write, under load) finds the file longer than the truncation left it:
-        // the bytes past it belong to the write, whose own update follows. Sent with the
-        // size of now and no data, a receiver holding less would grow its file with zeros
-        // under this version; sent as the truncation it was, the next update fills it.
-        let size = match ranges {
-            [(at, 0)] => size.min(*at),
-            _ => size,
-        };
         let mut marks_size = false;
         let mut segments: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
         let mut sorted = ranges.to_vec();
