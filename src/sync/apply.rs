@@ -2282,8 +2282,9 @@ struct PartialHead {
 /// Whether `op` is a file sent whole in one piece (which [`Applier::apply_deferred`] may
 /// batch).
 /// Whether the regular file at `parent.name` holds exactly the bytes of `new`. False when
-/// it cannot be read, or is larger than comparing is worth (a duplicate version is then
-/// kept, which costs only a link).
+/// the two differ in size or modification time, when it cannot be read, or when it is
+/// larger than comparing is worth (a duplicate version is then kept, which costs only a
+/// link).
 fn same_content(parent: &Parent, new: &File) -> bool {
     const COMPARED_AT_MOST: u64 = 64 << 20;
     const PIECE: usize = 1 << 20;
@@ -2296,7 +2297,11 @@ fn same_content(parent: &Parent, new: &File) -> bool {
         return false;
     };
     let len = old_meta.len();
-    if !old_meta.is_file() || len != new_meta.len() || len > COMPARED_AT_MOST {
+    // The same version sent again has the same size and modification time; anything
+    // else is another version, told apart without reading a byte.
+    let same_stamp =
+        (old_meta.mtime(), old_meta.mtime_nsec()) == (new_meta.mtime(), new_meta.mtime_nsec());
+    if !old_meta.is_file() || len != new_meta.len() || !same_stamp || len > COMPARED_AT_MOST {
         return false;
     }
     // Sized to the file: most compared files are small, and zeroing two whole pieces
