@@ -60,7 +60,6 @@ pub struct ReachConfig {
 /// What the rendezvous told this node about itself, for `filesync status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReachStatus {
-    pub rendezvous_connected: bool,
     /// The node's public address as the rendezvous sees it.
     pub observed: Option<SocketAddr>,
     /// The node's public address as the STUN servers see it, and its NAT's mapping.
@@ -292,7 +291,6 @@ fn control_loop(shared: &Arc<Shared>) {
         match event {
             LinkEvent::Connected { addr, .. } => {
                 tracing::info!("connected to the rendezvous at {addr}");
-                shared.status.lock().rendezvous_connected = true;
                 let announcement = shared.announcement();
                 if shared.tell_rendezvous(announcement) {
                     announced_at = Some(Instant::now());
@@ -300,7 +298,6 @@ fn control_loop(shared: &Arc<Shared>) {
             }
             LinkEvent::Disconnected { reason, .. } => {
                 tracing::debug!("no connection to the rendezvous: {reason}");
-                shared.status.lock().rendezvous_connected = false;
             }
             LinkEvent::Received(Message::Reach(reach)) => answer(shared, reach),
             LinkEvent::Received(_) => {
